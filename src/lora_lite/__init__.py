@@ -1,0 +1,24 @@
+"""lora-lite: parameter-efficient adapters attached to linear layers with forward hooks."""
+
+from ._version import __version__
+from .checkpoint import CheckpointError, load, save
+from .config import AdapterConfig
+from .runtime import attach, detach, reconfigure
+from .variant import REGISTRY, ParamSpec, Variant, register
+from . import variants as _variants  # noqa: F401  (registers the built-in variants)
+from .variants.delora import DeLoRAConfig
+from .variants.dora import DoRAConfig
+from .variants.hra import HRAConfig
+from .variants.ia3 import IA3Config
+from .variants.ia3_ff import IA3FFConfig
+from .variants.lora import LoRAConfig
+from .variants.lora_xs import LoRAXSConfig
+from .variants.pissa import PiSSAConfig
+from .variants.road import RoadConfig
+
+__all__ = [
+    "__version__", "attach", "detach", "reconfigure", "save", "load", "CheckpointError",
+    "AdapterConfig", "REGISTRY", "ParamSpec", "Variant", "register",
+    "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "HRAConfig",
+    "IA3Config", "IA3FFConfig", "RoadConfig", "LoRAXSConfig",
+]

@@ -1,0 +1,1 @@
+"""Measurement: generated tasks, cost and quality benchmarks, report tables."""

@@ -1,0 +1,69 @@
+"""Procedurally generated, seeded true/false text tasks with a disjoint held-out split.
+
+Numbers 0-99 are written as digits or words at random ("thirty-one is more than 29").
+Operand pairs are split between train and test by a fixed hash, so no (a, b) pair seen in
+training appears in the test set.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen " \
+        "fifteen sixteen seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    if n < 20:
+        return _ONES[n]
+    tens, ones = divmod(n, 10)
+    return _TENS[tens] + ("" if ones == 0 else "-" + _ONES[ones])
+
+
+def _spell(n: int, rng: random.Random) -> str:
+    return number_words(n) if rng.random() < 0.5 else str(n)
+
+
+def _split_of(a: int, b: int, test_fraction: float) -> str:
+    h = zlib.crc32(f"{min(a, b)},{max(a, b)}".encode()) / 2**32
+    return "test" if h < test_fraction else "train"
+
+
+def comparison(a: int, b: int, rng: random.Random) -> tuple[str, int]:
+    """'A is more/less than B' -> (sentence, 1 if true else 0); a != b."""
+    word = rng.choice(["more", "less"])
+    truth = (a > b) if word == "more" else (a < b)
+    return f"{_spell(a, rng)} is {word} than {_spell(b, rng)}", int(truth)
+
+
+def arithmetic(a: int, b: int, rng: random.Random) -> tuple[str, int]:
+    """'A plus/minus B is C' with C right or off by a small amount -> (sentence, label)."""
+    op = rng.choice(["plus", "minus"]) if a >= b else "plus"
+    value = a + b if op == "plus" else a - b
+    truth = rng.random() < 0.5
+    if not truth:
+        value += rng.choice([-10, -2, -1, 1, 2, 10])
+        value = abs(value)
+        truth = value == (a + b if op == "plus" else a - b)
+    return f"{_spell(a, rng)} {op} {_spell(b, rng)} is {_spell(value, rng) if value < 100 else value}", int(truth)
+
+
+TASKS = {"comparison": comparison, "arithmetic": arithmetic}
+
+
+def make_split(task: str, split: str, n: int, seed: int, test_fraction: float = 0.3):
+    """n (sentence, label) pairs of `task` from the given split ("train" or "test")."""
+    if task not in TASKS:
+        raise KeyError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"{task}-{split}-{seed}")
+    out = []
+    while len(out) < n:
+        a, b = rng.randrange(100), rng.randrange(100)
+        if a == b or _split_of(a, b, test_fraction) != split:
+            continue
+        out.append(TASKS[task](a, b, rng))
+    return out

@@ -1,0 +1,181 @@
+"""save / load: adapter tensors + metadata in one safetensors file.
+
+File layout: tensors named "<target module>.<lora_name>" (never a base weight) and string
+metadata: format, format_version, library_version, variant, config (JSON of cfg.to_dict()),
+targets (JSON list) and fingerprints (JSON {target: sketch of the pristine base layer, see
+fingerprint.py}).
+
+load() rebuilds the adapted model on a pristine base from the file alone: no calibration
+data, no data-dependent init (weight-mutating variants recompute W_res = W - Δ0 from the saved
+frozen tensors). Everything is checked before the model is touched; metadata is parsed as
+data (JSON, dtype names through an allow-list), nothing is executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ._version import __version__
+from .config import AdapterConfig
+from .fingerprint import fingerprint, same_base
+from .runtime import install, state_of, validate, variant_of
+from .targets import is_linear_like
+
+FORMAT = "lora-lite"
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable lora-lite checkpoint, or that does not fit this model."""
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the attached adapter to `path` atomically (temp file in the same folder + rename)."""
+    state = state_of(model)
+    tensors = {
+        f"{name}.{pname}": getattr(layer, pname).detach().to("cpu").contiguous()
+        for name, layer in state.targets.items()
+        for pname in state.specs[name]
+    }
+    fingerprints = {
+        name: state.fingerprints.get(name) or fingerprint(layer)
+        for name, layer in state.targets.items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "variant": state.cfg.variant,
+        "config": json.dumps(state.cfg.to_dict()),
+        "targets": json.dumps(list(state.targets)),
+        "fingerprints": json.dumps(fingerprints),
+    }
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> None:
+    """Attach the adapter saved at `path` to a pristine `model`, exactly as it was saved."""
+    path = os.fspath(path)
+    meta, shapes = _read_header(path)
+    cfg = _parse_config(path, meta)
+    variant = variant_of(cfg)
+    names = _parse_json(path, meta, "targets", list)
+    fps = _parse_json(path, meta, "fingerprints", dict)
+    modules = dict(model.named_modules())
+    absent = [n for n in names if not (n in modules and is_linear_like(modules[n]))]
+    if absent:
+        raise CheckpointError(
+            f"{path}: {len(absent)} target(s) are not linear layers of this model, e.g. "
+            f"{absent[:3]}; was the adapter trained on another architecture?"
+        )
+    targets = [(n, modules[n]) for n in names]
+    validate(model, variant, cfg, targets)
+
+    expected = {}
+    for name, layer in targets:
+        for pname, spec in variant.param_specs(layer.in_features, layer.out_features, cfg).items():
+            expected[f"{name}.{pname}"] = tuple(spec.shape)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: tensors do not match a {cfg.variant!r} adapter on these targets: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, shape in expected.items():
+        file_shape, file_dtype = shapes[key]
+        if file_shape != shape:
+            raise CheckpointError(f"{path}: {key} has shape {file_shape}, this model needs {shape}")
+        if file_dtype != cfg.dtype:
+            raise CheckpointError(f"{path}: {key} is {file_dtype}, the config says {cfg.dtype}")
+
+    differ = [n for n, m in targets if not same_base(fps.get(n), m)]
+    if differ:
+        msg = (
+            f"{path}: the base weights of {len(differ)} target(s) (e.g. {differ[0]}) differ from "
+            f"the base the adapter was saved from"
+        )
+        if variant.base_delta is not None:
+            raise CheckpointError(
+                msg + f"; {cfg.variant!r} rewrites W as W - Δ0 and needs the same pristine base"
+            )
+        warnings.warn(msg + "; outputs will differ from the saved model's", stacklevel=2)
+
+    with safe_open(path, framework="pt") as f:
+
+        def fill(name, layer, specs):
+            for pname in specs:
+                getattr(layer, pname).copy_(f.get_tensor(f"{name}.{pname}"))
+
+        install(model, cfg, variant, targets, fill, fingerprints=fps)
+
+
+def _read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """Metadata and {key: (shape, dtype)} without reading tensor data; CheckpointError if unreadable."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shapes[key] = (tuple(sl.get_shape()), _DTYPE_CODES.get(sl.get_dtype()))
+    except Exception as e:  # safetensors raises its own error types for corrupt/truncated/empty files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a lora-lite checkpoint (metadata format={meta.get('format')!r})"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta.get('format_version')!r} is not supported "
+            f"by lora-lite {__version__} (reads version {FORMAT_VERSION})"
+        )
+    return meta, shapes
+
+
+_DTYPE_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _parse_json(path: str, meta: dict[str, str], key: str, kind: type):
+    try:
+        value = json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: metadata {key!r} is missing or not JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: metadata {key!r} must be a JSON {kind.__name__}")
+    return value
+
+
+def _parse_config(path: str, meta: dict[str, str]) -> AdapterConfig:
+    d = _parse_json(path, meta, "config", dict)
+    if d.get("variant") != meta.get("variant"):
+        raise CheckpointError(
+            f"{path}: metadata variant {meta.get('variant')!r} disagrees with the config's "
+            f"{d.get('variant')!r}"
+        )
+    try:
+        return AdapterConfig.from_dict(d)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid adapter config in metadata: {e}") from None

@@ -1,0 +1,24 @@
+"""`lora-lite` command line: `lora-lite demo ...`, `lora-lite bench ...`."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": ("lora_lite.demo", "fine-tune the embedded MiniLM with LoRA, save, reload, verify"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: lora-lite <command> [options]\n\ncommands:")
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:8s} {help_}")
+        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+    module = __import__(COMMANDS[argv[0]][0], fromlist=["main"])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

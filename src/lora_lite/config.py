@@ -1,0 +1,161 @@
+"""Adapter configs: one frozen dataclass per variant, validated on construction.
+
+`AdapterConfig` holds the fields every variant shares; a variant file subclasses it and adds its
+own knobs. Configs travel through checkpoints as JSON, so `to_dict`/`from_dict` are exact
+inverses and `from_dict` treats its input as untrusted data: unknown fields, wrong types and
+dtype strings outside the allow-list raise `ValueError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+# dtype strings accepted in configs and checkpoint metadata. Never `getattr(torch, s)`.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# variant name -> config class; filled by `lora_lite.variant.register`.
+CONFIGS: dict[str, type[AdapterConfig]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """Fields shared by every variant.
+
+    r, alpha     rank and LoRA scale numerator (s = alpha / r); variants that ignore them say so.
+    dtype        dtype of the adapter tensors; x is cast to it for the adapter math.
+    target_names regexes; a linear-like module is a candidate if any matches its full name.
+    target_roles subset of {"reader", "writer", "inner"} (see targets.py); empty = no role filter.
+    exclude_names regexes that remove candidates (default: the LM head).
+    layers       block indices (the first integer in the module path) to keep; None = all.
+    """
+
+    variant: str = field(default="", init=False)
+    r: int = 8
+    alpha: float = 16.0
+    dtype: torch.dtype = torch.float32
+    target_names: tuple[str, ...] = ()
+    target_roles: tuple[Literal["reader", "writer", "inner"], ...] = ()
+    exclude_names: tuple[str, ...] = (r"(^|\.)lm_head$",)
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if type(self) is AdapterConfig or self.variant not in CONFIGS:
+            raise TypeError(
+                f"{type(self).__name__} is not a registered variant config; "
+                f"use one of {sorted(CONFIGS)} (e.g. LoRAConfig)"
+            )
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # accept lists where tuples are expected
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
+            if isinstance(value, int) and not isinstance(value, bool) and hints[f.name] is float:
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if not _matches(value, hints[f.name]):
+                raise ValueError(
+                    f"{type(self).__name__}.{f.name}: expected {_type_name(hints[f.name])}, "
+                    f"got {value!r}"
+                )
+        if self.r < 1:
+            raise ValueError(f"{type(self).__name__}.r: must be >= 1, got {self.r}")
+        for fname in ("target_names", "exclude_names"):
+            for pattern in getattr(self, fname):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(
+                        f"{type(self).__name__}.{fname}: invalid regex {pattern!r}: {e}"
+                    ) from None
+        self.check()
+
+    def check(self) -> None:
+        """Variant-specific field checks; override in subclasses (raise ValueError)."""
+
+    @property
+    def scale(self) -> float:
+        """LoRA scale s = alpha / r."""
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: dtypes become their names, tuples become lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.dtype):
+                value = _DTYPE_NAMES[value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> AdapterConfig:
+        """Inverse of `to_dict`; routes on d["variant"] and validates every field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a dict, got {type(d).__name__}")
+        name = d.get("variant")
+        if name not in CONFIGS:
+            raise KeyError(f"unknown variant {name!r}; registered: {sorted(CONFIGS)}")
+        cls = CONFIGS[name]
+        settable = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key == "variant":
+                continue
+            if key not in settable:
+                raise ValueError(
+                    f"{cls.__name__}: unknown field {key!r}; valid fields: {sorted(settable)}"
+                )
+            if hints[key] is torch.dtype:
+                if value not in DTYPES:
+                    raise ValueError(
+                        f"{cls.__name__}.{key}: unknown dtype {value!r}; allowed: {sorted(DTYPES)}"
+                    )
+                value = DTYPES[value]
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether `value` is an instance of the annotation `tp` (the subset configs use)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+    if tp is type(None):
+        return value is None
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, float)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -1,0 +1,65 @@
+"""Base-weight fingerprints: does this model have the base an adapter was saved from?
+
+A fingerprint is a sketch of a target layer in float64: its Frobenius norm and k bilinear
+probes uᵀ W v with fixed ±1 vectors (and the same for the bias). Equal bases give equal
+sketches; a base restored by detach() (W_res + Δ0, within an ulp of W) stays within the
+rounding tolerance; any other change of relative size ≳ 1e-6 (fp32) moves some probe, since
+E[(uᵀ ΔW v)²] = ‖ΔW‖_F². The sketch holds k + 1 numbers per tensor, nothing of W itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PROBES = 4
+_SLACK = 8.0  # rounding noise of a ±1-ulp restore is ~0.6·eps·‖W‖_F; 8 gives > 10 sigma
+
+
+def _probe_vectors(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (PROBES, n), generator=g, dtype=torch.float64) * 2 - 1
+
+
+def _sketch(t: torch.Tensor) -> dict:
+    t = t.detach().to("cpu", torch.float64)
+    m = t.reshape(t.shape[0], -1) if t.dim() > 1 else t[None]
+    u = _probe_vectors(m.shape[0], 1)
+    v = _probe_vectors(m.shape[1], 2)
+    probes = ((u @ m) * v).sum(1)
+    return {"norm": float(m.norm()), "probes": [float(p) for p in probes], "shape": list(t.shape)}
+
+
+def fingerprint(layer: nn.Module) -> dict:
+    """JSON-ready sketch of a layer's weight and bias."""
+    bias = getattr(layer, "bias", None)
+    return {
+        "dtype": str(layer.weight.dtype).removeprefix("torch."),
+        "weight": _sketch(layer.weight),
+        "bias": None if bias is None else _sketch(bias),
+    }
+
+
+def same_base(saved: object, layer: nn.Module) -> bool:
+    """Whether `layer` matches the saved fingerprint up to rounding of its dtype."""
+    if not isinstance(saved, dict):
+        return False
+    now = fingerprint(layer)
+    eps = torch.finfo(layer.weight.dtype).eps
+    for key in ("weight", "bias"):
+        a, b = saved.get(key), now[key]
+        if (a is None) != (b is None):
+            return False
+        if a is None:
+            continue
+        try:
+            if list(a["shape"]) != b["shape"] or len(a["probes"]) != PROBES:
+                return False
+            tol = _SLACK * eps * b["norm"] + 1e-30
+            if abs(float(a["norm"]) - b["norm"]) > tol:
+                return False
+            if any(abs(float(p) - q) > tol for p, q in zip(a["probes"], b["probes"])):
+                return False
+        except (KeyError, TypeError, ValueError):
+            return False
+    return True

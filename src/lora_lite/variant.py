@@ -1,0 +1,147 @@
+"""The variant protocol: what a variant declares, and the registry the runtime reads.
+
+A variant is a class of static functions (math only; no hooks, no model walking, no I/O):
+
+    param_specs(d_in, d_out, cfg) -> {name: ParamSpec}   tensors to create, names start "lora_"
+    validate(layer, cfg)                                 optional; raise before anything mutates
+    init(layer, cfg, stats)                              optional; fill tensors from W / stats
+    base_delta(layer, cfg) -> Δ0                         weight-mutating variants: W_res = W - Δ0,
+                                                         a pure function of the saved frozen tensors
+    forward(layer, cfg, x, y) -> y'                      output hook, or
+    forward_input(layer, cfg, x) -> x'                   input pre-hook (the base layer runs on x')
+    effective_weight(layer, cfg) -> (W_eff, b_eff)       closed form of the adapted layer
+
+Class attributes say what the runtime must check or provide:
+
+    uses_rank           r is a rank: runtime requires 1 <= r <= min(d_in, d_out)
+    needs_dense_weight  reads or mutates layer.weight: torch.nn.Linear only
+    calibration         None | "gram" | "diag": input statistics the runtime collects
+    requires_calibration  attach refuses without calibration data
+    identity_at_init    the adapted model equals the base at init (up to rounding)
+    zero_grad_at_init   trainable tensors whose gradient is zero at step 0 by design
+                        (LoRA's A while B = 0); every other trainable gets a gradient
+    runtime_fields      config fields that `lora_lite.reconfigure` may change while attached
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .config import CONFIGS, AdapterConfig
+
+INITS = ("zeros", "ones", "near_zero", "near_one", "kaiming")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One adapter tensor. `init` is a name from INITS or a callable filling the tensor in place.
+
+    Trainable specs become `nn.Parameter`s; frozen ones become persistent buffers when
+    `as_buffer` (the default for frozen tensors) or frozen parameters otherwise.
+    """
+
+    shape: tuple[int, ...]
+    init: str | Callable[[torch.Tensor], object] = "zeros"
+    trainable: bool = True
+    as_buffer: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.init) and self.init not in INITS:
+            raise ValueError(f"ParamSpec.init: unknown init {self.init!r}; use one of {INITS}")
+        if self.trainable and self.as_buffer:
+            raise ValueError("ParamSpec: a trainable tensor cannot be a buffer")
+
+    @property
+    def is_buffer(self) -> bool:
+        return (not self.trainable) if self.as_buffer is None else self.as_buffer
+
+
+@torch.no_grad()
+def init_tensor(t: torch.Tensor, init: str | Callable[[torch.Tensor], object]) -> None:
+    """Fill `t` in place according to a ParamSpec init."""
+    if callable(init):
+        init(t)
+    elif init == "zeros":
+        t.zero_()
+    elif init == "ones":
+        t.fill_(1.0)
+    elif init == "near_zero":
+        t.normal_(0.0, 1e-4)
+    elif init == "near_one":
+        t.normal_(1.0, 1e-4)
+    elif t.dim() >= 2:  # kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)), fan_in = shape[1]
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    else:
+        t.normal_(0.0, 0.02)
+
+
+class Variant:
+    """Defaults of the protocol; a variant subclasses this and overrides what it needs."""
+
+    name: ClassVar[str]
+    config: ClassVar[type[AdapterConfig]]
+    uses_rank: ClassVar[bool] = True
+    needs_dense_weight: ClassVar[bool] = False
+    calibration: ClassVar[str | None] = None
+    requires_calibration: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = True
+    zero_grad_at_init: ClassVar[tuple[str, ...]] = ()
+    runtime_fields: ClassVar[tuple[str, ...]] = ()
+
+    forward: ClassVar[Callable | None] = None
+    forward_input: ClassVar[Callable | None] = None
+    base_delta: ClassVar[Callable | None] = None
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: AdapterConfig) -> dict[str, ParamSpec]:
+        raise NotImplementedError
+
+    @staticmethod
+    def validate(layer: nn.Module, cfg: AdapterConfig) -> None:
+        """Raise ValueError/TypeError if this layer cannot take the adapter."""
+
+    @staticmethod
+    def init(layer: nn.Module, cfg: AdapterConfig, stats: dict | None) -> None:
+        """Fill tensors that depend on W or on calibration statistics (ParamSpec inits ran)."""
+
+    @staticmethod
+    def effective_weight(
+        layer: nn.Module, cfg: AdapterConfig
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Variant]] = {}
+
+
+def register(cls: type[Variant]) -> type[Variant]:
+    """Class decorator: add a variant (and its config class) to the registries."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}: a variant needs a non-empty `name`")
+    if name in REGISTRY:
+        raise KeyError(f"variant {name!r} is already registered by {REGISTRY[name].__name__}")
+    cfg_cls = getattr(cls, "config", None)
+    if not (isinstance(cfg_cls, type) and issubclass(cfg_cls, AdapterConfig)):
+        raise TypeError(f"{cls.__name__}.config must be an AdapterConfig subclass")
+    default = cfg_cls.__dataclass_fields__["variant"].default
+    if default != name:
+        raise ValueError(f"{cfg_cls.__name__}.variant defaults to {default!r}, expected {name!r}")
+    if (cls.forward is None) == (cls.forward_input is None):
+        raise TypeError(f"{cls.__name__}: define exactly one of forward / forward_input")
+    if cls.calibration not in (None, "gram", "diag"):
+        raise ValueError(f"{cls.__name__}.calibration must be None, 'gram' or 'diag'")
+    if cls.requires_calibration and cls.calibration is None:
+        raise ValueError(f"{cls.__name__}: requires_calibration needs a calibration kind")
+    unknown = set(cls.runtime_fields) - set(cfg_cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.runtime_fields names unknown config fields {sorted(unknown)}")
+    REGISTRY[name] = cls
+    CONFIGS[name] = cfg_cls
+    return cls

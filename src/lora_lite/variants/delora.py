@@ -1,0 +1,68 @@
+"""DeLoRA: normalised rank-1 terms with a learnable bound λ, scaled by W's column norms (arXiv 2503.18225).
+
+    w = ‖W_:,j‖₂ over outputs (d_in,), frozen buffer read once from W
+    c_i = (λ / r) / (max(‖A_i,:‖, 1e-4) · max(‖B_:,i‖, 1e-4))
+    y' = y + (((x ⊙ w) Aᵀ) ⊙ c) Bᵀ
+    A (r, d_in) kaiming, B (d_out, r) 0, λ () = lambda0  ->  identity at init for any λ
+    W_eff = W + B diag(c) A diag(w)
+
+λ0 = 0 would give identity *and* zero gradients everywhere, so lambda0 must be > 0. With B = 0
+the clamp makes c large at step 0 (as in PEFT); use Adam-style optimisers. alpha is unused.
+Matches HF PEFT `DeloraConfig(r, delora_lambda=lambda0)` (delora_lambda is shape (1,) there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+
+from ..config import AdapterConfig
+from ..variant import ParamSpec, Variant, register
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeLoRAConfig(AdapterConfig):
+    variant: str = field(default="delora", init=False)
+    lambda0: float = 15.0
+
+    def check(self):
+        if not self.lambda0 > 0:
+            raise ValueError(f"DeLoRAConfig.lambda0 must be > 0 (0 freezes training), got {self.lambda0}")
+
+
+def _coefficients(layer, cfg):
+    A_norm = layer.lora_A.norm(dim=1).clamp_min(1e-4)
+    B_norm = layer.lora_B.norm(dim=0).clamp_min(1e-4)
+    return (layer.lora_lambda / cfg.r) / (A_norm * B_norm)     # (r,)
+
+
+@register
+class DeLoRA(Variant):
+    name = "delora"
+    config = DeLoRAConfig
+    zero_grad_at_init = ("lora_A", "lora_lambda")  # both reach y only through B = 0
+    needs_dense_weight = True
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {
+            "lora_A": ParamSpec((cfg.r, d_in), "kaiming"),
+            "lora_B": ParamSpec((d_out, cfg.r), "zeros"),
+            "lora_lambda": ParamSpec((), lambda t: t.fill_(cfg.lambda0)),
+            "lora_wnorm": ParamSpec((d_in,), "zeros", trainable=False),
+        }
+
+    @staticmethod
+    def init(layer, cfg, stats):
+        layer.lora_wnorm.copy_(layer.weight.float().norm(dim=0))
+
+    @staticmethod
+    def forward(layer, cfg, x, y):
+        h = F.linear(x * layer.lora_wnorm, layer.lora_A) * _coefficients(layer, cfg)
+        return y + F.linear(h, layer.lora_B).to(y.dtype)
+
+    @staticmethod
+    def effective_weight(layer, cfg):
+        delta = (layer.lora_B * _coefficients(layer, cfg)) @ layer.lora_A * layer.lora_wnorm
+        return layer.weight.float() + delta.float(), layer.bias

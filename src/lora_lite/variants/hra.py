@@ -1,0 +1,78 @@
+"""HRA: multiply W on the input side by a product of r Householder reflections (arXiv 2405.17484).
+
+    û_i = u_i / ‖u_i‖,  H_i = I − 2 û_i û_iᵀ,  R = H_0 H_1 ⋯ H_{r−1}
+    W_eff = W R,  b_eff = b      so the pre-hook maps  x ← x Rᵀ = x H_{r−1} ⋯ H_0
+    U (r, d_in) trainable; init pairs rows U_2j = U_2j+1 (kaiming on (r/2, d_in)), so
+    H_2j H_2j+1 = I and R = I at init: r must be even.
+
+R is never built: in compact-WY form (Joffrain et al. 2006, "Accumulating Householder
+transformations, revisited") R = I − Ûᵀ T⁻¹ Û with T = striu(Û Ûᵀ) + ½ I (r x r), so
+x Rᵀ = x − ((x Ûᵀ) T⁻ᵀ) Û: two thin matmuls, 2·r·d_in MACs per token, and only (…, r)
+activations saved for backward instead of r copies of x. Same reflections and order as HF PEFT
+`HRAConfig(r, apply_GS=False)` with hra_u = Uᵀ (PEFT builds the d_in x d_in matrix every call).
+PEFT's init uses fan_in r/2 where ours uses d_in; copy U for identical training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig
+from ..variant import ParamSpec, Variant, register
+
+
+@dataclass(frozen=True, kw_only=True)
+class HRAConfig(AdapterConfig):
+    variant: str = field(default="hra", init=False)
+
+    def check(self):
+        if self.r % 2:
+            raise ValueError(f"HRAConfig.r must be even (reflections are paired at init), got {self.r}")
+
+
+def _paired_kaiming(t: torch.Tensor) -> None:
+    half = torch.empty(t.shape[0] // 2, t.shape[1], dtype=t.dtype, device=t.device)
+    nn.init.kaiming_uniform_(half, a=math.sqrt(5))
+    t.copy_(half.repeat_interleave(2, dim=0))
+
+
+def _wy(layer):
+    """Normalised reflectors Û (r, d_in) and T⁻ᵀ (r, r) of the compact-WY form."""
+    U_hat = layer.lora_U / layer.lora_U.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    T = torch.triu(U_hat @ U_hat.T, diagonal=1)
+    T = T + 0.5 * torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
+    return U_hat, torch.linalg.inv(T).T
+
+
+@register
+class HRA(Variant):
+    name = "hra"
+    config = HRAConfig
+    uses_rank = False  # r counts reflections in R^{d_in}: only r <= d_in matters
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_U": ParamSpec((cfg.r, d_in), _paired_kaiming)}
+
+    @staticmethod
+    def validate(layer, cfg):
+        if cfg.r > layer.in_features:
+            raise ValueError(
+                f"r={cfg.r} reflections exceed d_in={layer.in_features}; use r <= d_in"
+            )
+
+    @staticmethod
+    def forward_input(layer, cfg, x):
+        U_hat, T_inv_t = _wy(layer)
+        return x - F.linear(F.linear(x, U_hat) @ T_inv_t, U_hat.T)
+
+    @staticmethod
+    def effective_weight(layer, cfg):
+        U_hat, T_inv_t = _wy(layer)
+        R = torch.eye(U_hat.shape[1], dtype=U_hat.dtype, device=U_hat.device) - U_hat.T @ T_inv_t.T @ U_hat
+        return layer.weight.float() @ R.float(), layer.bias

@@ -1,0 +1,43 @@
+"""IA3: a learned elementwise gate on the layer output (arXiv 2205.05638).
+
+    y' = y ⊙ g          g (d_out,) trainable, 1 at init  ->  exact identity
+    W_eff = diag(g) W,  b_eff = g ⊙ b                    (the bias is gated too)
+
+The paper gates the k/v outputs (this variant) and the FFN intermediate (`ia3_ff`, the input of
+down_proj): attach twice for the paper's placement. r and alpha are unused. Keep g in fp32
+(the default dtype): bf16 spacing above 1.0 is 2⁻⁷ and swallows small updates.
+Matches HF PEFT `IA3Config(feedforward_modules=[])`, ia3_l (d_out, 1) = g.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import AdapterConfig
+from ..variant import ParamSpec, Variant, register
+
+
+@dataclass(frozen=True, kw_only=True)
+class IA3Config(AdapterConfig):
+    variant: str = field(default="ia3", init=False)
+
+
+@register
+class IA3(Variant):
+    name = "ia3"
+    config = IA3Config
+    uses_rank = False
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_g": ParamSpec((d_out,), "ones")}
+
+    @staticmethod
+    def forward(layer, cfg, x, y):
+        return (y * layer.lora_g).to(y.dtype)
+
+    @staticmethod
+    def effective_weight(layer, cfg):
+        g = layer.lora_g.float()
+        b = layer.bias
+        return g[:, None] * layer.weight.float(), None if b is None else g * b.float()

@@ -1,0 +1,40 @@
+"""IA3-FF: a learned elementwise gate on the layer *input* (arXiv 2205.05638, FFN placement).
+
+    x' = x ⊙ g          g (d_in,) trainable, 1 at init  ->  exact identity
+    W_eff = W diag(g),  b_eff = b                        (the bias is not gated)
+
+Meant for the FFN down-projection (its input is the FFN intermediate). r and alpha are unused.
+Matches HF PEFT IA3 with the module in both target_modules and feedforward_modules,
+ia3_l (1, d_in) = g.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import AdapterConfig
+from ..variant import ParamSpec, Variant, register
+
+
+@dataclass(frozen=True, kw_only=True)
+class IA3FFConfig(AdapterConfig):
+    variant: str = field(default="ia3_ff", init=False)
+
+
+@register
+class IA3FF(Variant):
+    name = "ia3_ff"
+    config = IA3FFConfig
+    uses_rank = False
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_g": ParamSpec((d_in,), "ones")}
+
+    @staticmethod
+    def forward_input(layer, cfg, x):
+        return x * layer.lora_g
+
+    @staticmethod
+    def effective_weight(layer, cfg):
+        return layer.weight.float() * layer.lora_g.float(), layer.bias

@@ -1,0 +1,52 @@
+"""LoRA: a trainable low-rank product beside the frozen weight (arXiv 2106.09685).
+
+    y' = y + s · (x Aᵀ) Bᵀ                  s = alpha / r
+    A (r, d_in)   trainable, kaiming-uniform (±1/√d_in)
+    B (d_out, r)  trainable, 0  ->  identity at init, bit for bit; at step 0 grad A = 0
+    W_eff = W + s·B A,  b_eff = b           (the bias stays inside y, untouched)
+
+Matches HF PEFT `LoraConfig(r, lora_alpha=alpha, lora_dropout=0, use_rslora=False)` with
+lora_A.weight = A, lora_B.weight = B. No dropout and no rsLoRA here: rsLoRA's α/√r is
+alpha = α_peft·√r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+
+from ..config import AdapterConfig
+from ..variant import ParamSpec, Variant, register
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(AdapterConfig):
+    variant: str = field(default="lora", init=False)
+
+
+def lora_forward(layer, cfg, x, y):
+    """y + s·(x Aᵀ) Bᵀ; scaling the (…, r) intermediate is cheaper than scaling (…, d_out)."""
+    return y + F.linear(F.linear(x, layer.lora_A) * cfg.scale, layer.lora_B).to(y.dtype)
+
+
+def lora_effective_weight(layer, cfg):
+    W = layer.weight.float() + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
+    return W, layer.bias
+
+
+@register
+class LoRA(Variant):
+    name = "lora"
+    config = LoRAConfig
+    zero_grad_at_init = ("lora_A",)  # grad A = s·Bᵀ(...) = 0 while B = 0
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {
+            "lora_A": ParamSpec((cfg.r, d_in), "kaiming"),
+            "lora_B": ParamSpec((d_out, cfg.r), "zeros"),
+        }
+
+    forward = staticmethod(lora_forward)
+    effective_weight = staticmethod(lora_effective_weight)

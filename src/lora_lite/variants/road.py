@@ -1,0 +1,96 @@
+"""RoAd: learned 2-D rotation + scaling of pairs of output coordinates (arXiv 2409.00119).
+
+Outputs are split into groups of G; inside a group, coordinate k pairs with k + G/2
+(rotate-half layout). With per-output vectors f, s (d_out,):
+
+    y'_k       = f_k·y_k − s_k·y_{k+G/2}                (first half of a group)
+    y'_{k+G/2} = f_{k+G/2}·y_{k+G/2} + s_{k+G/2}·y_k    (second half)
+    i.e. y' = f ⊙ y + s ⊙ rotate_half(y),  rotate_half = (−y₂, y₁) per group
+
+    road_1  P = d_out/2: f = α cos θ, s = α sin θ, one (θ, α) per pair, shared by both halves
+    road_2  P = d_out:   f_j = α_j cos θ_j, s_j = α_j sin θ_j
+    road_4  P = 2·d_out: per group [θ, α] blocks of 2G: f = α[:, 0] cos θ[:, 0],
+                         s = α[:, 1] sin θ[:, 1]
+    θ (P,) = 0, α (P,) = 1 trainable  ->  f = 1, s = 0: exact identity
+    W_eff = R W, b_eff = R b  (R holds the 2x2 blocks; the bias is rotated with y)
+
+r and alpha are unused. Matches HF PEFT `RoadConfig(variant, group_size)` (road_theta,
+road_alpha copy 1:1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..config import AdapterConfig
+from ..variant import ParamSpec, Variant, register
+
+_PARAMS_PER_OUTPUT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoadConfig(AdapterConfig):
+    variant: str = field(default="road", init=False)
+    road_variant: Literal["road_1", "road_2", "road_4"] = "road_1"
+    group_size: int = 64
+
+    def check(self):
+        if self.group_size < 2 or self.group_size % 2:
+            raise ValueError(f"RoadConfig.group_size must be even and >= 2, got {self.group_size}")
+
+
+def _f_s(layer, cfg):
+    """The per-output cos and sin coefficients f, s (d_out,)."""
+    theta, alpha, G = layer.lora_road_theta, layer.lora_road_alpha, cfg.group_size
+    if cfg.road_variant == "road_1":   # (groups, G/2) -> both halves share a pair's params
+        theta = theta.reshape(-1, 1, G // 2).expand(-1, 2, -1).reshape(-1)
+        alpha = alpha.reshape(-1, 1, G // 2).expand(-1, 2, -1).reshape(-1)
+        return alpha * theta.cos(), alpha * theta.sin()
+    if cfg.road_variant == "road_2":
+        return alpha * theta.cos(), alpha * theta.sin()
+    theta, alpha = theta.reshape(-1, 2, G), alpha.reshape(-1, 2, G)   # road_4
+    return (alpha[:, 0] * theta[:, 0].cos()).reshape(-1), (alpha[:, 1] * theta[:, 1].sin()).reshape(-1)
+
+
+def _rotate_half(y: torch.Tensor, G: int) -> torch.Tensor:
+    y = y.unflatten(-1, (-1, 2, G // 2))
+    return torch.stack((-y[..., 1, :], y[..., 0, :]), dim=-2).flatten(-3)
+
+
+@register
+class Road(Variant):
+    name = "road"
+    config = RoadConfig
+    uses_rank = False
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        P = int(d_out * _PARAMS_PER_OUTPUT[cfg.road_variant])
+        return {
+            "lora_road_theta": ParamSpec((P,), "zeros"),
+            "lora_road_alpha": ParamSpec((P,), "ones"),
+        }
+
+    @staticmethod
+    def validate(layer, cfg):
+        if layer.out_features % cfg.group_size:
+            raise ValueError(
+                f"group_size={cfg.group_size} does not divide d_out={layer.out_features}; "
+                f"choose an even group_size that divides every target's d_out"
+            )
+
+    @staticmethod
+    def forward(layer, cfg, x, y):
+        f, s = _f_s(layer, cfg)
+        return (y * f + _rotate_half(y, cfg.group_size) * s).to(y.dtype)
+
+    @staticmethod
+    def effective_weight(layer, cfg):
+        f, s = _f_s(layer, cfg)
+        eye = torch.eye(layer.out_features, dtype=f.dtype, device=f.device)
+        R = f[:, None] * eye + s[:, None] * _rotate_half(eye, cfg.group_size).T
+        b = layer.bias
+        return R.float() @ layer.weight.float(), None if b is None else R.float() @ b.float()

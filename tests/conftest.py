@@ -1,0 +1,105 @@
+"""Shared models for the tests: a random-init Qwen3 decoder and the real pretrained MiniLM.
+
+Both are built once per session; tests get a deep copy (`fresh`) so every test starts from a
+pristine base. Everything runs offline in fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lora_lite.demo import load_minilm  # noqa: E402
+
+SENTENCES = [
+    "Adapters attach to the linear layers with forward hooks.",
+    "thirty-one is more than 29",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+]
+
+
+class Bench:
+    """A base model, one input batch, and how to read its output tensor."""
+
+    def __init__(self, kind, model, batch, targets):
+        self.kind, self.model, self.batch, self.targets = kind, model, batch, targets
+
+    def fresh(self):
+        return copy.deepcopy(self.model)
+
+    def out(self, model, batch=None):
+        batch = self.batch if batch is None else batch
+        with torch.no_grad():
+            return self.output(model(**batch))
+
+    def output(self, res):
+        return res.logits if self.kind == "qwen" else res.last_hidden_state
+
+
+def make_qwen():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        attn_implementation="eager",
+    )
+    model = Qwen3ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
+    return Bench("qwen", model, {"input_ids": ids, "attention_mask": mask}, ())
+
+
+def make_minilm():
+    model, tok = load_minilm()
+    batch = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
+    return Bench("minilm", model.eval(), batch, (r"^encoder\.",))
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    return make_qwen()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return make_minilm()
+
+
+@pytest.fixture(params=["qwen", "minilm"])
+def bench(request):
+    return request.getfixturevalue(request.param)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def snapshot(model) -> dict:
+    """Everything attach/load may touch: state_dict tensors, grad flags, hooks, attributes."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "flags": {k: p.requires_grad for k, p in model.named_parameters()},
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+        "attrs": {id(m): sorted(m.__dict__) for m in model.modules()},
+    }
+
+
+def assert_untouched(model, before: dict) -> None:
+    after = snapshot(model)
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), f"{k} changed"
+    assert after["flags"] == before["flags"]
+    assert after["hooks"] == before["hooks"]
+    assert after["attrs"] == before["attrs"]
