@@ -19,3 +19,25 @@ CASES = {
     "road_4": lambda t: ll.RoadConfig(road_variant="road_4", group_size=16, target_names=t),
     "lora_xs": lambda t: ll.LoRAXSConfig(r=4, alpha=4, target_names=t),
 }
+
+# Non-identity-at-init variants: tensors to zero for an exact identity (the deliberate offset).
+NEUTRAL = {"lora_xs": ("lora_R",)}
+
+
+# Trainable parameters per target layer, written from the papers (README table), independent of
+# the variants' ParamSpecs: d_in, d_out, cfg -> count.
+def _road(din, dout, c):
+    return {"road_1": 1, "road_2": 2, "road_4": 4}[c.road_variant] * dout
+
+
+TRAINABLE = {
+    "lora": lambda din, dout, c: c.r * (din + dout),
+    "pissa": lambda din, dout, c: c.r * (din + dout),
+    "dora": lambda din, dout, c: c.r * (din + dout) + dout,
+    "delora": lambda din, dout, c: c.r * (din + dout) + 1,
+    "hra": lambda din, dout, c: c.r * din,
+    "ia3": lambda din, dout, c: dout,
+    "ia3_ff": lambda din, dout, c: din,
+    "road": _road,
+    "lora_xs": lambda din, dout, c: c.r * c.r,
+}

@@ -27,8 +27,9 @@ SENTENCES = [
 class Bench:
     """A base model, one input batch, and how to read its output tensor."""
 
-    def __init__(self, kind, model, batch, targets):
+    def __init__(self, kind, model, batch, targets, calibration):
         self.kind, self.model, self.batch, self.targets = kind, model, batch, targets
+        self.calibration = calibration  # list of dict batches (with padding) for calibrated variants
 
     def fresh(self):
         return copy.deepcopy(self.model)
@@ -56,13 +57,23 @@ def make_qwen():
     ids = torch.randint(0, 256, (2, 10), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding in the second row
-    return Bench("qwen", model, {"input_ids": ids, "attention_mask": mask}, ())
+    calibration = []
+    for _ in range(4):
+        c_ids = torch.randint(0, 256, (3, 12), generator=g)
+        c_mask = torch.ones_like(c_ids)
+        c_mask[0, :4] = 0
+        calibration.append({"input_ids": c_ids, "attention_mask": c_mask})
+    return Bench("qwen", model, {"input_ids": ids, "attention_mask": mask}, (), calibration)
 
 
 def make_minilm():
     model, tok = load_minilm()
     batch = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
-    return Bench("minilm", model.eval(), batch, (r"^encoder\.",))
+    from lora_lite.bench.tasks import make_split
+
+    texts = [t for t, _ in make_split("comparison", "train", 64, seed=0)]
+    calibration = [dict(tok(texts[i : i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]
+    return Bench("minilm", model.eval(), batch, (r"^encoder\.",), calibration)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,168 @@
+"""The invariants every variant must hold, on a random Qwen3 decoder and the real MiniLM.
+
+SPEC A4.5 identity, A4.6 only adapters train and every trainable is live, A4.7 save/load,
+A4.8 detach, plus refusal of a second attach.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lora_lite as ll
+from lora_lite.runtime import state_of
+from lora_lite.variant import REGISTRY
+
+from cases import CASES, NEUTRAL, TRAINABLE
+from conftest import assert_untouched, rel_err, snapshot
+
+
+def attach_case(bench, case, model):
+    cfg = CASES[case](bench.targets)
+    data = bench.calibration if REGISTRY[cfg.variant].calibration else None
+    ll.attach(model, cfg, calibration_data=data, progress=False)
+    return cfg
+
+
+def trainables(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def perturb(model, names=None, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for n, p in trainables(model).items():
+        if names is None or n.rsplit(".", 1)[1] in names:
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_every_variant_has_a_case():
+    covered = {CASES[c](()).variant for c in CASES}
+    assert set(REGISTRY) <= covered, f"variants without a test case: {set(REGISTRY) - covered}"
+    assert set(REGISTRY) <= set(TRAINABLE)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_identity_at_init(bench, case):
+    model = bench.fresh()
+    y0 = bench.out(model)
+    cfg = attach_case(bench, case, model)
+    if not REGISTRY[cfg.variant].identity_at_init:
+        with torch.no_grad():
+            for layer in state_of(model).targets.values():
+                for pname in NEUTRAL[case]:
+                    getattr(layer, pname).zero_()
+    y = bench.out(model)
+    assert (y - y0).abs().max() <= 1e-5 * y0.abs().max()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_only_adapter_tensors_train(bench, case):
+    model = bench.fresh()
+    cfg = attach_case(bench, case, model)
+    names = set(trainables(model))
+    assert names and all(".lora_" in n for n in names)
+    state = state_of(model)
+    expected = sum(
+        TRAINABLE[cfg.variant](layer.in_features, layer.out_features, cfg)
+        for layer in state.targets.values()
+    )
+    assert sum(p.numel() for p in trainables(model).values()) == expected
+    base = {n for n, _ in bench.model.named_parameters()}
+    assert not names & base
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_trainable_gets_a_gradient(bench, case):
+    model = bench.fresh()
+    cfg = attach_case(bench, case, model)
+    out = bench.output(model(**bench.batch))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    (out * weights).sum().backward()
+    zero_by_design = REGISTRY[cfg.variant].zero_grad_at_init
+    for name, p in trainables(model).items():
+        g = p.grad
+        if name.rsplit(".", 1)[1] in zero_by_design:
+            assert g is None or not g.any(), f"{name} should have zero grad at step 0"
+        else:
+            assert g is not None and g.abs().sum() > 0 and torch.isfinite(g).all(), name
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_trainable_family_changes_the_output(bench, case):
+    model = bench.fresh()
+    attach_case(bench, case, model)
+    perturb(model)  # move off init so that e.g. A matters once B != 0
+    y = bench.out(model)
+    families = {n.rsplit(".", 1)[1] for n in trainables(model)}
+    for fam in sorted(families):
+        perturb(model, names={fam}, seed=1)
+        y_new = bench.out(model)
+        assert rel_err(y_new, y) > 1e-4, f"perturbing {fam} did not change the output"
+        y = y_new
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_save_detach_load_roundtrip(bench, case, tmp_path):
+    model = bench.fresh()
+    y0 = bench.out(model)
+    attach_case(bench, case, model)
+    perturb(model)
+    y1 = bench.out(model)
+    path = tmp_path / "adapter.safetensors"
+    ll.save(model, path)
+
+    expected = {f"{t}.{p}" for t, specs in state_of(model).specs.items() for p in specs}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys == expected
+    assert not keys & set(bench.model.state_dict()), "the checkpoint holds base weights"
+
+    ll.detach(model)
+    assert rel_err(bench.out(model), y0) <= 1e-6
+    fresh = bench.fresh()
+    ll.load(fresh, path)
+    assert rel_err(bench.out(fresh), y1) <= 1e-6
+    ll.load(model, path)  # onto the detached model itself
+    assert rel_err(bench.out(model), y1) <= 1e-6
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_detach_restores_the_base(bench, case):
+    model = bench.fresh()
+    before = snapshot(model)
+    y0 = bench.out(model)
+    cfg = attach_case(bench, case, model)
+    perturb(model)
+    ll.detach(model)
+    assert rel_err(bench.out(model), y0) <= 1e-6
+    if REGISTRY[cfg.variant].base_delta is None:
+        assert_untouched(model, before)  # bit for bit
+    else:  # W = W_res + Δ0: within an ulp of the original
+        state = model.state_dict()
+        assert state.keys() == before["state"].keys()
+        for k, v in before["state"].items():
+            assert torch.allclose(state[k], v, rtol=2e-7, atol=2e-7 * v.abs().max()), k
+        after = snapshot(model)
+        assert after["flags"] == before["flags"] and after["hooks"] == before["hooks"]
+        assert after["attrs"] == before["attrs"]
+    assert not any(".lora_" in k for k in model.state_dict())
+    # attach -> detach -> attach works and is again the identity
+    attach_case(bench, case, model)
+    if REGISTRY[cfg.variant].identity_at_init:
+        assert rel_err(bench.out(model), y0) <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_second_attach_is_refused_untouched(bench, case, tmp_path):
+    model = bench.fresh()
+    attach_case(bench, case, model)
+    ll.save(model, tmp_path / "a.safetensors")
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="already has a lora-lite adapter"):
+        ll.attach(model, ll.LoRAConfig(r=2, target_names=bench.targets))
+    with pytest.raises(RuntimeError, match="already has a lora-lite adapter"):
+        ll.load(model, tmp_path / "a.safetensors")
+    assert_untouched(model, before)
