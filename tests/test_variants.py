@@ -166,3 +166,44 @@ def test_second_attach_is_refused_untouched(bench, case, tmp_path):
     with pytest.raises(RuntimeError, match="already has a lora-lite adapter"):
         ll.load(model, tmp_path / "a.safetensors")
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hooked_layer_equals_closed_form(qwen, case):
+    """Each hooked target computes x W_effᵀ + b_eff with the variant's closed-form weights."""
+    model = qwen.fresh()
+    cfg = attach_case(qwen, case, model)
+    perturb(model)
+    variant = REGISTRY[cfg.variant]
+    g = torch.Generator().manual_seed(0)
+    for name, layer in state_of(model).targets.items():
+        x = torch.randn(5, layer.in_features, generator=g)
+        with torch.no_grad():
+            W_eff, b_eff = variant.effective_weight(layer, cfg)
+            expected = torch.nn.functional.linear(x, W_eff.float(), None if b_eff is None else b_eff.float())
+            assert rel_err(layer(x), expected) <= 1e-5, name
+
+
+@pytest.mark.parametrize("case", ["lora", "ia3", "ia3_ff", "road_1", "delora"])
+def test_low_precision_adapter_never_rounds_y(qwen, case):
+    """bf16 adapter tensors on an fp32 base: at init the output is the base output bit for bit,
+    so y itself was not rounded through bf16 (SPEC A4.11)."""
+    import dataclasses
+
+    model = qwen.fresh()
+    y0 = qwen.out(model)
+    cfg = dataclasses.replace(CASES[case](qwen.targets), dtype=torch.bfloat16)
+    ll.attach(model, cfg)
+    assert all(p.dtype == torch.bfloat16 for p in trainables(model).values())
+    y = qwen.out(model)
+    assert y.dtype == torch.float32 and torch.equal(y, y0)
+
+
+def test_bf16_base_with_fp32_adapter(qwen):
+    model = qwen.fresh().to(torch.bfloat16)
+    y0 = qwen.out(model)
+    ll.attach(model, CASES["dora"](qwen.targets))
+    perturb(model)
+    y = qwen.out(model)
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), y0.float()) > 1e-3
+    assert all(p.dtype == torch.float32 for p in trainables(model).values())

@@ -221,8 +221,12 @@ def _hook(layer: nn.Module, variant: type[Variant], state: AttachState):
 
         def pre_hook(module, args):
             x = args[0]
-            x_new = fwd_in(module, state.cfg, x if x.dtype == dtype else x.to(dtype))
-            return (x_new.to(x.dtype),) + args[1:]
+            if x.dtype == dtype:
+                return (fwd_in(module, state.cfg, x),) + args[1:]
+            # Only the adapter's change x' - x goes through the adapter dtype, so a
+            # lower-precision adapter never rounds the base layer's input itself.
+            x_a = x.to(dtype)
+            return (x + (fwd_in(module, state.cfg, x_a) - x_a).to(x.dtype),) + args[1:]
 
         return layer.register_forward_pre_hook(pre_hook)
     fwd = variant.forward

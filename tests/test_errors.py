@@ -1,0 +1,369 @@
+"""Every refusal in SPEC A4.1 / A4.7 / A7: a specific message, and the model bit-for-bit untouched."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import lora_lite as ll
+from lora_lite.config import CONFIGS, AdapterConfig
+from lora_lite.variant import REGISTRY, ParamSpec, Variant, register
+
+from conftest import assert_untouched, make_qwen, snapshot
+
+
+# ----------------------------------------------------------------------------- configs
+def test_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match=r"LoRAConfig\.r: expected int"):
+        ll.LoRAConfig(r="8")
+    with pytest.raises(ValueError, match=r"LoRAConfig\.r: expected int"):
+        ll.LoRAConfig(r=True)
+    with pytest.raises(ValueError, match=r"LoRAConfig\.r: must be >= 1"):
+        ll.LoRAConfig(r=0)
+    with pytest.raises(ValueError, match=r"target_names: expected"):
+        ll.LoRAConfig(target_names="q_proj")  # a bare string would be iterated char by char
+    with pytest.raises(ValueError, match=r"target_names: invalid regex"):
+        ll.LoRAConfig(target_names=("(",))
+    with pytest.raises(ValueError, match=r"target_roles: expected"):
+        ll.LoRAConfig(target_roles=("head",))
+    with pytest.raises(ValueError, match=r"dtype: expected"):
+        ll.LoRAConfig(dtype="float32")
+    with pytest.raises(ValueError, match=r"HRAConfig\.r must be even"):
+        ll.HRAConfig(r=3)
+    with pytest.raises(ValueError, match=r"group_size must be even"):
+        ll.RoadConfig(group_size=7)
+    with pytest.raises(ValueError, match=r"road_variant: expected"):
+        ll.RoadConfig(road_variant="road_3")
+    with pytest.raises(ValueError, match=r"lambda0 must be > 0"):
+        ll.DeLoRAConfig(lambda0=0.0)
+    with pytest.raises(TypeError, match="not a registered variant config"):
+        AdapterConfig()
+
+
+def test_from_dict_validates_untrusted_input():
+    good = ll.LoRAConfig(r=4).to_dict()
+    with pytest.raises(ValueError, match=r"unknown field 'rank'"):
+        AdapterConfig.from_dict({**good, "rank": 4})
+    with pytest.raises(ValueError, match=r"LoRAConfig\.r: expected int"):
+        AdapterConfig.from_dict({**good, "r": 4.0})
+    for bad in ("Tensor", "float32; import os", "int64", 32):
+        with pytest.raises(ValueError, match=r"dtype: unknown dtype"):
+            AdapterConfig.from_dict({**good, "dtype": bad})
+    with pytest.raises(KeyError, match="unknown variant 'nope'"):
+        AdapterConfig.from_dict({**good, "variant": "nope"})
+    with pytest.raises(ValueError, match=r"unknown field 'variant_extra'"):
+        AdapterConfig.from_dict({**good, "variant_extra": 1})
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_config_roundtrip_every_variant(name):
+    cfg = CONFIGS[name](dtype=torch.bfloat16, target_names=("a", "b"), layers=(0, 2))
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert AdapterConfig.from_dict(d) == cfg
+
+
+# ----------------------------------------------------------------------------- attach
+@pytest.fixture()
+def model():
+    return make_qwen().model
+
+
+def _refused(model, exc, match, call):
+    before = snapshot(model)
+    with pytest.raises(exc, match=match):
+        call()
+    assert_untouched(model, before)
+
+
+def test_no_matching_targets(model):
+    _refused(model, ValueError, r"no target layers match.*model\.layers\.0\.self_attn\.q_proj",
+             lambda: ll.attach(model, ll.LoRAConfig(target_names=(r"nothing_here$",))))
+
+
+def test_rank_larger_than_layer(model):
+    # k_proj is 64 -> 32 in the test model
+    _refused(model, ValueError, r"k_proj: r=48 exceeds min\(d_in, d_out\)=min\(64, 32\)",
+             lambda: ll.attach(model, ll.PiSSAConfig(r=48)))
+
+
+def test_hra_rank_larger_than_d_in(model):
+    _refused(model, ValueError, r"down_proj|q_proj.*reflections exceed d_in",
+             lambda: ll.attach(model, ll.HRAConfig(r=66, target_names=(r"q_proj$",))))
+
+
+def test_road_group_size_must_divide_d_out(model):
+    _refused(model, ValueError, r"k_proj: group_size=64 does not divide d_out=32",
+             lambda: ll.attach(model, ll.RoadConfig(group_size=64)))
+
+
+def test_calibration_data_for_a_variant_without_calibration(model):
+    _refused(model, ValueError, r"'lora' does not use calibration data",
+             lambda: ll.attach(model, ll.LoRAConfig(), calibration_data=[torch.zeros(1, 4, dtype=torch.long)]))
+
+
+def test_not_a_config(model):
+    _refused(model, TypeError, "expected an AdapterConfig",
+             lambda: ll.attach(model, {"variant": "lora"}))
+
+
+class FakeQuantLinear(nn.Module):
+    """Linear-like but not nn.Linear (like a bitsandbytes layer): hook-only variants only."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.in_features, self.out_features = d_in, d_out
+        self.weight = nn.Parameter(torch.randn(d_out, d_in))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+@pytest.mark.parametrize("cfg", [ll.PiSSAConfig(r=2), ll.DoRAConfig(r=2), ll.LoRAXSConfig(r=2), ll.DeLoRAConfig(r=2)])
+def test_dense_weight_variants_refuse_other_layers(cfg):
+    net = nn.Sequential(FakeQuantLinear(8, 8))
+    _refused(net, TypeError, r"0: variant .* needs torch\.nn\.Linear, got FakeQuantLinear",
+             lambda: ll.attach(net, cfg))
+
+
+def test_hook_only_variants_run_on_linear_like_layers():
+    net = nn.Sequential(FakeQuantLinear(8, 8))
+    x = torch.randn(3, 8)
+    y0 = net(x)
+    ll.attach(net, ll.LoRAConfig(r=2))
+    assert torch.equal(net(x), y0)
+
+
+def test_detach_and_save_need_an_adapter(model, tmp_path):
+    with pytest.raises(RuntimeError, match="no lora-lite adapter is attached"):
+        ll.detach(model)
+    with pytest.raises(RuntimeError, match="no lora-lite adapter is attached"):
+        ll.save(model, tmp_path / "x.safetensors")
+    with pytest.raises(RuntimeError, match="no lora-lite adapter is attached"):
+        ll.reconfigure(model, r=2)
+
+
+def test_reconfigure_refuses_fields_that_are_not_runtime(model):
+    ll.attach(model, ll.LoRAConfig(r=2))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"\['alpha'\] cannot change while attached"):
+        ll.reconfigure(model, alpha=1.0)
+    assert_untouched(model, before)
+
+
+# ----------------------------------------------------------------------------- rollback
+@pytest.fixture()
+def temp_variant():
+    """Register test-only variants and remove them afterwards."""
+    added = []
+
+    def add(cls):
+        register(cls)
+        added.append(cls.name)
+        return cls
+
+    yield add
+    for name in added:
+        REGISTRY.pop(name)
+        CONFIGS.pop(name)
+
+
+def _failing_config(name):
+    @dataclass(frozen=True, kw_only=True)
+    class Cfg(AdapterConfig):
+        variant: str = field(default=name, init=False)
+
+    return Cfg
+
+
+def test_failure_in_init_rolls_back(model, temp_variant):
+    calls = []
+
+    @temp_variant
+    class FailsLate(Variant):
+        name, config = "fails_late", _failing_config("fails_late")
+
+        @staticmethod
+        def param_specs(d_in, d_out, cfg):
+            return {"lora_A": ParamSpec((cfg.r, d_in), "kaiming")}
+
+        @staticmethod
+        def init(layer, cfg, stats):
+            calls.append(layer)
+            if len(calls) == 5:
+                raise RuntimeError("boom in init")
+
+        @staticmethod
+        def forward(layer, cfg, x, y):
+            return y
+
+    _refused(model, RuntimeError, "boom in init",
+             lambda: ll.attach(model, FailsLate.config(r=2)))
+    assert len(calls) == 5
+
+
+def test_failure_while_mutating_rolls_back(model, temp_variant):
+    calls = []
+
+    @temp_variant
+    class FailsMutating(Variant):
+        name, config = "fails_mutating", _failing_config("fails_mutating")
+
+        @staticmethod
+        def param_specs(d_in, d_out, cfg):
+            return {"lora_D": ParamSpec((d_out, d_in), "near_zero", trainable=False)}
+
+        @staticmethod
+        def base_delta(layer, cfg):
+            calls.append(layer)
+            if len(calls) == 3:
+                raise RuntimeError("boom in base_delta")
+            return layer.lora_D
+
+        @staticmethod
+        def forward(layer, cfg, x, y):
+            return y + x @ layer.lora_D.T
+
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom in base_delta"):
+        ll.attach(model, FailsMutating.config(r=2))
+    after = snapshot(model)
+    # the two layers already rewritten are restored as W_res + Δ0: within an ulp
+    for k, v in before["state"].items():
+        assert torch.allclose(after["state"][k], v, rtol=2e-7, atol=2e-7 * v.abs().max()), k
+    assert after["state"].keys() == before["state"].keys()
+    assert after["flags"] == before["flags"] and after["hooks"] == before["hooks"]
+    assert after["attrs"] == before["attrs"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@pytest.fixture()
+def saved(tmp_path):
+    """A trained-looking LoRA and PiSSA checkpoint from the test Qwen3."""
+    paths = {}
+    for cfg in (ll.LoRAConfig(r=4), ll.PiSSAConfig(r=4)):
+        m = make_qwen().model
+        ll.attach(m, cfg)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.01)
+        paths[cfg.variant] = tmp_path / f"{cfg.variant}.safetensors"
+        ll.save(m, paths[cfg.variant])
+    return paths
+
+
+def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _load_refused(model, path, match):
+    _refused(model, ll.CheckpointError, match, lambda: ll.load(model, path))
+
+
+def test_load_refuses_unreadable_files(model, saved, tmp_path):
+    _load_refused(model, tmp_path / "missing.safetensors", "no such file")
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    _load_refused(model, empty, "not a readable safetensors file")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01garbage" * 100)
+    _load_refused(model, junk, "not a readable safetensors file")
+    data = saved["lora"].read_bytes()
+    for cut in (4, 100, len(data) // 2, len(data) - 1):
+        truncated = tmp_path / f"truncated{cut}.safetensors"
+        truncated.write_bytes(data[:cut])
+        _load_refused(model, truncated, "not a readable safetensors file")
+
+
+def test_load_refuses_foreign_safetensors(model, tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"hello": "world"})
+    _load_refused(model, path, "not a lora-lite checkpoint")
+    save_file({"w": torch.zeros(2)}, str(path))
+    _load_refused(model, path, "not a lora-lite checkpoint")
+
+
+def test_load_refuses_bad_metadata(model, saved, tmp_path):
+    p = tmp_path / "x.safetensors"
+
+    def set_(key, value):
+        return lambda m: m.__setitem__(key, value)
+
+    _load_refused(model, _rewrite(saved["lora"], p, edit_meta=set_("format_version", "99")),
+                  "format version '99' is not supported")
+    _load_refused(model, _rewrite(saved["lora"], p, edit_meta=set_("variant", "pissa")),
+                  "metadata variant 'pissa' disagrees")
+    cfg = json.loads(_meta(saved["lora"])["config"])
+    _load_refused(model, _rewrite(saved["lora"], p, edit_meta=set_("config", json.dumps({**cfg, "variant": "nope"}))),
+                  "metadata variant 'lora' disagrees")
+    _load_refused(model, _rewrite(saved["lora"], p, edit_meta=lambda m: m.update(
+        variant="nope", config=json.dumps({**cfg, "variant": "nope"}))), "unknown variant 'nope'")
+    _load_refused(model, _rewrite(saved["lora"], p, edit_meta=set_("config", json.dumps({**cfg, "dtype": "evil"}))),
+                  "unknown dtype 'evil'")
+    _load_refused(model, _rewrite(saved["lora"], p, edit_meta=set_("config", "{not json")),
+                  "metadata 'config' is missing or not JSON")
+    _load_refused(model, _rewrite(saved["lora"], p, edit_meta=set_("targets", '"q_proj"')),
+                  "metadata 'targets' must be a JSON list")
+
+
+def _meta(path):
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata())
+
+
+def test_load_refuses_tensor_mismatches(model, saved, tmp_path):
+    p = tmp_path / "x.safetensors"
+    key = "model.layers.0.self_attn.q_proj.lora_A"
+    _load_refused(model, _rewrite(saved["lora"], p, edit_tensors=lambda t: t.pop(key)),
+                  rf"missing \['{key}'\]")
+    _load_refused(model, _rewrite(saved["lora"], p, edit_tensors=lambda t: t.update(
+        {"model.layers.0.self_attn.q_proj.lora_Z": torch.zeros(2)})), r"unexpected \['.*lora_Z'\]")
+    _load_refused(model, _rewrite(saved["lora"], p, edit_tensors=lambda t: t.update({key: torch.zeros(5, 64)})),
+                  rf"{key} has shape \(5, 64\), this model needs \(4, 64\)")
+    _load_refused(model, _rewrite(saved["lora"], p, edit_tensors=lambda t: t.update({key: t[key].double()})),
+                  rf"{key} is torch.float64, the config says torch.float32")
+
+
+def test_load_refuses_another_architecture(saved, minilm):
+    bert = minilm.fresh()
+    _load_refused(bert, saved["lora"], "not linear layers of this model.*another architecture")
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    wider = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    _load_refused(wider, saved["lora"], r"has shape \(4, 64\), this model needs \(4, 96\)")
+
+
+def test_mutating_variant_refuses_a_different_base(saved):
+    torch.manual_seed(123)
+    other = make_qwen().model
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(1.001)  # a slightly fine-tuned base
+    _load_refused(other, saved["pissa"], "down_proj.*differ from the base.*'pissa' rewrites W")
+
+
+def test_additive_variant_warns_on_a_different_base(saved):
+    other = make_qwen().model
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(1.001)
+    with pytest.warns(UserWarning, match="differ from the base the adapter was saved from"):
+        ll.load(other, saved["lora"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ll.load(make_qwen().model, saved["lora"])  # the pristine base: no warning

@@ -1,0 +1,85 @@
+"""Target discovery: name, layer and role filters (SPEC A5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lora_lite as ll
+from lora_lite.targets import find_targets, layer_index
+
+from conftest import make_qwen
+
+
+def names(model, **kw):
+    return [n for n, _ in find_targets(model, ll.LoRAConfig(r=1, **kw))]
+
+
+def test_default_targets_every_linear_but_the_lm_head():
+    model = make_qwen().model
+    got = names(model)
+    assert "lm_head" not in got
+    assert len(got) == 2 * 7 and all(n.startswith("model.layers.") for n in got)
+
+
+def test_name_and_layer_filters():
+    model = make_qwen().model
+    assert names(model, target_names=(r"\.(q|v)_proj$",), layers=(1,)) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert names(model, target_names=(r"mlp",), exclude_names=(r"gate",), layers=(0,)) == [
+        "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+
+
+def test_roles_on_a_decoder():
+    model = make_qwen().model  # hidden 64: q 64->64 and o 64->64 are square
+    assert [n.split(".")[-1] for n in names(model, target_roles=("reader",), layers=(0,))] == [
+        "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    assert [n.split(".")[-1] for n in names(model, target_roles=("writer",), layers=(0,))] == [
+        "o_proj", "down_proj"]
+
+
+def test_roles_on_bert(minilm):
+    got = names(minilm.model, target_roles=("writer",), target_names=(r"^encoder\.layer\.0\.",))
+    assert got == ["encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense"]
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mystery = nn.Linear(8, 8)  # square and unnamed: role unknown
+        self.up = nn.Linear(8, 16)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = type("C", (), {"hidden_size": 8})()
+        self.blocks = nn.ModuleList([Block()])
+
+
+def test_ambiguous_square_layer_raises_only_if_selected():
+    model = Tiny()
+    with pytest.raises(ValueError, match=r"cannot tell the role of square layer 'blocks\.0\.mystery'"):
+        names(model, target_roles=("reader",))
+    assert names(model, target_roles=("reader",), exclude_names=(r"mystery",)) == ["blocks.0.up"]
+    assert names(model, target_roles=("reader",), target_names=(r"up$",)) == ["blocks.0.up"]
+
+
+def test_roles_need_the_model_width():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no config.hidden_size"):
+        names(model, target_roles=("reader",))
+
+
+def test_layer_index():
+    assert layer_index("model.layers.12.mlp.up_proj") == 12
+    assert layer_index("encoder.layer.3.attention.self.query") == 3
+    assert layer_index("lm_head") is None
+    assert layer_index("proj2.weight") is None
+
+
+def test_layers_filter_drops_modules_without_an_index():
+    model = make_qwen().model
+    assert names(model, layers=(0,), exclude_names=()) == [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers.0." in n]
