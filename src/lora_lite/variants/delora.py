@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..variant import ParamSpec, Variant, register
+from .lora import lora_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,8 +48,7 @@ class DeLoRA(Variant):
     @staticmethod
     def param_specs(d_in, d_out, cfg):
         return {
-            "lora_A": ParamSpec((cfg.r, d_in), "kaiming"),
-            "lora_B": ParamSpec((d_out, cfg.r), "zeros"),
+            **lora_specs(d_in, d_out, cfg.r),
             "lora_lambda": ParamSpec((), lambda t: t.fill_(cfg.lambda0)),
             "lora_wnorm": ParamSpec((d_in,), "zeros", trainable=False),
         }

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..variant import ParamSpec, Variant, register
+from .lora import lora_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,11 +43,7 @@ class DoRA(Variant):
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
-        return {
-            "lora_A": ParamSpec((cfg.r, d_in), "kaiming"),
-            "lora_B": ParamSpec((d_out, cfg.r), "zeros"),
-            "lora_m": ParamSpec((d_out,), "zeros"),
-        }
+        return {**lora_specs(d_in, d_out, cfg.r), "lora_m": ParamSpec((d_out,), "zeros")}
 
     @staticmethod
     def init(layer, cfg, stats):

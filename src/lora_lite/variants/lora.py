@@ -25,6 +25,14 @@ class LoRAConfig(AdapterConfig):
     variant: str = field(default="lora", init=False)
 
 
+def lora_specs(d_in, d_out, r):
+    """A kaiming (r, d_in), B zeros (d_out, r): the LoRA pair, zero delta at init."""
+    return {
+        "lora_A": ParamSpec((r, d_in), "kaiming"),
+        "lora_B": ParamSpec((d_out, r), "zeros"),
+    }
+
+
 def lora_forward(layer, cfg, x, y):
     """y + s·(x Aᵀ) Bᵀ; scaling the (…, r) intermediate is cheaper than scaling (…, d_out)."""
     return y + F.linear(F.linear(x, layer.lora_A) * cfg.scale, layer.lora_B).to(y.dtype)
@@ -43,10 +51,7 @@ class LoRA(Variant):
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
-        return {
-            "lora_A": ParamSpec((cfg.r, d_in), "kaiming"),
-            "lora_B": ParamSpec((d_out, cfg.r), "zeros"),
-        }
+        return lora_specs(d_in, d_out, cfg.r)
 
     forward = staticmethod(lora_forward)
     effective_weight = staticmethod(lora_effective_weight)
