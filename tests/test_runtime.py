@@ -1,0 +1,45 @@
+"""Hooks under torch.compile and gradient checkpointing (SPEC A4.10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lora_lite as ll
+
+from cases import CASES
+from conftest import rel_err
+from test_variants import perturb
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hooks_compile_without_graph_breaks(case):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    ll.attach(net, CASES[case](()))
+    perturb(net)
+    x = torch.randn(4, 32)
+    y = net(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)  # a graph break raises
+    y_c = compiled(x)
+    assert rel_err(y_c.detach(), y.detach()) <= 1e-6
+    y_c.square().sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("case", ["lora", "hra", "dora"])
+def test_gradient_checkpointing_gives_the_same_gradients(qwen, case):
+    grads = []
+    for checkpointing in (False, True):
+        model = qwen.fresh().train()
+        torch.manual_seed(5)
+        ll.attach(model, CASES[case](qwen.targets))
+        perturb(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(**qwen.batch, use_cache=False).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-5, atol=1e-8 * g.abs().max()), name
