@@ -26,7 +26,7 @@ from torch import nn
 from ._version import __version__
 from .config import AdapterConfig
 from .fingerprint import fingerprint, same_base
-from .runtime import install, state_of, validate, variant_of
+from .runtime import ensure_free, install, state_of, validate, variant_of
 from .targets import is_linear_like
 
 FORMAT = "lora-lite"
@@ -75,6 +75,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 def load(model: nn.Module, path: str | os.PathLike) -> None:
     """Attach the adapter saved at `path` to a pristine `model`, exactly as it was saved."""
     path = os.fspath(path)
+    ensure_free(model)
     meta, shapes = _read_header(path)
     cfg = _parse_config(path, meta)
     variant = variant_of(cfg)

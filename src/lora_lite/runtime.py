@@ -52,6 +52,7 @@ def attach(
     padding. `progress` shows a progress bar over calibration batches (needs tqdm).
     """
     variant = variant_of(cfg)
+    ensure_free(model)
     targets = find_targets(model, cfg)
     validate(model, variant, cfg, targets)
     if calibration_data is not None and variant.calibration is None:
@@ -123,15 +124,19 @@ def state_of(model: nn.Module) -> AttachState:
     return state
 
 
-def validate(
-    model: nn.Module, variant: type[Variant], cfg: AdapterConfig, targets: list[tuple[str, nn.Module]]
-) -> None:
-    """Every check that can reject an attach/load; runs before anything is mutated."""
+def ensure_free(model: nn.Module) -> None:
     if STATE_ATTR in model.__dict__:
         raise RuntimeError(
             f"this model already has a lora-lite adapter ({model.__dict__[STATE_ATTR].cfg.variant!r}); "
             f"call lora_lite.detach(model) first"
         )
+
+
+def validate(
+    model: nn.Module, variant: type[Variant], cfg: AdapterConfig, targets: list[tuple[str, nn.Module]]
+) -> None:
+    """Every check that can reject an attach/load; runs before anything is mutated."""
+    ensure_free(model)
     for name, layer in targets:
         leftover = [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(PREFIX)]
         leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(PREFIX)]
