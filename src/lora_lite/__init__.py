@@ -6,8 +6,15 @@ from .config import AdapterConfig
 from .runtime import attach, detach, reconfigure
 from .variant import REGISTRY, ParamSpec, Variant, register
 from . import variants as _variants  # noqa: F401  (registers the built-in variants)
+from .variants.antipasto import AntiPaSTOConfig
+from .variants.antipasto_ablate import AntiPaSTOAblateConfig
+from .variants.antipasto_asvd import AntiPaSTOASVDConfig
+from .variants.antipasto_corda import AntiPaSTOCorDAConfig
+from .variants.antipasto_dplr import AntiPaSTODPLRConfig
+from .variants.antipasto_rot import AntiPaSTORotConfig
 from .variants.delora import DeLoRAConfig
 from .variants.dora import DoRAConfig
+from .variants.eva import EVAConfig
 from .variants.hra import HRAConfig
 from .variants.ia3 import IA3Config
 from .variants.ia3_ff import IA3FFConfig
@@ -20,5 +27,7 @@ __all__ = [
     "__version__", "attach", "detach", "reconfigure", "save", "load", "CheckpointError",
     "AdapterConfig", "REGISTRY", "ParamSpec", "Variant", "register",
     "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "HRAConfig",
-    "IA3Config", "IA3FFConfig", "RoadConfig", "LoRAXSConfig",
+    "IA3Config", "IA3FFConfig", "RoadConfig", "LoRAXSConfig", "EVAConfig",
+    "AntiPaSTOConfig", "AntiPaSTORotConfig", "AntiPaSTOCorDAConfig", "AntiPaSTOASVDConfig",
+    "AntiPaSTOAblateConfig", "AntiPaSTODPLRConfig",
 ]

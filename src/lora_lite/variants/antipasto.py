@@ -1,0 +1,72 @@
+"""AntiPaSTO: freeze W's top-r SVD part and learn a bounded gain per singular value (arXiv 2601.07473).
+
+    W = U diag(S) Vh (fp32),  W_res = W − U_r diag(S_r) Vh_r      U_r, S_r, Vh_r frozen buffers
+    S_eff = S_r ⊙ (1 + ELU(coeff·g))      g (r,) trainable, 0  ->  S_eff = S_r: identity at init
+    y' = x W_resᵀ + b + ((x Vh_rᵀ) ⊙ S_eff) U_rᵀ,   W_eff = W_res + U_r diag(S_eff) Vh_r
+
+1 + ELU(z) is e^z below 0 and 1 + z above: positive, C¹, 1 at z = 0, so a direction can be
+suppressed towards 0 or amplified, never flipped. `coeff` steers at run time (0 = base model,
+< 0 swaps suppress and amplify): `lora_lite.reconfigure(model, coeff=c)`. `suppress_only`
+clamps g ≤ 0, keeping every factor in (0, 1]; that needs coeff ≥ 0, which the config enforces.
+alpha is unused. Trainable: r per layer.
+
+Calibration is optional. Without data the r directions are W's top-r singular triplets. With
+data they are the r triplets of W with the largest Wanda-style score S_i·sqrt(v_iᵀ C v_i),
+C = E[x xᵀ] over unmasked tokens (Wanda arXiv 2306.11695, ASVD 2312.05821): the directions that
+carry the most output energy on real inputs, kept in descending-S order. This is the `rms`
+activation pooling; the earlier `mean_abs` pooling needs raw activations, not second moments,
+and is not offered. Selection re-ranks W's own directions; it does not re-orient them (see
+antipasto_corda / antipasto_asvd). No PEFT equivalent; W_res without data equals PEFT PiSSA's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import AdapterConfig
+from ..variant import ParamSpec, Variant, register
+from ._antipasto import gain_effective_weight, gain_forward, select_top_r, store_svd, svd_delta, svd_specs
+
+
+@dataclass(frozen=True, kw_only=True)
+class AntiPaSTOConfig(AdapterConfig):
+    variant: str = field(default="antipasto", init=False)
+    r: int = 256
+    coeff: float = 1.0
+    suppress_only: bool = False
+
+    def check(self):
+        if self.suppress_only and self.coeff < 0:
+            raise ValueError(
+                f"{type(self).__name__}.coeff: suppress_only keeps every gain in (0, 1] only for "
+                f"coeff >= 0, got {self.coeff}; set suppress_only=False to amplify"
+            )
+
+
+@register
+class AntiPaSTO(Variant):
+    name = "antipasto"
+    config = AntiPaSTOConfig
+    needs_dense_weight = True
+    calibration = "gram"
+    runtime_fields = ("coeff",)
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {**svd_specs(d_in, d_out, cfg.r), "lora_g": ParamSpec((cfg.r,), "zeros")}
+
+    @staticmethod
+    def init(layer, cfg, stats):
+        store_svd(layer, *select_top_r(layer, cfg.r, stats))
+
+    @staticmethod
+    def base_delta(layer, cfg):
+        return svd_delta(layer)
+
+    @staticmethod
+    def forward(layer, cfg, x, y):
+        return gain_forward(layer, cfg, x, y, layer.lora_Vh)
+
+    @staticmethod
+    def effective_weight(layer, cfg):
+        return gain_effective_weight(layer, cfg, layer.lora_Vh)

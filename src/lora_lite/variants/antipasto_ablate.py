@@ -1,0 +1,110 @@
+"""AntiPaSTO-ablate: learn k directions to project out of the S-scaled coordinates of W's frozen
+top-r part, a trainable directional ablation (Arditi et al. arXiv 2406.11717). Meant for
+residual writers (down_proj, o_proj). Base method: antipasto (arXiv 2601.07473).
+
+    W_res = W − U diag(S) Vh        U (d_out, r), S (r,), Vh (r, d_in) frozen buffers
+    Ĉ = QR(c).Q (r, k) orthonormal,  α̂ = clamp(α, 0, 1)      c (r, k) ~ N(0, 1/r); α (k,) = init_alpha
+    h = (x Vhᵀ) ⊙ S,   h ← h − coeff·((h Ĉ) ⊙ α̂) Ĉᵀ,   y' = x W_resᵀ + b + h Uᵀ
+    W_eff = W_res + U (I − coeff·Ĉ diag(α̂) Ĉᵀ) diag(S) Vh
+
+Not identity at init: it starts as a contraction by init_alpha (default 5%) along a random
+unit direction ĉ, ΔW0 = −coeff·init_alpha·U ĉĉᵀ diag(S) Vh. It is the identity only with
+init_alpha = 0 (then c gets no gradient until α moves) or coeff = 0. The map is a contraction
+(eigenvalues 1 − coeff·α̂ in [0, 1]) for coeff in [0, 1]; coeff is not clamped, so coeff > 1
+over-ablates and coeff < 0 amplifies the directions: a steering knob, changed at run time with
+`lora_lite.reconfigure(model, coeff=c)`. `lora_alpha` is the ablation strength, not a LoRA
+scale; the shared `alpha` field is unused. Trainable: r·k + k per layer.
+
+cov_orient=True orients the frozen part by the input covariance exactly as antipasto_corda
+(P = Vh_t[:r] C_ε^{-1/2}, C over unmasked tokens) and stores P in the `lora_Vh` slot, whose rows
+are then oblique rather than orthonormal. It needs calibration data; data without cov_orient is
+refused (it would change nothing). load needs no data either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import AdapterConfig
+from ..variant import ParamSpec, Variant, register
+from ._antipasto import store_svd, svd_delta, svd_specs
+from ._svd import oriented_top_r, second_moment, top_r_svd
+
+
+@dataclass(frozen=True, kw_only=True)
+class AntiPaSTOAblateConfig(AdapterConfig):
+    variant: str = field(default="antipasto_ablate", init=False)
+    r: int = 256
+    k: int = 1
+    init_alpha: float = 0.05
+    coeff: float = 1.0
+    cov_orient: bool = False
+    cov_eps: float = 1e-3
+
+    def check(self):
+        name = type(self).__name__
+        if not 1 <= self.k <= self.r:
+            raise ValueError(f"{name}.k: must be in [1, r={self.r}], got {self.k}")
+        if not 0.0 <= self.init_alpha <= 1.0:
+            raise ValueError(f"{name}.init_alpha: must be in [0, 1] (α is clamped there), got {self.init_alpha}")
+        if not self.cov_eps > 0:
+            raise ValueError(f"{name}.cov_eps: must be > 0, got {self.cov_eps}")
+
+
+def _ablation(layer):
+    """Ĉ (r, k) with orthonormal columns spanning c, and α̂ = clamp(α, 0, 1)."""
+    C_hat = torch.linalg.qr(layer.lora_c.float()).Q.to(layer.lora_c.dtype)
+    return C_hat, layer.lora_alpha.clamp(0.0, 1.0)
+
+
+@register
+class AntiPaSTOAblate(Variant):
+    name = "antipasto_ablate"
+    config = AntiPaSTOAblateConfig
+    needs_dense_weight = True
+    calibration = "gram"
+    identity_at_init = False
+    runtime_fields = ("coeff",)
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        r, k = cfg.r, cfg.k
+        return {
+            **svd_specs(d_in, d_out, r),
+            "lora_c": ParamSpec((r, k), lambda t: t.normal_(0.0, 1.0 / math.sqrt(r))),
+            "lora_alpha": ParamSpec((k,), lambda t: t.fill_(cfg.init_alpha)),
+        }
+
+    @staticmethod
+    def init(layer, cfg, stats):
+        if cfg.cov_orient != (stats is not None):
+            raise ValueError(
+                "antipasto_ablate uses calibration data only to orient by the covariance: pass "
+                "data together with cov_orient=True, or neither"
+            )
+        if stats is None:
+            store_svd(layer, *top_r_svd(layer.weight, cfg.r))
+        else:
+            store_svd(layer, *oriented_top_r(layer.weight, cfg.r, second_moment(stats), cfg.cov_eps))
+
+    @staticmethod
+    def base_delta(layer, cfg):
+        return svd_delta(layer)
+
+    @staticmethod
+    def forward(layer, cfg, x, y):
+        C_hat, a = _ablation(layer)
+        h = F.linear(x, layer.lora_Vh) * layer.lora_S
+        h = h - cfg.coeff * F.linear((h @ C_hat) * a, C_hat)
+        return y + F.linear(h, layer.lora_U).to(y.dtype)
+
+    @staticmethod
+    def effective_weight(layer, cfg):
+        C_hat, a = (t.float() for t in _ablation(layer))
+        M = torch.eye(C_hat.shape[0], device=C_hat.device) - cfg.coeff * (C_hat * a) @ C_hat.T  # (r, r), symmetric
+        core = layer.lora_U.float() @ M * layer.lora_S.float()
+        return layer.weight.float() + core @ layer.lora_Vh.float(), layer.bias

@@ -1,0 +1,72 @@
+"""AntiPaSTO-CorDA: orient the frozen SVD part by the input covariance, then learn the gain.
+CorDA arXiv 2406.05223 (IPM mode: keep the top-r); gain as in antipasto (arXiv 2601.07473).
+
+    C = E[x xᵀ] over unmasked calibration tokens,  C_ε: eigenvalues λ ← max(λ, 0) + cov_eps
+    W C_ε^{1/2} = U_t diag(S_t) Vh_t (fp32)
+    U = U_t[:, :r],  S = S_t[:r],  P = Vh_t[:r] C_ε^{-1/2}      frozen buffers (P rows oblique)
+    W_res = W − U diag(S) P       (formed from the stored, dtype-rounded U, S, P)
+    y' = x W_resᵀ + b + ((x Pᵀ) ⊙ S ⊙ (1 + ELU(coeff·g))) Uᵀ,   g (r,) trainable, 0
+    W_eff = W_res + U diag(S_eff) P
+
+W = W_res + U diag(S) P holds exactly, so g = 0 is the identity up to one rounding of W_res.
+U diag(S) P is the rank-r Ŵ minimising E‖(W − Ŵ)x‖² = ‖(W − Ŵ)C^{1/2}‖²_F (Eckart–Young in
+the C-weighted norm): the top-r directions carry the most output energy on real activations.
+Calibration data is required (attach refuses without it, before touching the model); load
+needs none, since U, S, P are saved. cov_eps is absolute (in units of x²). coeff, suppress_only
+as in antipasto; coeff changes at run time via `lora_lite.reconfigure(model, coeff=c)`.
+
+This is a C^{1/2} whitening, not HF PEFT 0.21's CorDA, which takes svd(W C_d) with a damped
+C_d = C + δ·mean(diag C)·I and V = (Vh C_d^{-1})ᵀ from per-call max-normalised inputs without
+a padding mask (a λ instead of √λ weighting of the same idea).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..variant import ParamSpec, Variant, register
+from ._antipasto import gain_effective_weight, gain_forward, store_svd, svd_delta, svd_specs
+from ._svd import oriented_top_r, second_moment
+from .antipasto import AntiPaSTOConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class AntiPaSTOCorDAConfig(AntiPaSTOConfig):
+    variant: str = field(default="antipasto_corda", init=False)
+    cov_eps: float = 1e-3
+
+    def check(self):
+        super().check()
+        if not self.cov_eps > 0:
+            raise ValueError(f"{type(self).__name__}.cov_eps: must be > 0 (C^(-1/2) needs it), got {self.cov_eps}")
+
+
+@register
+class AntiPaSTOCorDA(Variant):
+    name = "antipasto_corda"
+    config = AntiPaSTOCorDAConfig
+    needs_dense_weight = True
+    calibration = "gram"
+    requires_calibration = True
+    runtime_fields = ("coeff",)
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {**svd_specs(d_in, d_out, cfg.r, "lora_P"), "lora_g": ParamSpec((cfg.r,), "zeros")}
+
+    @staticmethod
+    def init(layer, cfg, stats):
+        U, S, P = oriented_top_r(layer.weight, cfg.r, second_moment(stats), cfg.cov_eps)
+        store_svd(layer, U, S, P, "lora_P")
+
+    @staticmethod
+    def base_delta(layer, cfg):
+        return svd_delta(layer, "lora_P")
+
+    @staticmethod
+    def forward(layer, cfg, x, y):
+        return gain_forward(layer, cfg, x, y, layer.lora_P)
+
+    @staticmethod
+    def effective_weight(layer, cfg):
+        return gain_effective_weight(layer, cfg, layer.lora_P)

@@ -1,0 +1,85 @@
+"""AntiPaSTO-DPLR: the antipasto gain plus a rank-k core that mixes directions inside the frozen
+top-r subspace (diagonal-plus-low-rank). Base method: antipasto (arXiv 2601.07473).
+
+    W_res = W − U diag(S) Vh        U (d_out, r), S (r,), Vh (r, d_in) frozen buffers, as antipasto
+    p = x Vhᵀ (…, r)
+    h = p ⊙ S ⊙ (1 + ELU(coeff·g)) + coeff·(p Aᵀ) Bᵀ      g (r,) 0;  A (k, r) kaiming;  B (r, k) 0
+    y' = x W_resᵀ + b + h Uᵀ,    W_eff = W_res + U (diag(S_eff) + coeff·B A) Vh
+
+The core acts on the unscaled coordinates p = x Vhᵀ, so its effect does not grow with S. There
+is no α/r scale on it (alpha is unused). g = 0 and B = 0 make the identity (up to one rounding
+of W_res); at step 0 grad A = 0 by design, as for LoRA's A. `suppress_only` clamps only the
+gain g; the core can still amplify. `coeff` scales both and changes at run time via
+`lora_lite.reconfigure(model, coeff=c)`; coeff = 0 is the base model.
+
+lora_rank k must be in [1, r]: k = 0 would be exactly `antipasto`, so it is refused with a
+pointer there rather than kept as a second spelling. Trainable: r + 2rk per layer. Calibration is
+optional and does what it does for antipasto: Wanda re-selection of the r directions by
+S_i·sqrt(v_iᵀ C v_i), C = E[x xᵀ] over unmasked tokens. No PEFT equivalent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+
+from ..variant import ParamSpec, Variant, register
+from ._antipasto import gain, select_top_r, store_svd, svd_delta, svd_specs
+from .antipasto import AntiPaSTOConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class AntiPaSTODPLRConfig(AntiPaSTOConfig):
+    variant: str = field(default="antipasto_dplr", init=False)
+    lora_rank: int = 8
+
+    def check(self):
+        super().check()
+        if self.lora_rank < 1:
+            raise ValueError(
+                f"AntiPaSTODPLRConfig.lora_rank: must be >= 1, got {self.lora_rank}; "
+                f"with no core use AntiPaSTOConfig (variant 'antipasto')"
+            )
+        if self.lora_rank > self.r:
+            raise ValueError(f"AntiPaSTODPLRConfig.lora_rank: must be <= r={self.r}, got {self.lora_rank}")
+
+
+@register
+class AntiPaSTODPLR(Variant):
+    name = "antipasto_dplr"
+    config = AntiPaSTODPLRConfig
+    needs_dense_weight = True
+    calibration = "gram"
+    runtime_fields = ("coeff",)
+    zero_grad_at_init = ("lora_A",)  # grad A ∝ B = 0
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        r, k = cfg.r, cfg.lora_rank
+        return {
+            **svd_specs(d_in, d_out, r),
+            "lora_g": ParamSpec((r,), "zeros"),
+            "lora_A": ParamSpec((k, r), "kaiming"),
+            "lora_B": ParamSpec((r, k), "zeros"),
+        }
+
+    @staticmethod
+    def init(layer, cfg, stats):
+        store_svd(layer, *select_top_r(layer, cfg.r, stats))
+
+    @staticmethod
+    def base_delta(layer, cfg):
+        return svd_delta(layer)
+
+    @staticmethod
+    def forward(layer, cfg, x, y):
+        p = F.linear(x, layer.lora_Vh)
+        h = p * (layer.lora_S * gain(layer, cfg)) + cfg.coeff * F.linear(F.linear(p, layer.lora_A), layer.lora_B)
+        return y + F.linear(h, layer.lora_U).to(y.dtype)
+
+    @staticmethod
+    def effective_weight(layer, cfg):
+        S_eff = layer.lora_S.float() * gain(layer, cfg).float()
+        M = S_eff.diag() + cfg.coeff * (layer.lora_B.float() @ layer.lora_A.float())  # (r, r)
+        return layer.weight.float() + layer.lora_U.float() @ M @ layer.lora_Vh.float(), layer.bias

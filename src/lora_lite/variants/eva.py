@@ -1,0 +1,56 @@
+"""EVA: LoRA whose A starts as the top-r right singular vectors of the layer's inputs (arXiv 2410.07170).
+
+    X (N, d_in) = the layer's inputs on calibration data (unmasked tokens only)
+    A (r, d_in) trainable = top-r right singular vectors of X = top-r eigenvectors of XᵀX,
+                largest first (orthonormal rows, unscaled)
+    B (d_out, r) trainable, 0  ->  identity at init, bit for bit; at step 0 grad A = 0
+    y' = y + s·(x Aᵀ) Bᵀ,   W_eff = W + s·B A,   s = alpha / r
+
+The runtime collects only XᵀX (d_in x d_in) in one pass on the untouched model, so no
+activations are stored; padding (attention_mask == 0) is excluded. Calibration data is required
+(attach refuses without it, before touching the model); load needs none, since A is saved.
+Uniform r per layer, no centering, no whitening, no rank redistribution.
+
+HF PEFT `LoraConfig(init_lora_weights="eva")` differs: its incremental PCA centers the inputs,
+uses randomized SVDs batch by batch until the components stop moving, by default also drops
+labels == -100 and redistributes ranks (rho = 2). With rho = 1, whiten = False and the same
+unmasked tokens, its A spans the top-r subspace of the *centered* second moment, so the two agree
+where the input mean is small against the spread. Same forward as PEFT's LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import AdapterConfig
+from ..variant import ParamSpec, Variant, register
+from ._svd import top_r_eigvecs
+from .lora import lora_effective_weight, lora_forward
+
+
+@dataclass(frozen=True, kw_only=True)
+class EVAConfig(AdapterConfig):
+    variant: str = field(default="eva", init=False)
+
+
+@register
+class EVA(Variant):
+    name = "eva"
+    config = EVAConfig
+    calibration = "gram"
+    requires_calibration = True
+    zero_grad_at_init = ("lora_A",)  # grad A = s·Bᵀ(...) = 0 while B = 0
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {
+            "lora_A": ParamSpec((cfg.r, d_in), "zeros"),  # filled by init from the data
+            "lora_B": ParamSpec((d_out, cfg.r), "zeros"),
+        }
+
+    @staticmethod
+    def init(layer, cfg, stats):
+        layer.lora_A.copy_(top_r_eigvecs(stats["gram"], cfg.r))
+
+    forward = staticmethod(lora_forward)
+    effective_weight = staticmethod(lora_effective_weight)
