@@ -1,7 +1,7 @@
 """The invariants every variant must hold, on a random Qwen3 decoder and the real MiniLM.
 
 SPEC A4.5 identity, A4.6 only adapters train and every trainable is live, A4.7 save/load,
-A4.8 detach, plus refusal of a second attach.
+A4.8 detach, the closed form W_eff of every variant, plus refusal of a second attach.
 """
 
 from __future__ import annotations
@@ -102,6 +102,30 @@ def test_every_trainable_family_changes_the_output(bench, case):
         y_new = bench.out(model)
         assert rel_err(y_new, y) > 1e-4, f"perturbing {fam} did not change the output"
         y = y_new
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_effective_weight_is_the_hooked_function(bench, case):
+    """Each target's hooked output equals x W_effᵀ + b_eff from the variant's closed form."""
+    model = bench.fresh()
+    attach_case(bench, case, model)
+    perturb(model)
+    state = state_of(model)
+    inputs, outputs = {}, {}
+    handles = []
+    for name, layer in state.targets.items():  # raw input before any adapter pre-hook
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, name=name: inputs.__setitem__(name, a[0]), prepend=True))
+        handles.append(layer.register_forward_hook(
+            lambda m, a, y, name=name: outputs.__setitem__(name, y)))
+    bench.out(model)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        for name, layer in state.targets.items():
+            W, b = state.variant.effective_weight(layer, state.cfg)
+            expected = torch.nn.functional.linear(inputs[name].float(), W, None if b is None else b.float())
+            assert rel_err(outputs[name], expected) <= 1e-5, name
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,0 +1,293 @@
+"""Calibration (SPEC A4.2–A4.4) and the data-driven variants, checked against computations
+made here, independently of the library.
+
+The reference statistics come from our own forward pre-hooks on an untouched copy of the model
+(masked rows, float64), the expected factors from plain torch float64 linear algebra. Targets
+span two blocks, so block 1's inputs depend on block 0's weights: calibrating through an
+already-mutated block 0 (W_res without its hook) would change block 1's statistics and fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_lite as ll
+from lora_lite.calibration import collect_stats
+from lora_lite.runtime import state_of
+from lora_lite.targets import find_targets
+
+from conftest import assert_untouched, rel_err, snapshot
+
+R = 4
+EPS = 1e-3  # the configs' default cov_eps
+
+CALIBRATED = {
+    "eva": (lambda t: ll.EVAConfig(r=R, target_names=t, layers=(0, 1)), "eigvecs"),
+    "antipasto": (lambda t: ll.AntiPaSTOConfig(r=R, target_names=t, layers=(0, 1)), "wanda"),
+    "antipasto_rot": (lambda t: ll.AntiPaSTORotConfig(r=R, block_size=2, target_names=t, layers=(0, 1)), "wanda"),
+    "antipasto_dplr": (lambda t: ll.AntiPaSTODPLRConfig(r=R, lora_rank=2, target_names=t, layers=(0, 1)), "wanda"),
+    "antipasto_corda": (lambda t: ll.AntiPaSTOCorDAConfig(r=R, target_names=t, layers=(0, 1)), "full"),
+    "antipasto_asvd": (lambda t: ll.AntiPaSTOASVDConfig(r=R, target_names=t, layers=(0, 1)), "diag"),
+    "antipasto_ablate": (
+        lambda t: ll.AntiPaSTOAblateConfig(r=R, cov_orient=True, target_names=t, layers=(0, 1)), "full"),
+}
+
+
+def moments(model, names, batches):
+    """{name: masked E[x xᵀ] (float64)} of each named layer's input, via our own pre-hooks."""
+    modules = dict(model.named_modules())
+    sums = {n: [0.0, 0] for n in names}
+    mask = {}
+
+    def grab(name):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])[mask["rows"]].double()
+            sums[name][0] = sums[name][0] + x.T @ x
+            sums[name][1] += x.shape[0]
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(grab(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                mask["rows"] = b["attention_mask"].reshape(-1).bool()
+                model(**b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: g / c for n, (g, c) in sums.items()}
+
+
+def expected_factors(kind, W, C):
+    """(U_r, S_r, P_r) the paper math gives for pristine W and second moment C (float64)."""
+    W = W.double()
+    if kind == "wanda":  # score_i = S_i · rms(x·v_i), top-r kept in descending-S order
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        score = S * torch.einsum("id,de,ie->i", Vh, C, Vh).sqrt()
+        idx = torch.topk(score, R).indices.sort().values
+        return U[:, idx], S[idx], Vh[idx]
+    if kind == "diag":
+        c = C.diagonal().clamp_min(0) + EPS
+        root, inv_root = c.sqrt().diag(), c.rsqrt().diag()
+    else:  # CorDA: eigenvalues clamped at 0, plus eps
+        lam, Q = torch.linalg.eigh(C)
+        lam = lam.clamp_min(0) + EPS
+        root, inv_root = (Q * lam.sqrt()) @ Q.T, (Q * lam.rsqrt()) @ Q.T
+    U, S, Vh = torch.linalg.svd(W @ root, full_matrices=False)
+    return U[:, :R], S[:R], Vh[:R] @ inv_root
+
+
+@pytest.mark.parametrize("case", CALIBRATED)
+def test_attach_matches_an_independent_computation(bench, case):
+    make_cfg, kind = CALIBRATED[case]
+    model = bench.fresh()
+    ll.attach(model, make_cfg(bench.targets), calibration_data=bench.calibration, progress=False)
+    targets = state_of(model).targets
+    C = moments(bench.fresh(), list(targets), bench.calibration)
+    reselected = 0
+    for name, layer in targets.items():
+        W = bench.model.get_submodule(name).weight
+        if kind == "eigvecs":  # EVA: A = top-r eigenvectors of E[xxᵀ], largest first (sign-free)
+            Q = torch.linalg.eigh(C[name]).eigenvectors[:, -R:].flip(1).T
+            cos = (layer.lora_A.double() * Q).sum(1).abs()
+            assert (cos > 1 - 1e-4).all(), (name, cos)
+            continue
+        U, S, P = expected_factors(kind, W, C[name])
+        basis = layer.lora_P if hasattr(layer, "lora_P") else layer.lora_Vh  # ablate: P in Vh's slot
+        assert rel_err(layer.lora_S.double(), S) <= 1e-4, name
+        delta = (layer.lora_U.double() * layer.lora_S.double()) @ basis.double()
+        assert rel_err(delta, (U * S) @ P) <= 1e-4, name  # the rank-r part is sign-free
+        if kind == "wanda":
+            top = torch.linalg.svdvals(W.double())[:R]
+            reselected += not torch.allclose(S, top)
+    if kind == "wanda" and bench.kind == "qwen":
+        assert reselected, "Wanda kept the plain top-r everywhere: the comparison is vacuous"
+
+
+def test_residual_is_formed_from_the_quantised_factors(qwen):
+    """bf16 buffers: W_res + U S P (stored values, exact in float64) is W up to one fp32 rounding."""
+    model = qwen.fresh()
+    cfg = ll.AntiPaSTOCorDAConfig(r=R, dtype=torch.bfloat16, layers=(0, 1))
+    ll.attach(model, cfg, calibration_data=qwen.calibration, progress=False)
+    for name, layer in state_of(model).targets.items():
+        W0 = qwen.model.get_submodule(name).weight.double()
+        delta = (layer.lora_U.double() * layer.lora_S.double()) @ layer.lora_P.double()
+        err = (layer.weight.double() + delta - W0).abs().max()
+        assert err <= 4 * torch.finfo(torch.float32).eps * W0.abs().max(), name
+
+
+def test_padding_does_not_change_the_statistics(bench):
+    targets = find_targets(bench.model, ll.EVAConfig(r=R, target_names=bench.targets, layers=(0,)))
+    base = collect_stats(bench.model, targets, "gram", bench.calibration, progress=False)
+    g = torch.Generator().manual_seed(0)
+    garbage, wider = [], []
+    for b in bench.calibration:
+        pad = b["attention_mask"] == 0
+        ids = torch.where(pad, torch.randint(1, 200, b["input_ids"].shape, generator=g), b["input_ids"])
+        garbage.append({**b, "input_ids": ids})
+        wider.append({k: torch.cat([v, torch.zeros_like(v[:, :3])], 1) for k, v in b.items()})
+    same = collect_stats(bench.model, targets, "gram", garbage, progress=False)
+    more = collect_stats(bench.model, targets, "gram", wider, progress=False)
+    n_real = sum(int(b["attention_mask"].sum()) for b in bench.calibration)
+    for name, _ in targets:
+        assert base[name]["count"] == same[name]["count"] == more[name]["count"] == n_real
+        assert torch.equal(base[name]["gram"], same[name]["gram"]), name  # pad content is ignored
+        assert rel_err(more[name]["gram"], base[name]["gram"]) <= 1e-5, name  # so is pad length
+
+
+def test_shared_inputs_share_one_accumulator(qwen):
+    targets = find_targets(qwen.model, ll.EVAConfig(r=R, layers=(0,)))
+    stats = collect_stats(qwen.model, targets, "gram", qwen.calibration, progress=False)
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert stats[attn + "q_proj"] is stats[attn + "k_proj"] is stats[attn + "v_proj"]
+    assert stats[mlp + "gate_proj"] is stats[mlp + "up_proj"]
+    assert len({id(s) for s in stats.values()}) == 4  # qkv, o, gate/up, down
+    C = moments(qwen.fresh(), [n for n, _ in targets], qwen.calibration)
+    for name, _ in targets:
+        assert rel_err(stats[name]["gram"].double() / stats[name]["count"], C[name]) <= 1e-5
+
+
+def test_tensor_tuple_and_dict_batches_give_the_same_statistics(qwen):
+    targets = find_targets(qwen.model, ll.AntiPaSTOASVDConfig(r=R, layers=(1,)))
+    ids = [b["input_ids"] for b in qwen.calibration]
+    by_kind = [
+        collect_stats(qwen.model, targets, "diag", batches, progress=False)
+        for batches in (ids, [(x,) for x in ids], [{"input_ids": x} for x in ids])
+    ]
+    for name, _ in targets:
+        assert by_kind[0][name]["count"] == ids[0].numel() * len(ids)
+        for other in by_kind[1:]:
+            assert torch.equal(by_kind[0][name]["diag"], other[name]["diag"])
+
+
+def _few_tokens(bench):
+    b = bench.calibration[0]
+    return [{k: v[:1, -2:] for k, v in b.items()}]  # one row, two real tokens < r
+
+
+FAILURES = {
+    "eva without data": (lambda t: ll.EVAConfig(r=R, target_names=t), lambda b: None, "needs calibration_data"),
+    "corda without data": (lambda t: ll.AntiPaSTOCorDAConfig(r=R, target_names=t), lambda b: None, "needs calibration_data"),
+    "asvd without data": (lambda t: ll.AntiPaSTOASVDConfig(r=R, target_names=t), lambda b: None, "needs calibration_data"),
+    "too few tokens": (lambda t: ll.AntiPaSTOCorDAConfig(r=R, target_names=t), _few_tokens, "unmasked tokens"),
+    "bad batch type": (lambda t: ll.EVAConfig(r=R, target_names=t), lambda b: ["a sentence"], "must be dicts"),
+    "data for lora": (lambda t: ll.LoRAConfig(r=R, target_names=t), lambda b: b.calibration, "does not use calibration"),
+    "ablate data without cov_orient": (
+        lambda t: ll.AntiPaSTOAblateConfig(r=R, target_names=t), lambda b: b.calibration, "cov_orient=True"),
+    "ablate cov_orient without data": (
+        lambda t: ll.AntiPaSTOAblateConfig(r=R, cov_orient=True, target_names=t), lambda b: None, "cov_orient=True"),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_failed_calibrated_attach_leaves_the_model_untouched(qwen, failure):
+    make_cfg, data, message = FAILURES[failure]
+    model = qwen.fresh()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        ll.attach(model, make_cfg(qwen.targets), calibration_data=data(qwen), progress=False)
+    assert_untouched(model, before)
+
+
+def test_misaligned_mask_is_refused_untouched(minilm):
+    """The pooler reads one row per sequence, so the (B·T) attention mask cannot select its rows."""
+    model = minilm.fresh()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="attention_mask has"):
+        ll.attach(model, ll.EVAConfig(r=R, target_names=(r"pooler\.dense$",)),
+                  calibration_data=minilm.calibration, progress=False)
+    assert_untouched(model, before)
+
+
+def test_a_batch_that_raises_removes_the_hooks_and_restores_train_mode(qwen):
+    model = qwen.fresh().train()
+    model.model.layers[1].eval()  # a mixed mode must come back as it was
+    modes = {n: m.training for n, m in model.named_modules()}
+    before = snapshot(model)
+    bad = {"input_ids": qwen.calibration[0]["input_ids"] + 1000}  # beyond the vocabulary
+    with pytest.raises(IndexError):
+        ll.attach(model, ll.EVAConfig(r=R), calibration_data=[qwen.calibration[0], bad], progress=False)
+    assert_untouched(model, before)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_progress_bar_can_be_disabled(qwen, capsys):
+    for progress in (True, False):
+        model = qwen.fresh()
+        ll.attach(model, ll.EVAConfig(r=R, layers=(0,)), calibration_data=qwen.calibration, progress=progress)
+        assert ("lora-lite calibration" in capsys.readouterr().err) == progress
+
+
+STEERABLE = {
+    "antipasto": lambda: ll.AntiPaSTOConfig(r=R, layers=(0, 1)),
+    "antipasto_corda": lambda: ll.AntiPaSTOCorDAConfig(r=R, layers=(0, 1)),
+    "antipasto_asvd": lambda: ll.AntiPaSTOASVDConfig(r=R, layers=(0, 1)),
+    "antipasto_ablate": lambda: ll.AntiPaSTOAblateConfig(r=R, k=2, layers=(0, 1)),
+    "antipasto_dplr": lambda: ll.AntiPaSTODPLRConfig(r=R, lora_rank=2, layers=(0, 1)),
+}
+
+
+@pytest.mark.parametrize("case", STEERABLE)
+def test_coeff_steers_an_attached_model(qwen, case, tmp_path):
+    cfg = STEERABLE[case]()
+    data = qwen.calibration if ll.REGISTRY[cfg.variant].requires_calibration else None
+    model = qwen.fresh()
+    y0 = qwen.out(model)
+    ll.attach(model, cfg, calibration_data=data, progress=False)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    y1 = qwen.out(model)
+    assert rel_err(y1, y0) > 1e-3
+    ll.reconfigure(model, coeff=0.0)
+    assert rel_err(qwen.out(model), y0) <= 1e-5  # coeff = 0 is the base model
+    ll.reconfigure(model, coeff=-0.5)
+    y_neg = qwen.out(model)
+    assert rel_err(y_neg, y1) > 1e-3
+    ll.save(model, tmp_path / "a.safetensors")  # save records the current coeff
+    fresh = qwen.fresh()
+    ll.load(fresh, tmp_path / "a.safetensors")
+    assert state_of(fresh).cfg.coeff == -0.5
+    assert rel_err(qwen.out(fresh), y_neg) <= 1e-6
+    ll.reconfigure(model, coeff=1.0)
+    assert rel_err(qwen.out(model), y1) <= 1e-6
+
+
+def test_reconfigure_refuses_other_fields_and_invalid_values(qwen):
+    model = qwen.fresh()
+    ll.attach(model, ll.AntiPaSTOConfig(r=R, suppress_only=True, layers=(0,)))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="cannot change while attached"):
+        ll.reconfigure(model, r=2)
+    with pytest.raises(ValueError, match="coeff >= 0"):
+        ll.reconfigure(model, coeff=-1.0)
+    assert state_of(model).cfg.coeff == 1.0
+    assert_untouched(model, before)
+    rot = qwen.fresh()
+    ll.attach(rot, ll.AntiPaSTORotConfig(r=R, block_size=2, layers=(0,)))
+    with pytest.raises(ValueError, match="cannot change while attached"):
+        ll.reconfigure(rot, coeff=0.0)
+
+
+def test_load_refuses_a_different_base_for_a_calibrated_mutating_variant(qwen, tmp_path):
+    model = qwen.fresh()
+    ll.attach(model, ll.AntiPaSTOCorDAConfig(r=R, layers=(0,)), calibration_data=qwen.calibration, progress=False)
+    ll.save(model, tmp_path / "a.safetensors")
+    other = qwen.fresh()
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    before = snapshot(other)
+    with pytest.raises(ll.CheckpointError, match="differ"):
+        ll.load(other, tmp_path / "a.safetensors")
+    assert_untouched(other, before)
+
+
+def test_dplr_rank_zero_is_refused_with_a_pointer_to_antipasto():
+    with pytest.raises(ValueError, match="AntiPaSTOConfig"):
+        ll.AntiPaSTODPLRConfig(r=8, lora_rank=0)
+    with pytest.raises(ValueError, match="lora_rank"):
+        ll.AntiPaSTODPLRConfig(r=8, lora_rank=9)
