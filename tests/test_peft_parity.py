@@ -4,15 +4,23 @@ For each method shared with PEFT we attach ours, move every trainable off its in
 tensors into the PEFT model's slots with `lora_lite.interop.peft` (which knows PEFT's layout) and
 compare the model outputs in fp32 (<= 1e-5 relative). PiSSA also compares the initial factors
 and the residual weight W_res that both libraries write into the base layer.
+
+The data-driven inits differ from PEFT's by design (SPEC §4.6, §4.13), so they are compared
+where the methods coincide: EVA's subspace on zero-mean inputs with a clear spectral gap,
+antipasto's plain-SVD residual against PiSSA's, and PEFT's CorDA factors injected into ours.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 
 peft = pytest.importorskip("peft")
 
+import lora_lite as ll  # noqa: E402
 from lora_lite.interop.peft import PEFT_METHODS, copy_to_peft, peft_config  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
 from lora_lite.variant import REGISTRY  # noqa: E402
@@ -48,3 +56,95 @@ def test_same_tensors_give_same_outputs(bench, case):
     y_ours, y_theirs = bench.out(ours), bench.out(theirs)
     assert rel_err(y_ours, bench.out(bench.model)) > 1e-3, "adapter is a no-op; parity is vacuous"
     assert rel_err(y_ours, y_theirs) <= 1e-5
+
+
+def test_antipasto_residual_equals_pissa_residual(bench):
+    """Without data antipasto removes W's top-r SVD part, as PEFT's PiSSA init does (any alpha)."""
+    ours = bench.fresh()
+    ll.attach(ours, ll.AntiPaSTOConfig(r=4, target_names=bench.targets, layers=(0, 1)))
+    names = list(state_of(ours).targets)
+    theirs = peft.get_peft_model(bench.fresh(), peft_config(ll.PiSSAConfig(r=4, alpha=3), names))
+    for name, layer in state_of(ours).targets.items():
+        W_res = theirs.base_model.model.get_submodule(name).base_layer.weight
+        assert rel_err(layer.weight, W_res) <= 1e-5, name
+
+
+class _ZeroMeanToy(nn.Module):
+    """Token embeddings with a clear top-4 spectrum and zero mean over the vocabulary, then two
+    stacked linears: where centering (PEFT) and not centering (ours) find the same subspace."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        E = torch.randn(512, 32, generator=g) * torch.tensor([6.0, 5.0, 4.0, 3.0] + [1.0] * 28)
+        self.emb = nn.Embedding.from_pretrained(E - E.mean(0))
+        self.lin1 = nn.Linear(32, 24, bias=False)
+        self.lin2 = nn.Linear(24, 16, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lin2(self.lin1(self.emb(input_ids)))
+
+
+def test_eva_subspace_matches_peft_eva_on_zero_mean_inputs():
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    torch.manual_seed(0)
+    base = _ZeroMeanToy()
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        {"input_ids": torch.randint(0, 512, (8, 16), generator=g), "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+        for _ in range(8)
+    ]
+    ours = _ZeroMeanToy()
+    ours.load_state_dict(base.state_dict())
+    ll.attach(ours, ll.EVAConfig(r=4, target_names=(r"lin\d$",)), calibration_data=batches, progress=False)
+    cfg = peft.LoraConfig(  # tau near 1: PEFT's incremental PCA runs to convergence
+        r=4, lora_alpha=8, target_modules=["lin1", "lin2"], init_lora_weights="eva",
+        eva_config=peft.EvaConfig(rho=1.0, whiten=False, use_label_mask=False, tau=0.99999),
+    )
+    theirs = get_eva_state_dict(base, batches, peft_config=cfg, show_progress_bar=False)
+    for name, layer in state_of(ours).targets.items():
+        A, B = layer.lora_A.double(), theirs[name].double()
+        assert torch.linalg.matrix_norm(A.T @ A - B.T @ B, ord=2) <= 0.03, name
+
+
+def test_peft_corda_factors_injected_into_antipasto_corda(qwen, tmp_path):
+    """SPEC §4.13: PEFT's (U_r, S_r, V_r) in our slots give PEFT's residual and, at g = 0, the base."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    sequences = [  # PEFT's CorDA hook assumes batch size 1 and no padding
+        {"input_ids": b["input_ids"][i : i + 1, b["attention_mask"][i].bool()]}
+        for b in qwen.calibration for i in range(b["input_ids"].shape[0])
+    ]
+    ours = qwen.fresh()
+    ll.attach(ours, ll.AntiPaSTOCorDAConfig(r=4, layers=(0, 1)), calibration_data=sequences, progress=False)
+    names = list(state_of(ours).targets)
+    path = tmp_path / "ours.safetensors"
+    ll.save(ours, path)
+
+    theirs = qwen.fresh()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=names, init_lora_weights="corda",
+                          corda_config=CordaConfig(corda_method="ipm"))
+
+    def run_model():
+        with torch.no_grad():
+            for b in sequences:
+                theirs(**b)
+
+    preprocess_corda(theirs, cfg, run_model=run_model)
+    eigens = {n: theirs.get_submodule(n).eigens for n in names}
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for n, e in eigens.items():
+        tensors.update({f"{n}.lora_U": e.U_WC.contiguous(), f"{n}.lora_S": e.S_WC.clone(),
+                        f"{n}.lora_P": e.V_WC.T.contiguous()})
+    save_file(tensors, str(path), metadata=meta)
+    theirs = peft.get_peft_model(theirs, cfg)
+
+    injected = qwen.fresh()
+    ll.load(injected, path)
+    for name, layer in state_of(injected).targets.items():
+        W_res = theirs.base_model.model.get_submodule(name).base_layer.weight
+        assert rel_err(layer.weight, W_res) <= 1e-5, name
+    assert rel_err(qwen.out(injected), qwen.out(qwen.model)) <= 1e-5
