@@ -1,7 +1,7 @@
 """Pieces shared by the AntiPaSTO family: a frozen rank-r SVD part of W carried by the adapter.
 
     W = W_res + U diag(S) P         U (d_out, r), S (r,), P (r, d_in): frozen buffers
-    y' = x W_resᵀ + b + f(x P ᵀ)Uᵀ  each member chooses f (gain, rotation, ablation, core)
+    y' = x W_resᵀ + b + f(x Pᵀ) Uᵀ  each member chooses f (gain, rotation, ablation, core)
 
 P is `lora_Vh` (orthonormal rows: W's own singular directions) or `lora_P` (CorDA/ASVD's
 oblique rows). The buffers are written in cfg.dtype and Δ0 = U diag(S) P is formed from those
@@ -34,16 +34,19 @@ def store_svd(layer, U, S, P, basis: str = "lora_Vh") -> None:
     getattr(layer, basis).copy_(P)
 
 
-def select_top_r(layer, r: int, stats: dict | None):
-    """W's top-r singular triplets; with calibration data, the Wanda-ranked r instead."""
+def init_top_r(layer, cfg, stats: dict | None) -> None:
+    """Members on W's own singular directions: its top-r triplets, or with calibration data the
+    Wanda-ranked r (score S_i·sqrt(v_iᵀ C v_i)), into lora_U, lora_S, lora_Vh."""
     if stats is None:
-        return top_r_svd(layer.weight, r)
-    return wanda_top_r(layer.weight, r, second_moment(stats))
+        store_svd(layer, *top_r_svd(layer.weight, cfg.r))
+    else:
+        store_svd(layer, *wanda_top_r(layer.weight, cfg.r, second_moment(stats)))
 
 
-def svd_delta(layer, basis: str = "lora_Vh") -> torch.Tensor:
-    """Δ0 = U diag(S) P from the stored buffers, fp32."""
-    return (layer.lora_U.float() * layer.lora_S.float()) @ getattr(layer, basis).float()
+def frozen_delta(layer, cfg) -> torch.Tensor:
+    """base_delta: Δ0 = U diag(S) P from the stored buffers in fp32 (P = lora_P or lora_Vh)."""
+    P = layer.lora_P if hasattr(layer, "lora_P") else layer.lora_Vh
+    return (layer.lora_U.float() * layer.lora_S.float()) @ P.float()
 
 
 def gain(layer, cfg) -> torch.Tensor:

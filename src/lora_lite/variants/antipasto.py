@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
 from ..variant import ParamSpec, Variant, register
-from ._antipasto import gain_effective_weight, gain_forward, select_top_r, store_svd, svd_delta, svd_specs
+from ._antipasto import frozen_delta, gain_effective_weight, gain_forward, init_top_r, svd_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,13 +55,8 @@ class AntiPaSTO(Variant):
     def param_specs(d_in, d_out, cfg):
         return {**svd_specs(d_in, d_out, cfg.r), "lora_g": ParamSpec((cfg.r,), "zeros")}
 
-    @staticmethod
-    def init(layer, cfg, stats):
-        store_svd(layer, *select_top_r(layer, cfg.r, stats))
-
-    @staticmethod
-    def base_delta(layer, cfg):
-        return svd_delta(layer)
+    init = staticmethod(init_top_r)
+    base_delta = staticmethod(frozen_delta)
 
     @staticmethod
     def forward(layer, cfg, x, y):

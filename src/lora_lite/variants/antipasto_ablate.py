@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..variant import ParamSpec, Variant, register
-from ._antipasto import store_svd, svd_delta, svd_specs
+from ._antipasto import frozen_delta, store_svd, svd_specs
 from ._svd import oriented_top_r, second_moment, top_r_svd
 
 
@@ -91,9 +91,7 @@ class AntiPaSTOAblate(Variant):
         else:
             store_svd(layer, *oriented_top_r(layer.weight, cfg.r, second_moment(stats), cfg.cov_eps))
 
-    @staticmethod
-    def base_delta(layer, cfg):
-        return svd_delta(layer)
+    base_delta = staticmethod(frozen_delta)
 
     @staticmethod
     def forward(layer, cfg, x, y):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..variant import ParamSpec, Variant, register
-from ._antipasto import gain_effective_weight, gain_forward, store_svd, svd_delta, svd_specs
+from ._antipasto import frozen_delta, gain_effective_weight, gain_forward, store_svd, svd_specs
 from ._svd import oriented_top_r, second_moment
 from .antipasto import AntiPaSTOConfig
 
@@ -59,9 +59,7 @@ class AntiPaSTOCorDA(Variant):
         U, S, P = oriented_top_r(layer.weight, cfg.r, second_moment(stats), cfg.cov_eps)
         store_svd(layer, U, S, P, "lora_P")
 
-    @staticmethod
-    def base_delta(layer, cfg):
-        return svd_delta(layer, "lora_P")
+    base_delta = staticmethod(frozen_delta)
 
     @staticmethod
     def forward(layer, cfg, x, y):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from ..variant import ParamSpec, Variant, register
-from ._antipasto import gain, select_top_r, store_svd, svd_delta, svd_specs
+from ._antipasto import frozen_delta, gain, init_top_r, svd_specs
 from .antipasto import AntiPaSTOConfig
 
 
@@ -64,13 +64,8 @@ class AntiPaSTODPLR(Variant):
             "lora_B": ParamSpec((r, k), "zeros"),
         }
 
-    @staticmethod
-    def init(layer, cfg, stats):
-        store_svd(layer, *select_top_r(layer, cfg.r, stats))
-
-    @staticmethod
-    def base_delta(layer, cfg):
-        return svd_delta(layer)
+    init = staticmethod(init_top_r)
+    base_delta = staticmethod(frozen_delta)
 
     @staticmethod
     def forward(layer, cfg, x, y):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..variant import ParamSpec, Variant, register
-from ._antipasto import select_top_r, store_svd, svd_delta, svd_specs
+from ._antipasto import frozen_delta, init_top_r, svd_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,13 +105,8 @@ class AntiPaSTORot(Variant):
             specs["lora_rot_T_u"] = ParamSpec(rot, "zeros")
         return specs
 
-    @staticmethod
-    def init(layer, cfg, stats):
-        store_svd(layer, *select_top_r(layer, cfg.r, stats))
-
-    @staticmethod
-    def base_delta(layer, cfg):
-        return svd_delta(layer)
+    init = staticmethod(init_top_r)
+    base_delta = staticmethod(frozen_delta)
 
     @staticmethod
     def forward(layer, cfg, x, y):
