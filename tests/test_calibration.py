@@ -191,6 +191,31 @@ def test_failed_calibrated_attach_leaves_the_model_untouched(qwen, failure):
     assert_untouched(model, before)
 
 
+class _LinearLike(torch.nn.Module):
+    """Linear-like but not torch.nn.Linear, as a quantised linear would be."""
+
+    def __init__(self, inner: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.weight, self.bias = inner.weight, inner.bias
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("case", [c for c in CALIBRATED if c != "eva"])
+def test_weight_rewriting_variants_refuse_non_dense_layers_untouched(qwen, case):
+    model = qwen.fresh()
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = _LinearLike(mlp.down_proj)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="needs torch.nn.Linear"):
+        ll.attach(model, CALIBRATED[case][0](()), calibration_data=qwen.calibration, progress=False)
+    assert_untouched(model, before)
+    ll.attach(model, ll.EVAConfig(r=R), calibration_data=qwen.calibration, progress=False)  # hook-only: fine
+    assert hasattr(mlp.down_proj, "lora_A")
+
+
 def test_misaligned_mask_is_refused_untouched(minilm):
     """The pooler reads one row per sequence, so the (B·T) attention mask cannot select its rows."""
     model = minilm.fresh()
