@@ -36,7 +36,7 @@ class Bench:
 
     def out(self, model, batch=None):
         """Model output with padded positions zeroed: their values are unused downstream and so
-        ill-conditioned on MiniLM that fp32 rounding alone moves them ~10x more than real tokens."""
+        ill-conditioned on MiniLM that fp32 rounding moves them 5-30x more than real tokens."""
         batch = self.batch if batch is None else batch
         with torch.no_grad():
             return self.output(model(**batch)) * batch["attention_mask"][..., None]
