@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import lora_lite as ll
+from lora_lite.variant import REGISTRY
 
-from cases import CASES
+from cases import CASES, NO_DATA
 from conftest import rel_err
 from test_variants import perturb
 
@@ -17,7 +18,9 @@ from test_variants import perturb
 def test_hooks_compile_without_graph_breaks(case):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-    ll.attach(net, CASES[case](()))
+    cfg = CASES[case](())
+    data = None if case in NO_DATA or not REGISTRY[cfg.variant].calibration else [torch.randn(16, 32)]
+    ll.attach(net, cfg, calibration_data=data, progress=False)
     perturb(net)
     x = torch.randn(4, 32)
     y = net(x)

@@ -23,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
+from ..variant import Variant, register
 from ._svd import top_r_eigvecs
-from .lora import lora_effective_weight, lora_forward
+from .lora import lora_effective_weight, lora_forward, lora_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,10 +43,7 @@ class EVA(Variant):
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
-        return {
-            "lora_A": ParamSpec((cfg.r, d_in), "zeros"),  # filled by init from the data
-            "lora_B": ParamSpec((d_out, cfg.r), "zeros"),
-        }
+        return lora_specs(d_in, d_out, cfg.r)  # init overwrites A with the eigenvectors
 
     @staticmethod
     def init(layer, cfg, stats):
