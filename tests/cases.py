@@ -43,6 +43,9 @@ CASES = {
 # bench.calibration whenever the variant has a calibration kind).
 NO_DATA = {"antipasto_suppress", "antipasto_rot_U", "antipasto_rot_none", "antipasto_ablate"}
 
+# Cases that only change the hook math of a case run on both models: tiny Qwen3 only (cost).
+QWEN_ONLY = {"antipasto_rot_U", "antipasto_rot_both", "antipasto_rot_none"}
+
 # Non-identity-at-init variants: tensors to zero for an exact identity (the deliberate offset).
 NEUTRAL = {
     "lora_xs": ("lora_R",),

@@ -14,11 +14,13 @@ import lora_lite as ll
 from lora_lite.runtime import state_of
 from lora_lite.variant import REGISTRY
 
-from cases import CASES, NEUTRAL, NO_DATA, TRAINABLE
+from cases import CASES, NEUTRAL, NO_DATA, QWEN_ONLY, TRAINABLE
 from conftest import assert_untouched, rel_err, snapshot
 
 
 def attach_case(bench, case, model):
+    if case in QWEN_ONLY and bench.kind != "qwen":
+        pytest.skip(f"{case} runs on the tiny Qwen3 only")
     cfg = CASES[case](bench.targets)
     data = None if case in NO_DATA or not REGISTRY[cfg.variant].calibration else bench.calibration
     ll.attach(model, cfg, calibration_data=data, progress=False)
