@@ -173,12 +173,20 @@ FAILURES = {
     "asvd without data": (lambda t: ll.AntiPaSTOASVDConfig(r=R, target_names=t), lambda b: None, "needs calibration_data"),
     "too few tokens": (lambda t: ll.AntiPaSTOCorDAConfig(r=R, target_names=t), _few_tokens, "unmasked tokens"),
     "bad batch type": (lambda t: ll.EVAConfig(r=R, target_names=t), lambda b: ["a sentence"], "must be dicts"),
-    "data for lora": (lambda t: ll.LoRAConfig(r=R, target_names=t), lambda b: b.calibration, "does not use calibration"),
+    "data for lora": (lambda t: ll.LoRAConfig(r=R, target_names=t), lambda b: _untouchable(), "does not use calibration"),
     "ablate data without cov_orient": (
-        lambda t: ll.AntiPaSTOAblateConfig(r=R, target_names=t), lambda b: b.calibration, "cov_orient=True"),
+        lambda t: ll.AntiPaSTOAblateConfig(r=R, target_names=t), lambda b: _untouchable(),
+        "does not use calibration data with this AntiPaSTOAblateConfig"),
     "ablate cov_orient without data": (
-        lambda t: ll.AntiPaSTOAblateConfig(r=R, cov_orient=True, target_names=t), lambda b: None, "cov_orient=True"),
+        lambda t: ll.AntiPaSTOAblateConfig(r=R, cov_orient=True, target_names=t), lambda b: None,
+        r"\(AntiPaSTOAblateConfig\) needs calibration_data"),
 }
+
+
+def _untouchable():
+    """Calibration data that must be refused before the pass reads it."""
+    yield from ()
+    raise AssertionError("the calibration data was read before the config was checked")
 
 
 @pytest.mark.parametrize("failure", FAILURES)

@@ -19,7 +19,7 @@ def test_hooks_compile_without_graph_breaks(case):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
     cfg = CASES[case](())
-    data = None if case in NO_DATA or not REGISTRY[cfg.variant].calibration else [torch.randn(16, 32)]
+    data = None if case in NO_DATA or not REGISTRY[cfg.variant].calibration_needs(cfg)[0] else [torch.randn(16, 32)]
     ll.attach(net, cfg, calibration_data=data, progress=False)
     perturb(net)
     x = torch.randn(4, 32)

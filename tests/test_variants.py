@@ -22,7 +22,7 @@ def attach_case(bench, case, model):
     if case in QWEN_ONLY and bench.kind != "qwen":
         pytest.skip(f"{case} runs on the tiny Qwen3 only")
     cfg = CASES[case](bench.targets)
-    data = None if case in NO_DATA or not REGISTRY[cfg.variant].calibration else bench.calibration
+    data = None if case in NO_DATA or not REGISTRY[cfg.variant].calibration_needs(cfg)[0] else bench.calibration
     ll.attach(model, cfg, calibration_data=data, progress=False)
     return cfg
 

@@ -61,11 +61,13 @@ def collect_stats(
                     )
                 rows = rows[mask.reshape(-1).to(rows.device).bool()]
             rows = rows.to(torch.float32)
+            if kind not in acc:
+                d = rows.shape[1]
+                acc[kind] = rows.new_zeros((d, d) if kind == "gram" else (d,))
             if kind == "gram":
-                update = rows.T @ rows
+                acc[kind].addmm_(rows.T, rows)
             else:
-                update = (rows * rows).sum(0)
-            acc[kind] = update if kind not in acc else acc[kind] + update
+                acc[kind].add_((rows * rows).sum(0))
             acc["count"] += rows.shape[0]
             current["seen"].append((x, acc))
 

@@ -55,20 +55,21 @@ def attach(
     ensure_free(model)
     targets = find_targets(model, cfg)
     validate(model, variant, cfg, targets)
-    if calibration_data is not None and variant.calibration is None:
+    kind, required = variant.calibration_needs(cfg)
+    if calibration_data is not None and kind is None:
+        which = "" if variant.calibration is None else f" with this {type(cfg).__name__}"
         raise ValueError(
-            f"variant {cfg.variant!r} does not use calibration data; call attach without it"
+            f"variant {cfg.variant!r} does not use calibration data{which}; call attach without it"
         )
-    if calibration_data is None and variant.requires_calibration:
+    if calibration_data is None and required:
         raise ValueError(
-            f"variant {cfg.variant!r} needs calibration_data: pass an iterable of batches "
+            f"variant {cfg.variant!r} ({type(cfg).__name__}) needs calibration_data: pass an iterable of batches "
             f"(dicts with input_ids/attention_mask, tuples or tensors) to attach()"
         )
     stats = None
     if calibration_data is not None:
         stats = collect_stats(
-            model, targets, variant.calibration, calibration_data, min_tokens=cfg.r,
-            progress=progress,
+            model, targets, kind, calibration_data, min_tokens=cfg.r, progress=progress
         )
 
     def fill(name: str, layer: nn.Module, specs: dict[str, ParamSpec]) -> None:

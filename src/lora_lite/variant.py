@@ -17,6 +17,7 @@ Class attributes say what the runtime must check or provide:
     needs_dense_weight  reads or mutates layer.weight: torch.nn.Linear only
     calibration         None | "gram" | "diag": input statistics the runtime collects
     requires_calibration  attach refuses without calibration data
+    (override `calibration_needs(cfg)` when a config knob decides both)
     identity_at_init    the adapted model equals the base at init (up to rounding)
     zero_grad_at_init   trainable tensors whose gradient is zero at step 0 by design
                         (LoRA's A while B = 0); every other trainable gets a gradient
@@ -109,6 +110,11 @@ class Variant:
     @staticmethod
     def init(layer: nn.Module, cfg: AdapterConfig, stats: dict | None) -> None:
         """Fill tensors that depend on W or on calibration statistics (ParamSpec inits ran)."""
+
+    @classmethod
+    def calibration_needs(cls, cfg: AdapterConfig) -> tuple[str | None, bool]:
+        """(statistic the runtime collects or None, whether data is required) for this config."""
+        return cls.calibration, cls.requires_calibration
 
     @staticmethod
     def effective_weight(

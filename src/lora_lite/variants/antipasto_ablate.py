@@ -18,7 +18,7 @@ scale; the shared `alpha` field is unused. Trainable: r·k + k per layer.
 cov_orient=True orients the frozen part by the input covariance exactly as antipasto_corda
 (P = Vh_t[:r] C_ε^{-1/2}, C over unmasked tokens) and stores P in the `lora_Vh` slot, whose rows
 are then oblique rather than orthonormal. It needs calibration data; data without cov_orient is
-refused (it would change nothing). load needs no data either way.
+refused before anything runs (it would change nothing). load needs no data either way.
 """
 
 from __future__ import annotations
@@ -79,13 +79,12 @@ class AntiPaSTOAblate(Variant):
             "lora_alpha": ParamSpec((k,), lambda t: t.fill_(cfg.init_alpha)),
         }
 
+    @classmethod
+    def calibration_needs(cls, cfg):
+        return ("gram", True) if cfg.cov_orient else (None, False)
+
     @staticmethod
     def init(layer, cfg, stats):
-        if cfg.cov_orient != (stats is not None):
-            raise ValueError(
-                "antipasto_ablate uses calibration data only to orient by the covariance: pass "
-                "data together with cov_orient=True, or neither"
-            )
         if stats is None:
             store_svd(layer, *top_r_svd(layer.weight, cfg.r))
         else:
