@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "demo": ("lora_lite.demo", "fine-tune the embedded MiniLM with LoRA, save, reload, verify"),
+    "bench": ("lora_lite.bench", "benchmarks: cost | quality | gsm8k | report (see lora-lite bench)"),
 }
 
 
