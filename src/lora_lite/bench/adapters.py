@@ -58,9 +58,9 @@ SETTINGS: dict[str, Setting] = {
                     lambda i, o, c: (_ab(i, o, c) + 2 * o, c.r * i * o + i * o), "dora"),
     "delora": Setting("delora", lambda r, g: {"r": r},
                       lambda i, o, c: (_ab(i, o, c) + i + c.r, 0), "delora"),
-    # compact-WY: Û Ûᵀ (r²·d_in) and an r x r inverse once per call.
+    # compact-WY: per token x Ûᵀ, · T⁻ᵀ, · Û (2r·d_in + r²); per call Û Ûᵀ and an r x r inverse.
     "hra": Setting("hra", lambda r, g: {"r": r - r % 2},
-                   lambda i, o, c: (2 * c.r * i, c.r * c.r * i + c.r ** 3), "hra"),
+                   lambda i, o, c: (2 * c.r * i + c.r * c.r, c.r * c.r * i + c.r ** 3), "hra"),
     "ia3": Setting("gain", lambda r, g: {}, lambda i, o, c: (o, 0), "ia3"),
     "ia3_ff": Setting("gain", lambda r, g: {}, lambda i, o, c: (i, 0), "ia3_ff"),
     "road": Setting("gain", lambda r, g: {"road_variant": "road_1", "group_size": math.gcd(64, g.out_gcd)},
