@@ -16,9 +16,10 @@ timed. Full fine-tuning is its own group (base + full).
 Other columns: trainable params; analytic added MACs per token (SPEC B2, `adapters.py`; also
 as % of the base's analytic forward MACs per token); attach+init seconds (one measurement;
 ours: `ll.attach` including calibration; PEFT: `get_peft_model` plus `preprocess_corda` /
-`initialize_lora_eva_weights`); peak memory = ru_maxrss of a fresh Python process that builds
-the model, attaches and runs one full training step (forward, backward, AdamW step), i.e. the
-process's peak resident set including the interpreter, torch and the base weights; checkpoint
+`initialize_lora_eva_weights`); peak memory is measured in a fresh Python process per row: it loads
+the base, resets the kernel's resident high-water mark, attaches and runs one full training
+step (forward, backward, AdamW step); we report that peak (interpreter, torch and base weights
+included) and the peak minus the resident size before attach (what the row adds); checkpoint
 bytes and save / load ms (median of 3; ours `ll.save` / `ll.load` onto a pristine copy, PEFT
 `save_pretrained` / `PeftModel.from_pretrained`, counting adapter_model.safetensors and
 adapter_config.json). After the checkpoint rows every trainable is perturbed and the reload
@@ -207,26 +208,36 @@ def checkpoint(setup: Setup, lib: str, model: nn.Module, repeats: int = 3) -> di
 
 # ---- peak memory in a fresh process ------------------------------------------------------------
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def memory_child(spec: dict) -> dict:
-    """Run inside the fresh process: build, attach, one AdamW training step; report RSS."""
+    """Run inside the fresh process: load the base, reset the resident high-water mark, then
+    attach and run one training step (forward, backward, AdamW step) and read the peak.
+
+    Resetting the mark (Linux: "5" > /proc/self/clear_refs) keeps transient peaks of model
+    loading out of the number; without it we fall back to the lifetime ru_maxrss."""
     torch.set_num_threads(spec["threads"])
     setup = Setup(spec["kind"], spec["layers"], spec["batch_size"], spec["seq_len"],
                   spec["n_calib"], spec["rank"])
-    rss_model = _rss_mb()
+    rss_model = _status_mb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        method = "VmHWM after reset"
+    except OSError:
+        method = "lifetime ru_maxrss"
     model = setup.build(spec["lib"], spec["name"], copy_base=False)
     step(model, setup.batch)
     params = [p for p in model.parameters() if p.requires_grad]
     if params:
         torch.optim.AdamW(params, lr=1e-4).step()
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_model_mb": rss_model}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # = VmHWM since the reset
+    return {"peak_rss_mb": peak, "rss_model_mb": rss_model, "peak_over_model_mb": peak - rss_model,
+            "memory_method": method}
 
 
 def peak_memory(spec: dict) -> dict:
@@ -317,7 +328,7 @@ def run_model(kind: str, shape: dict, p: dict, log=print) -> dict:
 def _summary(kind: str, row: dict) -> str:
     ratio = f" ours/PEFT {row['ratio_vs_peft']:.2f}" if "ratio_vs_peft" in row else ""
     over = f" +{row['step_overhead_pct']:.0f}%" if "step_overhead_pct" in row else ""
-    mem = f" peak {row['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in row else ""
+    mem = f" peak +{row['peak_over_model_mb']:.0f} MB" if "peak_rss_mb" in row else ""
     return (f"{kind:6s} {row['lib']:5s} {row['variant'] or '':16s} step {row['step_ms']:8.1f} ms"
             f"{over}{ratio}{mem}")
 
@@ -357,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
          "variants": parse_list(a.variants), "quick": a.quick,
          "timing": "training forward (grad on, train mode) and forward+backward of mean(out²); "
                    "medians over interleaved repeats; ratios = medians of paired per-repeat ratios",
-         "memory_method": "ru_maxrss of a fresh process after build + attach + one AdamW step"}
+         "memory_method": "fresh process per row: resident high-water mark (reset after loading the "
+                          "base) over attach + one training step with AdamW; +MB = peak minus the "
+                          "resident size with the base loaded"}
     results = {"env": environment(), "protocol": p, "models": []}
     path = Path(a.out) / ("cost_quick.json" if a.quick else "cost.json")
     for kind in parse_list(a.models):

@@ -183,7 +183,7 @@ def cost_markdown(data: dict) -> str:
            f"base's forward MACs. \"step +%\" is the forward+backward overhead over the frozen base "
            f"step measured in the same loop.\n"]
     head = ["method", "library", "trainable params", "+MACs/token", "fwd ms", "fwd+bwd ms", "step +%",
-            "ours / PEFT", "attach s", "peak RSS MB", "checkpoint", "save ms", "load ms"]
+            "ours / PEFT", "attach s", "peak RSS MB (+ over base)", "checkpoint", "save ms", "load ms"]
     for m in data["models"]:
         rows = []
         for r in m["rows"]:
@@ -196,7 +196,8 @@ def cost_markdown(data: dict) -> str:
                 {"base": "", "full": "", "ours": "lora-lite", "peft": "PEFT"}[r["lib"]],
                 _count(r["params"]), macs, f"{r['fwd_ms']:.1f}", f"{r['step_ms']:.1f}",
                 _opt(r.get("step_overhead_pct"), "+.0f"), ratio, _opt(r.get("attach_s"), ".2f"),
-                _opt(r.get("peak_rss_mb"), ".0f"), _bytes(r.get("bytes")),
+                (f"{r['peak_rss_mb']:.0f} (+{r['peak_over_model_mb']:.0f})" if "peak_rss_mb" in r else "—"),
+                _bytes(r.get("bytes")),
                 _opt(r.get("save_ms"), ".1f"), load,
             ])
         out.append(f"\n**{_model_title(m)}**\n\n" + _table(head, rows, "llrrrrrrrrrrr"))
