@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lora_lite.bench import gsm8k
 
@@ -44,14 +43,6 @@ def test_extract_answer(text, expected):
 ])
 def test_is_correct(prediction, reference, correct):
     assert gsm8k.is_correct(prediction, reference) is correct
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

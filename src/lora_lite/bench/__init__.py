@@ -14,11 +14,6 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = argv or []
-    if not argv or argv[0] not in COMMANDS:
-        print("usage: lora-lite bench <benchmark> [options]\n\nbenchmarks:")
-        for name, (_, help_) in COMMANDS.items():
-            print(f"  {name:8s} {help_}")
-        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
-    module = __import__(COMMANDS[argv[0]][0], fromlist=["main"])
-    return module.main(argv[1:])
+    from ..cli import dispatch
+
+    return dispatch("lora-lite bench <benchmark>", COMMANDS, argv or [])

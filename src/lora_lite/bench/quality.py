@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="run the learning-rate sweep instead")
     ap.add_argument("--rows", help="comma-separated rows (head, full, peft:lora, variant names)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--sweep-steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
@@ -149,14 +149,12 @@ def main(argv: list[str] | None = None) -> int:
 
     base = load_minilm()
     base[0].eval()
-    todo = []
-    for row in rows(parse_list(a.rows)):
-        grid = FAMILY_GRID[family(row)]
-        if a.sweep:
-            todo += [(row, SWEEP_SEED, lr) for lr in grid]
-        else:
-            lr = chosen.get(row, grid[len(grid) // 2])
-            todo += [(row, int(s), lr) for s in parse_list(a.seeds)]
+    todo = []  # seed-major, so an interrupted final run still has every row for the first seeds
+    for seed in [SWEEP_SEED] if a.sweep else [int(s) for s in parse_list(a.seeds)]:
+        for row in rows(parse_list(a.rows)):
+            grid = FAMILY_GRID[family(row)]
+            lrs = grid if a.sweep else [chosen.get(row, grid[len(grid) // 2])]
+            todo += [(row, seed, lr) for lr in lrs]
 
     old = None if a.fresh else read_json(path)
     data = old if old and old.get("protocol") == p else {"protocol": p, "runs": []}
