@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -220,7 +219,7 @@ def memory_child(spec: dict) -> dict:
     attach and run one training step (forward, backward, AdamW step) and read the peak.
 
     Resetting the mark (Linux: "5" > /proc/self/clear_refs) keeps transient peaks of model
-    loading out of the number; without it we fall back to the lifetime ru_maxrss."""
+    loading out of the number; without it the number is the process's lifetime VmHWM."""
     torch.set_num_threads(spec["threads"])
     setup = Setup(spec["kind"], spec["layers"], spec["batch_size"], spec["seq_len"],
                   spec["n_calib"], spec["rank"])
@@ -229,13 +228,15 @@ def memory_child(spec: dict) -> dict:
         Path("/proc/self/clear_refs").write_text("5")
         method = "VmHWM after reset"
     except OSError:
-        method = "lifetime ru_maxrss"
+        method = "lifetime VmHWM"
     model = setup.build(spec["lib"], spec["name"], copy_base=False)
     step(model, setup.batch)
     params = [p for p in model.parameters() if p.requires_grad]
     if params:
         torch.optim.AdamW(params, lr=1e-4).step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # = VmHWM since the reset
+    # VmHWM, not ru_maxrss: Linux carries the spawning parent's peak into the child's
+    # ru_maxrss across fork + exec, and clear_refs does not reset that part.
+    peak = _status_mb("VmHWM")
     return {"peak_rss_mb": peak, "rss_model_mb": rss_model, "peak_over_model_mb": peak - rss_model,
             "memory_method": method}
 
