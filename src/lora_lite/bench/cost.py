@@ -242,7 +242,7 @@ def memory_child(spec: dict) -> dict:
 
 
 def peak_memory(spec: dict) -> dict:
-    """ru_maxrss of a fresh `python -m lora_lite.bench.cost --memory-child SPEC` process."""
+    """Peak resident memory of a fresh `python -m lora_lite.bench.cost --memory-child SPEC` process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "lora_lite.bench.cost", "--memory-child", json.dumps(spec)],
