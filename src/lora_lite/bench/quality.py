@@ -14,7 +14,7 @@ the head at a fixed `--head-lr`, the adapter (or encoder) at the row's lr.
 
 Learning rates: each row is swept over its family's grid (FAMILY_GRID) on seed 100 and
 --sweep-steps steps, scored on a held-out set re-sampled with that seed; the final run uses
-the best lr per row (ties go to the smaller lr). Runs are appended to the JSON as they finish,
+the lr with the best mean accuracy over the rows of each family (`best_lrs`). Runs are appended to the JSON as they finish,
 so an interrupted run resumes where it stopped.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from .common import environment, parse_list, read_json, write_json
 FAMILY_GRID = {
     "head": (1e-3, 3e-3, 1e-2),
     "full": (2e-5, 5e-5, 1e-4),
-    "lora": (3e-4, 1e-3, 3e-3),
+    "lora": (3e-4, 5e-4, 1e-3, 3e-3),
+    "pissa": (3e-5, 1e-4, 3e-4),  # principal-subspace init: updates are large from step 0
     "lora_xs": (1e-3, 4e-3, 1e-2),
     "delora": (1e-3, 3e-3, 1e-2),
     "hra": (3e-4, 1e-3, 3e-3),
@@ -104,13 +106,19 @@ def run_one(base, row: str, seed: int, lr: float, p: dict) -> dict:
 
 
 def best_lrs(sweep: dict | None) -> dict[str, float]:
-    """row -> lr with the best sweep accuracy (ties: the smaller lr)."""
-    best: dict[str, tuple[float, float]] = {}
+    """row -> lr, chosen per family: the lr with the best mean sweep accuracy over the family's
+    rows, among the lrs every swept row of the family ran (ties: the smaller lr). One choice
+    per family keeps a single unlucky seed from handicapping one row (ours and PEFT's LoRA,
+    the same math, get the same lr), and rows added later inherit their family's lr."""
+    acc: dict[str, dict[str, dict[float, float]]] = {}
     for r in (sweep or {}).get("runs", []):
-        key = (r["acc"], -r["lr"])
-        if r["row"] not in best or key > (best[r["row"]][0], -best[r["row"]][1]):
-            best[r["row"]] = (r["acc"], r["lr"])
-    return {row: lr for row, (_, lr) in best.items()}
+        acc.setdefault(family(r["row"]), {}).setdefault(r["row"], {})[r["lr"]] = r["acc"]
+    chosen = {}
+    for fam, per_row in acc.items():
+        common = set.intersection(*(set(v) for v in per_row.values()))
+        if common:
+            chosen[fam] = max(sorted(common), key=lambda lr: statistics.fmean(v[lr] for v in per_row.values()))
+    return {row: chosen[family(row)] for row in [*ANCHORS, *adapters.SETTINGS] if family(row) in chosen}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [SWEEP_SEED] if a.sweep else [int(s) for s in parse_list(a.seeds)]:
         for row in rows(parse_list(a.rows)):
             grid = FAMILY_GRID[family(row)]
-            lrs = grid if a.sweep else [chosen.get(row, grid[len(grid) // 2])]
+            lrs = grid if a.sweep else [chosen.get(row, grid[(len(grid) - 1) // 2])]
             todo += [(row, seed, lr) for lr in lrs]
 
     old = None if a.fresh else read_json(path)

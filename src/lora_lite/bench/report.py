@@ -90,7 +90,7 @@ def quality_markdown(data: dict) -> str:
 
 
 def sweep_markdown(data: dict) -> str:
-    from .quality import best_lrs
+    from .quality import best_lrs, family
 
     best = best_lrs(data)
     by_row: dict[str, list[dict]] = {}
@@ -101,12 +101,12 @@ def sweep_markdown(data: dict) -> str:
         cells = []
         for r in sorted(runs, key=lambda r: r["lr"]):
             cell = f"{_sci(r['lr'])}: {r['acc']:.3f}"
-            cells.append(f"**{cell}**" if r["lr"] == best[row] else cell)
-        rows.append([_label(row), runs[0]["family"], ", ".join(cells)])
+            cells.append(f"**{cell}**" if r["lr"] == best.get(row) else cell)
+        rows.append([_label(row), family(row), ", ".join(cells)])
     p = data["protocol"]
     note = (f"One seed ({data['runs'][0]['seed']}), {p['steps']} steps × batch {p['batch_size']}, "
-            f"accuracy on a held-out set re-sampled with that seed; bold = chosen lr "
-            f"(best accuracy, ties to the smaller lr).\n\n")
+            f"accuracy on a held-out set re-sampled with that seed. Bold = the lr chosen for the "
+            f"row's family: best mean accuracy over the family's rows (ties to the smaller lr).\n\n")
     return note + _table(["row", "lr family", "lr: accuracy"], rows, "lll")
 
 
