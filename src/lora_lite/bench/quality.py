@@ -38,8 +38,8 @@ FAMILY_GRID = {
     "pissa": (3e-5, 1e-4, 3e-4),  # principal-subspace init: updates are large from step 0
     "lora_xs": (1e-3, 4e-3, 1e-2),
     "delora": (1e-3, 3e-3, 1e-2),
-    "hra": (3e-4, 1e-3, 3e-3),
-    "gain": (1e-3, 5e-3, 2e-2),
+    "hra": (1e-4, 3e-4, 1e-3, 3e-3),
+    "gain": (1e-3, 5e-3, 2e-2, 5e-2),
     "svd": (1e-3, 5e-3, 2e-2),
 }
 ANCHORS = {"head": "head", "full": "full", "peft:lora": "lora"}  # row -> family
