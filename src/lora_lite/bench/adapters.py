@@ -65,7 +65,7 @@ SETTINGS: dict[str, Setting] = {
                    lambda i, o, c: (2 * c.r * i + c.r * c.r, c.r * c.r * i + c.r ** 3), "hra"),
     "ia3": Setting("gain", lambda r, g: {}, lambda i, o, c: (o, 0), "ia3"),
     "ia3_ff": Setting("gain", lambda r, g: {}, lambda i, o, c: (i, 0), "ia3_ff"),
-    "road": Setting("gain", lambda r, g: {"road_variant": "road_1", "group_size": math.gcd(64, g.out_gcd)},
+    "road": Setting("road", lambda r, g: {"road_variant": "road_1", "group_size": math.gcd(64, g.out_gcd)},
                     lambda i, o, c: (2 * o, 0), "road"),
     # The LoRA-XS reference uses alpha = r (s = 1).
     "lora_xs": Setting("lora_xs", _low_rank(1.0), lambda i, o, c: (_ab(i, o, c) + c.r * c.r, 0)),

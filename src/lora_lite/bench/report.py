@@ -72,19 +72,21 @@ def quality_rows(data: dict) -> list[dict]:
 
 def quality_markdown(data: dict) -> str:
     p = data["protocol"]
-    rows = []
-    for s in quality_rows(data):
+    rows, summary = [], quality_rows(data)
+    for s in summary:
         beats = {None: "", True: "yes", False: "**no**"}[s["beats_head"]]
         rows.append([f"`{s['row']}`" if s["lib"] == "lora-lite" else _label(s["row"]), s["lib"],
                      _sci(s["lr"]), _count(s["params"] + s["head_params"]),
                      f"{s['mean']:.3f} ± {s['std']:.3f}", f"{s['train_s']:.0f}", beats])
-    head = ["row", "library", "lr", "trainable params", f"accuracy (mean ± std, {rows and s['n']} seeds)",
+    seeds = "/".join(sorted({str(s["n"]) for s in summary}))
+    head = ["row", "library", "lr", "trainable params", f"accuracy (mean ± std, {seeds} seeds)",
             "train s", "beats head-only"]
     note = (f"MiniLM-L6, task `{p['task']}`, {p['steps']} steps × batch {p['batch_size']}, "
             f"{p['n_train']} train / {p['n_test']} held-out sentences, rank {p['rank']} "
             f"(SVD-steering family: larger r, see `bench/adapters.py`), head lr {_sci(p['head_lr'])}; "
-            f"trainable params include the {s['head_params']}-parameter head. "
-            f"\"beats head-only\": mean gain larger than the larger of the two seed std devs. "
+            f"trainable params include the {summary[0]['head_params']}-parameter head. "
+            f"\"beats head-only\": mean gain larger than the larger of the two seed std devs. Train "
+            f"seconds are wall time on a shared machine (noise; C1 has the cost ratios). "
             f"{data['env']['cpu_count']}-core {data['env']['cpu']}, torch {data['env']['torch']}.\n\n")
     return note + _table(head, rows, "llrrrrl")
 
