@@ -55,7 +55,7 @@ def rows(names: list[str] | None = None) -> list[str]:
 
 
 def family(row: str) -> str:
-    return ANCHORS.get(row) or adapters.SETTINGS[row].family
+    return ANCHORS.get(row) or adapters.SETTINGS[row.removeprefix("peft:")].family
 
 
 def prepare(row: str, encoder, calibration: list, rank: int) -> int:
