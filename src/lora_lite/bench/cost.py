@@ -45,7 +45,7 @@ from torch import nn
 import lora_lite as ll
 
 from . import adapters, models
-from .common import environment, parse_list, write_json
+from .common import environment, parse_list, read_json, write_json
 
 DEFAULTS = {
     "minilm": {"layers": 6, "batch_size": 16, "seq_len": 64},
@@ -268,7 +268,8 @@ def groups(names: list[str], with_peft: bool) -> list[tuple[str, list[tuple[str,
     return out
 
 
-def run_model(kind: str, shape: dict, p: dict, log=print) -> dict:
+def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: None) -> dict:
+    """All groups on one model; `save(partial)` is called after every row."""
     torch.manual_seed(0)
     setup = Setup(kind, shape["layers"], shape["batch_size"], shape["seq_len"], p["n_calib"], p["rank"])
     tokens = shape["batch_size"] * shape["seq_len"]
@@ -278,6 +279,7 @@ def run_model(kind: str, shape: dict, p: dict, log=print) -> dict:
     # PEFT-only rows: methods PEFT has whose variant is not merged yet (e.g. EVA, CorDA)
     names = [n for n in wanted if n in registered or (p["peft"] and adapters.peft_method(n))]
     rows = []
+    out = {"kind": kind, **shape, "tokens": tokens, "base_macs_per_token": base_macs, "rows": rows}
     for label, members in groups(names, p["peft"]):
         built, info = {}, {}
         for lib, name in members:
@@ -321,9 +323,10 @@ def run_model(kind: str, shape: dict, p: dict, log=print) -> dict:
                 row.update(peak_memory({"kind": kind, **shape, "n_calib": p["n_calib"], "rank": p["rank"],
                                         "threads": p["threads"], "lib": lib, "name": name}))
             rows.append(row)
+            save(out)
             log(_summary(kind, row))
         del built
-    return {"kind": kind, **shape, "tokens": tokens, "base_macs_per_token": base_macs, "rows": rows}
+    return out
 
 
 def _summary(kind: str, row: dict) -> str:
@@ -379,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("batch_size", "seq_len") + (("layers",) if kind != "minilm" else ()):
             if getattr(a, k):
                 shape[k] = getattr(a, k)
-        results["models"].append(run_model(kind, shape, p))
-        write_json(path, results)
+        done = list(results["models"])
+        run_model(kind, shape, p, save=lambda partial: write_json(path, {**results, "models": done + [partial]}))
+        results = read_json(path)
     from . import report
 
     report.write_cost(Path(a.out), suffix="_quick" if a.quick else "")
