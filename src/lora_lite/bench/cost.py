@@ -279,7 +279,8 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
     # PEFT-only rows: methods PEFT has whose variant is not merged yet (e.g. EVA, CorDA)
     names = [n for n in wanted if n in registered or (p["peft"] and adapters.peft_method(n))]
     rows = []
-    out = {"kind": kind, **shape, "tokens": tokens, "base_macs_per_token": base_macs, "rows": rows}
+    out = {"kind": kind, **shape, "tokens": tokens, "base_macs_per_token": base_macs,
+           "variants": p["variants"], "date": environment()["date"], "rows": rows}
     for label, members in groups(names, p["peft"]):
         built, info = {}, {}
         for lib, name in members:
@@ -355,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--quick", action="store_true", help="toy sizes, lora + ia3, 3 repeats")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other models already in the JSON; re-measure only --models")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.memory_child:
@@ -375,9 +378,11 @@ def main(argv: list[str] | None = None) -> int:
          "memory_method": "fresh process per row: resident high-water mark (reset after loading the "
                           "base) over attach + one training step with AdamW; +MB = peak minus the "
                           "resident size with the base loaded"}
-    results = {"env": environment(), "protocol": p, "models": []}
     path = Path(a.out) / ("cost_quick.json" if a.quick else "cost.json")
-    for kind in parse_list(a.models):
+    kinds = parse_list(a.models)
+    kept = [m for m in (read_json(path) or {}).get("models", []) if m["kind"] not in kinds] if a.update else []
+    results = {"env": environment(), "protocol": p, "models": kept}
+    for kind in kinds:
         shape = dict(shapes.get(kind) or DEFAULTS[kind])
         for k in ("batch_size", "seq_len") + (("layers",) if kind != "minilm" else ()):
             if getattr(a, k):

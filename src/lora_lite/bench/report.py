@@ -180,7 +180,7 @@ def cost_markdown(data: dict) -> str:
     out = [f"Rank {p['rank']} (SVD-steering family: larger r), targets q/k/v/o + MLP projections of "
            f"every block, {p['repeats']} interleaved repeats after {p['warmup']} warmups, "
            f"{p['threads']} torch thread(s), {env['cpu_count']}-core {env['cpu']}, torch {env['torch']}, "
-           f"PEFT {env['peft']}, {env['date']}. Timing: {p['timing']}. Peak memory: "
+           f"PEFT {env['peft']}. Timing: {p['timing']}. Peak memory: "
            f"{p['memory_method']}. \"+MACs\" is analytic (SPEC B2) per token, with its share of the "
            f"base's forward MACs. \"step +%\" is the forward+backward overhead over the frozen base "
            f"step measured in the same loop.\n"]
@@ -202,7 +202,9 @@ def cost_markdown(data: dict) -> str:
                 _bytes(r.get("bytes")),
                 _opt(r.get("save_ms"), ".1f"), load,
             ])
-        out.append(f"\n**{_model_title(m)}**\n\n" + _table(head, rows, "llrrrrrrrrrrr"))
+        chosen = "every known variant" if not m.get("variants") else ", ".join(m["variants"])
+        out.append(f"\n**{_model_title(m)}**, measured {m.get('date', env['date'])}; variants requested: "
+                   f"{chosen}\n\n" + _table(head, rows, "llrrrrrrrrrrr"))
     notes = sorted({f"{r['method']}: {r['load_error']}" for m in data["models"] for r in m["rows"]
                     if "load_error" in r})
     if notes:
