@@ -140,12 +140,10 @@ def attach_ours(model: nn.Module, cfg: ll.AdapterConfig, calibration: list | Non
     ll.attach(model, cfg, calibration_data=data, progress=False)
 
 
-def added_macs(name: str, cfg: ll.AdapterConfig, model: nn.Module) -> tuple[int, int]:
-    """(per token, per forward call) analytic added MACs summed over the attached targets."""
-    from lora_lite.runtime import state_of
-
+def added_macs(name: str, cfg: ll.AdapterConfig, layers) -> tuple[int, int]:
+    """(per token, per forward call) analytic added MACs of `name` summed over target layers."""
     per_token = per_call = 0
-    for layer in state_of(model).targets.values():
+    for layer in layers:
         t, c = SETTINGS[name].macs(layer.in_features, layer.out_features, cfg)
         per_token, per_call = per_token + t, per_call + c
     return per_token, per_call

@@ -308,10 +308,7 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
                 row["step_overhead_pct"] = 100 * (_median_ratio(stp, base_step)[0] - 1)
             if lib in ("ours", "peft"):
                 cfg = setup.config(name)
-                per_tok, per_call = 0, 0
-                for layer in setup.target_layers(cfg):
-                    t, c = adapters.SETTINGS[name].macs(layer.in_features, layer.out_features, cfg)
-                    per_tok, per_call = per_tok + t, per_call + c
+                per_tok, per_call = adapters.added_macs(name, cfg, setup.target_layers(cfg))
                 row.update(macs_per_token=per_tok, macs_per_call=per_call,
                            macs_pct=100 * per_tok / base_macs, config=cfg.to_dict() if lib == "ours" else None)
             if lib == "ours" and "peft:" + name in times:

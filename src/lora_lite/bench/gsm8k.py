@@ -310,8 +310,7 @@ def run(a) -> dict:
 
     first = next(batches)
     fwd_ms, fwd_bwd_ms = step_cost(model, first, repeats=a.cost_repeats, warmup=min(3, a.cost_repeats))
-    per_token = sum(adapters.SETTINGS[a.variant].macs(m.in_features, m.out_features, cfg)[0]
-                    for m in ll.runtime.state_of(model).targets.values())
+    per_token, _ = adapters.added_macs(a.variant, cfg, ll.runtime.state_of(model).targets.values())
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{a.variant}: {params:,} trainable params, +{per_token:,} MACs/token, "
           f"fwd {fwd_ms:.1f} ms, fwd+bwd {fwd_bwd_ms:.1f} ms, init {init_s:.2f} s", flush=True)
