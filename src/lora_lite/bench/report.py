@@ -234,12 +234,16 @@ def ratio_markdown(data: dict) -> str:
         head += [f"{t}: ours / PEFT step", f"{t}: step +% ours / PEFT"]
     rows = []
     for group, per_model in methods.items():
-        cells = [f"`{group}`"]
+        peft_rows = [p["peft"] for p in per_model.values() if "peft" in p]
+        cells = [f"`{group}`" + (f" ↔ {peft_rows[0]['method']}" if peft_rows else "")]
         for m in models:
             pair = per_model.get(m["kind"], {})
             ours, peft = pair.get("ours"), pair.get("peft")
-            ratio = (f"**{ours['ratio_vs_peft']:.2f}** ({ours['ratio_q1']:.2f}–{ours['ratio_q3']:.2f})"
-                     if ours and "ratio_vs_peft" in ours else ("no PEFT method" if ours else "not merged yet"))
+            if ours and "ratio_vs_peft" in ours:
+                ratio = f"**{ours['ratio_vs_peft']:.2f}** ({ours['ratio_q1']:.2f}–{ours['ratio_q3']:.2f})"
+            else:
+                ratio = ("no PEFT method" if ours else
+                         "variant not in this build" if peft else "not measured")
             over = " / ".join(_opt(x and x.get("step_overhead_pct"), "+.0f") for x in (ours, peft))
             cells += [ratio, over]
         rows.append(cells)
