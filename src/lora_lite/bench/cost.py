@@ -10,7 +10,8 @@ backward of a fixed loss (mean of the squared main output) for each member, in r
 order; medians over repeats after warmup. Ratios (overhead over the base step, our step /
 PEFT step) are medians of the per-repeat paired ratios, so slow drifts of a shared machine
 cancel. The frozen base step back-propagates to the embedding output (activation gradients
-only, no weight gradients): the floor every adapter step pays. The optimizer step is not
+only, no weight gradients), slightly further than an adapter step needs (it stops at the first
+adapted layer), so an overhead within the noise can come out negative. The optimizer step is not
 timed. Full fine-tuning is its own group (base + full).
 
 Other columns: trainable params; analytic added MACs per token (SPEC B2, `adapters.py`; also
