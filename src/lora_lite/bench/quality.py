@@ -48,10 +48,15 @@ SWEEP_SEED = 100
 
 
 def rows(names: list[str] | None = None) -> list[str]:
-    """Anchors first, then the registered variants (or the requested subset, in this order)."""
+    """The requested rows (default: anchors, then every registered variant) in order; a
+    "peft:<variant>" row runs PEFT's implementation of that variant's method."""
     wanted = names or [*ANCHORS, *adapters.SETTINGS]
-    variants = adapters.available([n for n in wanted if n not in ANCHORS])
-    return [n for n in wanted if n in ANCHORS] + variants
+    peft_rows = [n for n in wanted if n.startswith("peft:") and n not in ANCHORS]
+    for n in peft_rows:
+        if adapters.SETTINGS.get(n[5:]) is None or adapters.peft_method(n[5:]) is None:
+            raise KeyError(f"{n}: PEFT has no method for {n[5:]!r}")
+    variants = adapters.available([n for n in wanted if n not in ANCHORS and n not in peft_rows])
+    return [n for n in wanted if n in ANCHORS or n in peft_rows or n in variants]
 
 
 def family(row: str) -> str:
@@ -107,10 +112,10 @@ def run_one(base, row: str, seed: int, lr: float, p: dict) -> dict:
 
 
 def best_lrs(sweep: dict | None) -> dict[str, float]:
-    """row -> lr, chosen per family: the lr with the best mean sweep accuracy over the family's
-    rows, among the lrs every swept row of the family ran (ties: the smaller lr). One choice
-    per family keeps a single unlucky seed from handicapping one row (ours and PEFT's LoRA,
-    the same math, get the same lr), and rows added later inherit their family's lr."""
+    """family -> lr: the lr with the best mean sweep accuracy over the family's rows, among the
+    lrs every swept row of the family ran (ties: the smaller lr). One choice per family keeps a
+    single unlucky seed from handicapping one row (ours and PEFT's LoRA, the same math, get the
+    same lr), and rows added later inherit their family's lr."""
     acc: dict[str, dict[str, dict[float, float]]] = {}
     for r in (sweep or {}).get("runs", []):
         acc.setdefault(family(r["row"]), {}).setdefault(r["row"], {})[r["lr"]] = r["acc"]
@@ -119,7 +124,7 @@ def best_lrs(sweep: dict | None) -> dict[str, float]:
         common = set.intersection(*(set(v) for v in per_row.values()))
         if common:
             chosen[fam] = max(sorted(common), key=lambda lr: statistics.fmean(v[lr] for v in per_row.values()))
-    return {row: chosen[family(row)] for row in [*ANCHORS, *adapters.SETTINGS] if family(row) in chosen}
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [SWEEP_SEED] if a.sweep else [int(s) for s in parse_list(a.seeds)]:
         for row in rows(parse_list(a.rows)):
             grid = FAMILY_GRID[family(row)]
-            lrs = grid if a.sweep else [chosen.get(row, grid[(len(grid) - 1) // 2])]
+            lrs = grid if a.sweep else [chosen.get(family(row), grid[(len(grid) - 1) // 2])]
             todo += [(row, seed, lr) for lr in lrs]
 
     old = None if a.fresh else read_json(path)

@@ -104,7 +104,7 @@ def sweep_markdown(data: dict) -> str:
         cells = []
         for r in sorted(runs, key=lambda r: r["lr"]):
             cell = f"{_sci(r['lr'])}: {r['acc']:.3f}"
-            cells.append(f"**{cell}**" if r["lr"] == best.get(row) else cell)
+            cells.append(f"**{cell}**" if r["lr"] == best.get(family(row)) else cell)
         rows.append([_label(row), family(row), ", ".join(cells)])
     p = data["protocol"]
     note = (f"One seed ({data['runs'][0]['seed']}), {p['steps']} steps × batch {p['batch_size']}, "
