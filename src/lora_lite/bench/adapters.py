@@ -130,13 +130,16 @@ def make_config(name: str, rank: int, target_names: tuple[str, ...], geom: Geome
     return ll.AdapterConfig.from_dict(fields)
 
 
-def needs_calibration(name: str) -> bool:
-    """Whether attach takes calibration batches for this variant (required or optional)."""
-    return REGISTRY[name].calibration is not None
+def calibration_needs(cfg: ll.AdapterConfig) -> tuple[str | None, bool]:
+    """(statistics kind or None, required) for this config: the variant's per-config
+    `calibration_needs` when it has one (a knob may decide), else its class flags."""
+    variant = REGISTRY[cfg.variant]
+    per_config = getattr(variant, "calibration_needs", None)
+    return per_config(cfg) if per_config else (variant.calibration, variant.requires_calibration)
 
 
 def attach_ours(model: nn.Module, cfg: ll.AdapterConfig, calibration: list | None) -> None:
-    data = calibration if needs_calibration(cfg.variant) else None
+    data = calibration if calibration_needs(cfg)[0] is not None else None
     ll.attach(model, cfg, calibration_data=data, progress=False)
 
 

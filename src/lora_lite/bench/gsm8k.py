@@ -295,9 +295,9 @@ def run(a) -> dict:
     if a.set:
         cfg = ll.AdapterConfig.from_dict({**cfg.to_dict(), **{k: json.loads(v) for k, v in
                                                               (s.split("=", 1) for s in a.set)}})
-    variant = ll.REGISTRY[cfg.variant]
+    kind, required = adapters.calibration_needs(cfg)
     calibration = None
-    if variant.requires_calibration or (a.calibrate_optional and variant.calibration):
+    if required or (a.calibrate_optional and kind):
         n = CALIBRATION_BATCHES.get(a.variant, 64)
         calibration = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in
                        (next(batches) for _ in range(n))]
