@@ -88,6 +88,15 @@ def minilm():
     return make_minilm()
 
 
+@pytest.fixture
+def one_thread():
+    """The benchmarks run single-threaded (see bench/cost.py); so do their tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=["qwen", "minilm"])
 def bench(request):
     return request.getfixturevalue(request.param)

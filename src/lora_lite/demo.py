@@ -74,10 +74,17 @@ def evaluate(clf: Classifier, tok, data, batch_size: int = 128) -> tuple[float, 
     return float((logits.argmax(-1) == labels).float().mean()), logits
 
 
-def train(clf: Classifier, tok, data, *, steps: int, batch_size: int, lr: float, seed: int) -> float:
-    """AdamW on every trainable parameter (adapter + head); returns seconds."""
-    params = [p for p in clf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def train(
+    clf: Classifier, tok, data, *, steps: int, batch_size: int, lr: float, seed: int,
+    head_lr: float | None = None,
+) -> float:
+    """AdamW on every trainable parameter (adapter + head; the head at `head_lr` if given,
+    else at `lr`); returns seconds."""
+    head = [p for p in clf.head.parameters() if p.requires_grad]
+    body = [p for n, p in clf.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    groups = [{"params": body}] if body else []
+    groups.append({"params": head, "lr": lr if head_lr is None else head_lr})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     rng = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     clf.train()
