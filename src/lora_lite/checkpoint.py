@@ -45,10 +45,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         for name, layer in state.targets.items()
         for pname in state.specs[name]
     }
-    fingerprints = {
-        name: state.fingerprints.get(name) or fingerprint(layer)
-        for name, layer in state.targets.items()
-    }
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -56,7 +52,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "variant": state.cfg.variant,
         "config": json.dumps(state.cfg.to_dict()),
         "targets": json.dumps(list(state.targets)),
-        "fingerprints": json.dumps(fingerprints),
+        "fingerprints": json.dumps(state.fingerprints),
     }
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
@@ -110,7 +106,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
         if file_dtype != cfg.dtype:
             raise CheckpointError(f"{path}: {key} is {file_dtype}, the config says {cfg.dtype}")
 
-    differ = [n for n, m in targets if not same_base(fps.get(n), m)]
+    now = {n: fingerprint(m) for n, m in targets}
+    differ = [n for n in names if not same_base(fps.get(n), now[n])]
     if differ:
         msg = (
             f"{path}: the base weights of {len(differ)} target(s) (e.g. {differ[0]}) differ from "
@@ -128,7 +125,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
             for pname in specs:
                 getattr(layer, pname).copy_(f.get_tensor(f"{name}.{pname}"))
 
-        install(model, cfg, variant, targets, fill, fingerprints=fps)
+        install(model, cfg, variant, targets, fill, fingerprints=now)
 
 
 def _read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], torch.dtype]]]:

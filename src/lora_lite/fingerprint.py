@@ -1,7 +1,7 @@
 """Base-weight fingerprints: does this model have the base an adapter was saved from?
 
 A fingerprint is a sketch of a target layer in float64: its Frobenius norm and k bilinear
-probes uᵀ W v with fixed ±1 vectors (and the same for the bias). Equal bases give equal
+probes uᵀ W v with fixed Gaussian vectors (and the same for the bias). Equal bases give equal
 sketches; a base restored by detach() (W_res + Δ0, within an ulp of W) stays within the
 rounding tolerance; any other change of relative size ≳ 1e-6 (fp32) moves some probe, since
 E[(uᵀ ΔW v)²] = ‖ΔW‖_F². The sketch holds k + 1 numbers per tensor, nothing of W itself.
@@ -18,7 +18,7 @@ _SLACK = 8.0  # rounding noise of a ±1-ulp restore is ~0.6·eps·‖W‖_F; 8 g
 
 def _probe_vectors(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (PROBES, n), generator=g, dtype=torch.float64) * 2 - 1
+    return torch.randn((PROBES, n), generator=g, dtype=torch.float64)
 
 
 def _sketch(t: torch.Tensor) -> dict:
@@ -33,19 +33,21 @@ def _sketch(t: torch.Tensor) -> dict:
 def fingerprint(layer: nn.Module) -> dict:
     """JSON-ready sketch of a layer's weight and bias."""
     bias = getattr(layer, "bias", None)
+    dtype = layer.weight.dtype
     return {
-        "dtype": str(layer.weight.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "eps": torch.finfo(dtype).eps if dtype.is_floating_point else 0.0,
         "weight": _sketch(layer.weight),
         "bias": None if bias is None else _sketch(bias),
     }
 
 
-def same_base(saved: object, layer: nn.Module) -> bool:
-    """Whether `layer` matches the saved fingerprint up to rounding of its dtype."""
+def same_base(saved: object, now: dict) -> bool:
+    """Whether a saved fingerprint matches `now` (a layer's fingerprint) up to the rounding of
+    the layer's dtype."""
     if not isinstance(saved, dict):
         return False
-    now = fingerprint(layer)
-    eps = torch.finfo(layer.weight.dtype).eps
+    eps = now["eps"]
     for key in ("weight", "bias"):
         a, b = saved.get(key), now[key]
         if (a is None) != (b is None):

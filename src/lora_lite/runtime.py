@@ -34,7 +34,7 @@ class AttachState:
     targets: dict[str, nn.Module]                # name -> layer, in model order
     specs: dict[str, dict[str, ParamSpec]]      # name -> tensor specs
     requires_grad: dict[str, bool]              # base parameter -> flag before attach
-    fingerprints: dict[str, dict] = field(default_factory=dict)  # pristine-base sketches
+    fingerprints: dict[str, dict] = field(default_factory=dict)  # base sketches at attach/load
     handles: list = field(default_factory=list)
 
 
@@ -176,9 +176,9 @@ def install(
         specs={n: variant.param_specs(m.in_features, m.out_features, cfg) for n, m in targets},
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
+    # The base as it is now (pristine by contract); save() writes it, load() compares with it.
+    state.fingerprints = fingerprints or {n: fingerprint(m) for n, m in targets}
     mutating = variant.base_delta is not None
-    if mutating:
-        state.fingerprints = fingerprints or {n: fingerprint(m) for n, m in targets}
     created: list[tuple[nn.Module, str]] = []
     shifted: list[nn.Module] = []
     try:

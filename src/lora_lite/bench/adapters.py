@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 import lora_lite as ll
+from lora_lite.interop.peft import peft_config
 from lora_lite.targets import find_targets
 from lora_lite.variant import REGISTRY
 
@@ -130,16 +131,8 @@ def make_config(name: str, rank: int, target_names: tuple[str, ...], geom: Geome
     return ll.AdapterConfig.from_dict(fields)
 
 
-def calibration_needs(cfg: ll.AdapterConfig) -> tuple[str | None, bool]:
-    """(statistics kind or None, required) for this config: the variant's per-config
-    `calibration_needs` when it has one (a knob may decide), else its class flags."""
-    variant = REGISTRY[cfg.variant]
-    per_config = getattr(variant, "calibration_needs", None)
-    return per_config(cfg) if per_config else (variant.calibration, variant.requires_calibration)
-
-
 def attach_ours(model: nn.Module, cfg: ll.AdapterConfig, calibration: list | None) -> None:
-    data = calibration if calibration_needs(cfg)[0] is not None else None
+    data = calibration if REGISTRY[cfg.variant].calibration_needs(cfg)[0] is not None else None
     ll.attach(model, cfg, calibration_data=data, progress=False)
 
 
@@ -154,42 +147,22 @@ def added_macs(name: str, cfg: ll.AdapterConfig, layers) -> tuple[int, int]:
 
 # ---- HF PEFT ----------------------------------------------------------------------------------
 
-def _lora(cfg, names, **kw):
-    import peft
-
-    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=names,
-                           bias="none", use_rslora=False, **kw)
-
-
 def _peft_config(method: str, cfg, names: list[str]):
+    """PEFT's config for `method`; the data-driven inits (EVA, CorDA) run PEFT's own init,
+    everything else is the shared map in lora_lite.interop.peft."""
     import peft
 
-    if method == "lora":
-        return _lora(cfg, names)
-    if method == "pissa":
-        return _lora(cfg, names, init_lora_weights="pissa")
-    if method == "dora":
-        return _lora(cfg, names, use_dora=True)
-    if method == "eva":  # rho = 1: no rank redistribution, so every layer keeps rank r
-        return _lora(cfg, names, init_lora_weights="eva",
-                     eva_config=peft.EvaConfig(rho=1.0, whiten=False, use_label_mask=False))
-    if method == "corda":
+    if method in ("eva", "corda"):
         from peft.tuners.lora.config import CordaConfig
 
-        return _lora(cfg, names, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
-    if method == "delora":
-        return peft.DeloraConfig(r=cfg.r, delora_lambda=cfg.lambda0, module_dropout=0.0,
-                                 target_modules=names, init_weights=True)
-    if method == "hra":
-        return peft.HRAConfig(r=cfg.r, apply_GS=False, target_modules=names, init_weights=True)
-    if method == "ia3":
-        return peft.IA3Config(target_modules=names, feedforward_modules=[])
-    if method == "ia3_ff":
-        return peft.IA3Config(target_modules=names, feedforward_modules=names)
-    if method == "road":
-        return peft.RoadConfig(variant=cfg.road_variant, group_size=cfg.group_size,
-                               target_modules=names, init_weights=True)
-    raise KeyError(f"no PEFT mapping for {method!r}")
+        init = {  # EVA with rho = 1: no rank redistribution, so every layer keeps rank r
+            "eva": {"init_lora_weights": "eva",
+                    "eva_config": peft.EvaConfig(rho=1.0, whiten=False, use_label_mask=False)},
+            "corda": {"init_lora_weights": "corda", "corda_config": CordaConfig(corda_method="ipm")},
+        }[method]
+        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=names,
+                               bias="none", use_rslora=False, **init)
+    return peft_config(cfg, names)
 
 
 def attach_peft(model: nn.Module, method: str, cfg, names: list[str], calibration: list | None):

@@ -295,7 +295,7 @@ def run(a) -> dict:
     if a.set:
         cfg = ll.AdapterConfig.from_dict({**cfg.to_dict(), **{k: json.loads(v) for k, v in
                                                               (s.split("=", 1) for s in a.set)}})
-    kind, required = adapters.calibration_needs(cfg)
+    kind, required = ll.REGISTRY[cfg.variant].calibration_needs(cfg)
     calibration = None
     if required or (a.calibrate_optional and kind):
         n = CALIBRATION_BATCHES.get(a.variant, 64)
