@@ -255,12 +255,13 @@ def peak_memory(spec: dict) -> dict:
 
 # ---- one model ---------------------------------------------------------------------------------
 
-def groups(names: list[str], with_peft: bool) -> list[tuple[str, list[tuple[str, str | None]]]]:
+def groups(names: list[str], with_peft: bool, skip_peft: tuple[str, ...] = ()
+           ) -> list[tuple[str, list[tuple[str, str | None]]]]:
     """(group label, [(lib, variant)]) in table order; PEFT-only groups for methods whose
-    lora-lite variant is not registered in this build."""
+    lora-lite variant is not registered in this build; no PEFT row for `skip_peft` variants."""
     out = [("full fine-tune", [("base", None), ("full", None)])]
     for name in names:
-        method = adapters.peft_method(name) if with_peft else None
+        method = adapters.peft_method(name) if with_peft and name not in skip_peft else None
         registered = name in ll.REGISTRY
         members = [("base", None)] + ([("ours", name)] if registered else [])
         members += [("peft", name)] if method else []
@@ -281,8 +282,9 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
     names = [n for n in wanted if n in registered or (p["peft"] and adapters.peft_method(n))]
     rows = []
     out = {"kind": kind, **shape, "tokens": tokens, "base_macs_per_token": base_macs,
-           "variants": p["variants"], "date": environment()["date"], "rows": rows}
-    for label, members in groups(names, p["peft"]):
+           "variants": p["variants"], "skip_peft": p.get("skip_peft"), "date": environment()["date"],
+           "rows": rows}
+    for label, members in groups(names, p["peft"], tuple(p.get("skip_peft") or ())):
         built, info = {}, {}
         for lib, name in members:
             key = f"{lib}:{name}" if name else lib
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (1 by default: on a shared 2-core machine more threads oversubscribe)")
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-RSS rows")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--skip-peft", help="comma-separated variants without a PEFT row (e.g. eva: PEFT's "
+                    "EVA init cycles the data until its components settle, with no iteration cap)")
     ap.add_argument("--quick", action="store_true", help="toy sizes, lora + ia3, 3 repeats")
     ap.add_argument("--out", default="results")
     ap.add_argument("--update", action="store_true",
@@ -370,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         a.repeats, a.warmup = min(a.repeats, 3), 1
     p = {"rank": a.rank, "repeats": a.repeats, "warmup": a.warmup, "n_calib": a.n_calib,
          "threads": a.threads, "memory": not a.no_memory, "peft": not a.no_peft,
+         "skip_peft": parse_list(a.skip_peft),
          "variants": parse_list(a.variants), "quick": a.quick,
          "timing": "training forward (grad on, train mode) and forward+backward of mean(out²); "
                    "medians over interleaved repeats; ratios = medians of paired per-repeat ratios",

@@ -10,7 +10,9 @@ scored on held-out sentences whose operand pairs never occur in training. Rows: 
 (lower anchor), full fine-tune (upper anchor), HF PEFT LoRA, and every lora-lite variant
 (adapters on every encoder linear). Calibrated variants get batches from the training split.
 Same steps, batch and data for every row; AdamW, constant lr, no weight decay (demo.train),
-the head at a fixed `--head-lr`, the adapter (or encoder) at the row's lr.
+the head at a fixed `--head-lr`, the adapter (or encoder) at the row's lr. A "peft:<method>"
+row starts from the same initial adapter tensors as our row of that method (copied in), so the
+two differ only by implementation.
 
 Learning rates: each row is swept over its family's grid (FAMILY_GRID) on seed 100 and
 --sweep-steps steps, scored on a held-out set re-sampled with that seed; the final run uses
@@ -27,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lora_lite.interop.peft import PEFT_METHODS, copy_to_peft
 
 from . import adapters
 from .common import environment, parse_list, read_json, write_json
@@ -75,8 +79,17 @@ def prepare(row: str, encoder, calibration: list, rank: int) -> int:
         targets = TARGETS["minilm"]
         cfg = adapters.make_config(name, rank, targets, adapters.geometry(encoder, targets))
         if row.startswith("peft:"):
-            names = adapters.target_names(encoder, cfg)
-            adapters.attach_peft(encoder, adapters.peft_method(name), cfg, names, calibration)
+            # Start PEFT from the very tensors our row starts from (same seed), so the two rows
+            # differ only by implementation, not by how each library draws its random init.
+            # Data-driven PEFT inits (EVA) keep their own.
+            ours = copy.deepcopy(encoder)
+            adapters.attach_ours(ours, cfg, calibration)
+            rng = torch.random.get_rng_state()  # where our row's RNG stands after attach
+            method = adapters.peft_method(name)
+            pm = adapters.attach_peft(encoder, method, cfg, adapters.target_names(encoder, cfg), calibration)
+            if method in PEFT_METHODS and method != "eva":
+                copy_to_peft(ours, pm)
+            torch.random.set_rng_state(rng)
         else:
             adapters.attach_ours(encoder, cfg, calibration)
     return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
