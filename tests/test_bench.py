@@ -115,6 +115,7 @@ def test_quality_smoke_run_and_report(tmp_path):
     assert [r["row"] for r in data["runs"]] == ["head", "peft:lora", "lora"]
     head, peft_lora, lora = data["runs"]
     assert head["params"] == 0 and peft_lora["params"] == lora["params"] > 0
+    assert peft_lora["acc"] == lora["acc"]  # same initial tensors, same math: same training
     assert all(0 <= r["acc"] <= 1 and r["finite"] for r in data["runs"])
     assert (tmp_path / "quality.png").stat().st_size > 0
     assert "PEFT LoRA" in (tmp_path / "quality.md").read_text()

@@ -61,13 +61,17 @@ def moments(model, names, batches):
 
 
 def expected_factors(kind, W, C):
-    """(U_r, S_r, P_r) the paper math gives for pristine W and second moment C (float64)."""
+    """(U_r, S_r, P_r) the paper math gives for pristine W and second moment C (float64), and
+    the relative spectral gap between the kept and the dropped singular values (see tolerance)."""
     W = W.double()
     if kind == "wanda":  # score_i = S_i · rms(x·v_i), top-r kept in descending-S order
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         score = S * torch.einsum("id,de,ie->i", Vh, C, Vh).sqrt()
         idx = torch.topk(score, R).indices.sort().values
-        return U[:, idx], S[idx], Vh[idx]
+        dropped = torch.ones_like(S, dtype=torch.bool)
+        dropped[idx] = False
+        gap = (S[idx, None] - S[None, dropped]).abs().min()
+        return U[:, idx], S[idx], Vh[idx], float(gap / S[0])
     if kind == "diag":
         c = C.diagonal().clamp_min(0) + EPS
         root, inv_root = c.sqrt().diag(), c.rsqrt().diag()
@@ -76,7 +80,14 @@ def expected_factors(kind, W, C):
         lam = lam.clamp_min(0) + EPS
         root, inv_root = (Q * lam.sqrt()) @ Q.T, (Q * lam.rsqrt()) @ Q.T
     U, S, Vh = torch.linalg.svd(W @ root, full_matrices=False)
-    return U[:, :R], S[:R], Vh[:R] @ inv_root
+    return U[:, :R], S[:R], Vh[:R] @ inv_root, float((S[R - 1] - S[R]) / S[0])
+
+
+def subspace_tolerance(rel_gap: float) -> float:
+    """The library's SVD is fp32: by Davis–Kahan its kept subspace moves by ~eps₃₂·S_max/gap, so a
+    rank-r part next to a near-degenerate dropped singular value is only that accurate (measured
+    on MiniLM: error·gap/S_max ≤ 3e-7 = 2.5 eps₃₂ over all targets and thread counts)."""
+    return 1e-5 + 16 * torch.finfo(torch.float32).eps / rel_gap
 
 
 @pytest.mark.parametrize("case", CALIBRATED)
@@ -94,11 +105,11 @@ def test_attach_matches_an_independent_computation(bench, case):
             cos = (layer.lora_A.double() * Q).sum(1).abs()
             assert (cos > 1 - 1e-4).all(), (name, cos)
             continue
-        U, S, P = expected_factors(kind, W, C[name])
+        U, S, P, rel_gap = expected_factors(kind, W, C[name])
         basis = layer.lora_P if hasattr(layer, "lora_P") else layer.lora_Vh  # ablate: P in Vh's slot
         assert rel_err(layer.lora_S.double(), S) <= 1e-4, name
         delta = (layer.lora_U.double() * layer.lora_S.double()) @ basis.double()
-        assert rel_err(delta, (U * S) @ P) <= 1e-4, name  # the rank-r part is sign-free
+        assert rel_err(delta, (U * S) @ P) <= subspace_tolerance(rel_gap), name  # sign-free
         if kind == "wanda":
             top = torch.linalg.svdvals(W.double())[:R]
             reselected += not torch.allclose(S, top)

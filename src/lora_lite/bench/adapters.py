@@ -83,8 +83,10 @@ SETTINGS: dict[str, Setting] = {
     "antipasto_asvd": Setting("svd", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r, 0)),
     "antipasto_ablate": Setting(
         "svd", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r + 2 * c.r * getattr(c, "k", 1), 0)),
+    # dplr's rank-k core trains like a LoRA (156K params on MiniLM): its own lr family, since
+    # the gain-only members want 10-50x larger steps (sweep: dplr collapses at 5e-3 and above).
     "antipasto_dplr": Setting(
-        "svd", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r + 2 * c.r * getattr(c, "lora_rank", 8), 0)),
+        "dplr", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r + 2 * c.r * getattr(c, "lora_rank", 8), 0)),
 }
 
 PEFT_LABELS = {

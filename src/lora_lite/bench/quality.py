@@ -45,7 +45,8 @@ FAMILY_GRID = {
     "hra": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
     "gain": (1e-3, 5e-3, 2e-2, 5e-2),
     "road": (1e-3, 3e-3, 5e-3, 1e-2, 2e-2),  # rotation angles: unstable where IA3 gates are best
-    "svd": (1e-3, 5e-3, 2e-2),
+    "svd": (1e-3, 5e-3, 2e-2, 5e-2),  # r scalar gains per layer: large steps
+    "dplr": (1e-4, 3e-4, 1e-3, 3e-3),
 }
 ANCHORS = {"head": "head", "full": "full", "peft:lora": "lora"}  # row -> family
 SWEEP_SEED = 100

@@ -5,7 +5,8 @@ Outputs are split into groups of G; inside a group, coordinate k pairs with k + 
 
     y'_k       = f_k·y_k − s_k·y_{k+G/2}                (first half of a group)
     y'_{k+G/2} = f_{k+G/2}·y_{k+G/2} + s_{k+G/2}·y_k    (second half)
-    i.e. y' = f ⊙ y + s ⊙ rotate_half(y),  rotate_half = (−y₂, y₁) per group
+    i.e. y' = f ⊙ y + s ⊙ rotate_half(y),  rotate_half = (−y₂, y₁) per group,
+    computed as one fused f ⊙ y + s̃ ⊙ (y₂, y₁) with the sign folded into s̃
 
     road_1  P = d_out/2: f = α cos θ, s = α sin θ, one (θ, α) per pair, shared by both halves
     road_2  P = d_out:   f_j = α_j cos θ_j, s_j = α_j sin θ_j
@@ -42,22 +43,26 @@ class RoadConfig(AdapterConfig):
             raise ValueError(f"RoadConfig.group_size must be even and >= 2, got {self.group_size}")
 
 
-def _f_s(layer, cfg):
-    """The per-output cos and sin coefficients f, s (d_out,)."""
+def _coefficients(layer, cfg):
+    """f, s̃ (d_out,) with y' = f ⊙ y + s̃ ⊙ swap(y), where swap exchanges the two halves of each
+    group and s̃ = s with the first half negated (so s̃ ⊙ swap(y) = s ⊙ rotate_half(y))."""
     theta, alpha, G = layer.lora_road_theta, layer.lora_road_alpha, cfg.group_size
     if cfg.road_variant == "road_1":   # (groups, G/2) -> both halves share a pair's params
         theta = theta.reshape(-1, 1, G // 2).expand(-1, 2, -1).reshape(-1)
         alpha = alpha.reshape(-1, 1, G // 2).expand(-1, 2, -1).reshape(-1)
-        return alpha * theta.cos(), alpha * theta.sin()
-    if cfg.road_variant == "road_2":
-        return alpha * theta.cos(), alpha * theta.sin()
-    theta, alpha = theta.reshape(-1, 2, G), alpha.reshape(-1, 2, G)   # road_4
-    return (alpha[:, 0] * theta[:, 0].cos()).reshape(-1), (alpha[:, 1] * theta[:, 1].sin()).reshape(-1)
+        f, s = alpha * theta.cos(), alpha * theta.sin()
+    elif cfg.road_variant == "road_2":
+        f, s = alpha * theta.cos(), alpha * theta.sin()
+    else:                              # road_4: per group [cos params | sin params], 2G each
+        theta, alpha = theta.reshape(-1, 2, G), alpha.reshape(-1, 2, G)
+        f, s = (alpha[:, 0] * theta[:, 0].cos()).reshape(-1), (alpha[:, 1] * theta[:, 1].sin()).reshape(-1)
+    s = s.unflatten(-1, (-1, 2, G // 2))
+    return f, torch.stack((-s[:, 0], s[:, 1]), dim=1).reshape(-1)
 
 
-def _rotate_half(y: torch.Tensor, G: int) -> torch.Tensor:
-    y = y.unflatten(-1, (-1, 2, G // 2))
-    return torch.stack((-y[..., 1, :], y[..., 0, :]), dim=-2).flatten(-3)
+def _swap_halves(y: torch.Tensor, G: int) -> torch.Tensor:
+    """(y₂, y₁) in every group of G coordinates: coordinate k <-> k + G/2."""
+    return y.unflatten(-1, (-1, 2, G // 2)).flip(-2).flatten(-3)
 
 
 @register
@@ -84,13 +89,13 @@ class Road(Variant):
 
     @staticmethod
     def forward(layer, cfg, x, y):
-        f, s = _f_s(layer, cfg)
-        return (y * f + _rotate_half(y, cfg.group_size) * s).to(y.dtype)
+        f, s = _coefficients(layer, cfg)
+        return torch.addcmul(y * f, _swap_halves(y, cfg.group_size), s).to(y.dtype)
 
     @staticmethod
     def effective_weight(layer, cfg):
-        f, s = _f_s(layer, cfg)
+        f, s = _coefficients(layer, cfg)
         eye = torch.eye(layer.out_features, dtype=f.dtype, device=f.device)
-        R = f[:, None] * eye + s[:, None] * _rotate_half(eye, cfg.group_size).T
+        R = f[:, None] * eye + s[:, None] * _swap_halves(eye, cfg.group_size)  # swap is symmetric
         b = layer.bias
         return R.float() @ layer.weight.float(), None if b is None else R.float() @ b.float()
