@@ -2,6 +2,7 @@
 variant, and calibration time against HF PEFT's own EVA and CorDA preprocessing.
 
     python scripts/calibration_timing.py [--rank 16] [--repeats 3] [--threads N] [--json PATH]
+    (--json results/calibration_timing.json also writes the markdown next to it)
 
 Same model (all 36 encoder linears of all-MiniLM-L6-v2, fp32), same rank and the same 16
 calibration batches of 16 sentences (padded; attention_mask drops the padding) for every row.
@@ -175,6 +176,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
+        args.json.with_suffix(".md").write_text(_markdown(result) + "\n")
 
 
 def _eva_agreement(ours, theirs, names) -> dict:

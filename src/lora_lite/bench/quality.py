@@ -39,9 +39,9 @@ FAMILY_GRID = {
     "head": (1e-3, 3e-3, 1e-2),
     "full": (2e-5, 5e-5, 1e-4),
     "lora": (3e-4, 5e-4, 1e-3, 3e-3),
-    "pissa": (3e-5, 1e-4, 3e-4),  # principal-subspace init: updates are large from step 0
+    "pissa": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),  # principal-subspace init: updates are large from step 0
     "lora_xs": (1e-4, 3e-4, 1e-3, 4e-3, 1e-2),
-    "delora": (1e-3, 3e-3, 1e-2),
+    "delora": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
     "hra": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
     "gain": (1e-3, 5e-3, 2e-2, 5e-2),
     "road": (1e-3, 3e-3, 5e-3, 1e-2, 2e-2),  # rotation angles: unstable where IA3 gates are best

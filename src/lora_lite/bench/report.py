@@ -48,11 +48,22 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
 
 # ---- C2 quality -------------------------------------------------------------------------------
 
-def quality_rows(data: dict) -> list[dict]:
-    """One summary per row, in first-run order: mean/std accuracy over seeds, params, time."""
+def _runs_by_row(data: dict) -> dict[str, list[dict]]:
+    """{row: its runs}, rows in the benchmark's canonical order (anchors, then the variant
+    table), whatever order the runs were appended in; unknown rows last."""
+    from .adapters import SETTINGS
+    from .quality import ANCHORS
+
+    order = {row: i for i, row in enumerate([*ANCHORS, *SETTINGS])}
     by_row: dict[str, list[dict]] = {}
     for r in data["runs"]:
         by_row.setdefault(r["row"], []).append(r)
+    return dict(sorted(by_row.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def quality_rows(data: dict) -> list[dict]:
+    """One summary per row, in canonical order: mean/std accuracy over seeds, params, time."""
+    by_row = _runs_by_row(data)
     out = []
     for row, runs in by_row.items():
         accs = [r["acc"] for r in runs]
@@ -96,9 +107,7 @@ def sweep_markdown(data: dict) -> str:
     from .quality import best_lrs, family
 
     best = best_lrs(data)
-    by_row: dict[str, list[dict]] = {}
-    for r in data["runs"]:
-        by_row.setdefault(r["row"], []).append(r)
+    by_row = _runs_by_row(data)
     rows = []
     for row, runs in by_row.items():
         cells = []
@@ -127,13 +136,23 @@ def quality_plot(data: dict, path: Path) -> None:
     clusters: dict[int, list[dict]] = {}
     for s in rows:
         clusters.setdefault(round(20 * math.log10(s["params"] + s["head_params"])), []).append(s)
+    placed: list[tuple[float, float, float]] = []  # (log10 x from, to, y) of the labels drawn
     for members in clusters.values():
         for k, s in enumerate(members):
             x = (s["params"] + s["head_params"]) * 1.15 ** (k - (len(members) - 1) / 2)
             ax.errorbar(x, s["mean"], yerr=s["std"], fmt="o", capsize=3, color=colors[s["lib"]],
                         label=s["lib"])
-            ax.annotate(_label(s["row"]), (x, s["mean"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+            # a label that would overlap one already drawn nearby moves up, with a leader line
+            # (a character of 8-pt text spans about 0.04 decades of this axis)
+            label, y = _label(s["row"]), s["mean"] + 0.006
+            lo = math.log10(x * 1.1)
+            hi = lo + 0.04 * len(label)
+            while any(lo < b and a < hi and abs(y - ly) < 0.016 for a, b, ly in placed):
+                y += 0.016
+            placed.append((lo, hi, y))
+            moved = y - s["mean"] > 0.01
+            ax.annotate(label, (x, s["mean"]), xytext=(x * 1.1, y), fontsize=8,
+                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if moved else None)
     head = next((s for s in rows if s["row"] == "head"), None)
     if head:
         ax.axhline(head["mean"], color="tab:gray", ls="--", lw=0.8)
