@@ -3,6 +3,8 @@ appear here (test_variants checks), so a new variant cannot land untested."""
 
 from __future__ import annotations
 
+import torch
+
 import lora_lite as ll
 
 
@@ -51,6 +53,15 @@ NEUTRAL = {
     "lora_xs": ("lora_R",),
     **{c: ("lora_delta_s",) for c in CASES if c.startswith("antipasto_rot")},
     **{c: ("lora_alpha",) for c in CASES if c.startswith("antipasto_ablate")},
+}
+
+
+# Identity at init: max |y − y0| / max |y0| allowed, per variant and base dtype; absent = 0 (bit
+# for bit). Every variant adds a change Δ that is exactly 0 at init (B = 0, g − 1 = 0, gain − 1 =
+# ELU(0) = 0, PiSSA's two equal products, R − I = 0), so only HRA needs a tolerance:
+IDENTITY_TOL = {
+    # its paired reflections cancel in exact arithmetic only; Δx is rounding of the (…, r) product
+    "hra": {torch.float32: 1e-5, torch.bfloat16: 1e-4},
 }
 
 

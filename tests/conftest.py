@@ -29,6 +29,7 @@ class Bench:
 
     def __init__(self, kind, model, batch, targets, calibration):
         self.kind, self.model, self.batch, self.targets = kind, model, batch, targets
+        self.dtype = next(model.parameters()).dtype
         self.calibration = calibration  # list of dict batches (with padding) for calibrated variants
 
     def fresh(self):
@@ -97,13 +98,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def qwen_bf16(qwen):
+    """The tiny Qwen3 with a bf16 base (weights rounded once from the fp32 model)."""
+    return Bench("qwen", copy.deepcopy(qwen.model).to(torch.bfloat16), qwen.batch, qwen.targets, qwen.calibration)
+
+
 @pytest.fixture(params=["qwen", "minilm"])
 def bench(request):
     return request.getfixturevalue(request.param)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|."""
+    """max |a - b| / max |b|, in float64."""
+    a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max())
 
 

@@ -33,8 +33,13 @@ def test_config_rejects_bad_fields():
         ll.LoRAConfig(target_names=("(",))
     with pytest.raises(ValueError, match=r"target_roles: expected"):
         ll.LoRAConfig(target_roles=("head",))
+    with pytest.raises(ValueError, match=r"dtype: unknown dtype 'float8'"):
+        ll.LoRAConfig(dtype="float8")
     with pytest.raises(ValueError, match=r"dtype: expected"):
-        ll.LoRAConfig(dtype="float32")
+        ll.LoRAConfig(dtype=3)
+    assert ll.LoRAConfig(dtype="bfloat16").dtype is torch.bfloat16  # names as to_dict writes them
+    with pytest.raises(ValueError, match=r"compute: expected"):
+        ll.LoRAConfig(compute="fp32")
     with pytest.raises(ValueError, match=r"HRAConfig\.r must be even"):
         ll.HRAConfig(r=3)
     with pytest.raises(ValueError, match=r"group_size must be even"):
@@ -200,46 +205,12 @@ def test_failure_in_init_rolls_back(model, temp_variant):
                 raise RuntimeError("boom in init")
 
         @staticmethod
-        def forward(layer, cfg, x, y):
-            return y
+        def delta(layer, cfg, x, y):
+            return torch.zeros_like(y)
 
     _refused(model, RuntimeError, "boom in init",
              lambda: ll.attach(model, FailsLate.config(r=2)))
     assert len(calls) == 5
-
-
-def test_failure_while_mutating_rolls_back(model, temp_variant):
-    calls = []
-
-    @temp_variant
-    class FailsMutating(Variant):
-        name, config = "fails_mutating", _failing_config("fails_mutating")
-
-        @staticmethod
-        def param_specs(d_in, d_out, cfg):
-            return {"lora_D": ParamSpec((d_out, d_in), "near_zero", trainable=False)}
-
-        @staticmethod
-        def base_delta(layer, cfg):
-            calls.append(layer)
-            if len(calls) == 3:
-                raise RuntimeError("boom in base_delta")
-            return layer.lora_D
-
-        @staticmethod
-        def forward(layer, cfg, x, y):
-            return y + x @ layer.lora_D.T
-
-    before = snapshot(model)
-    with pytest.raises(RuntimeError, match="boom in base_delta"):
-        ll.attach(model, FailsMutating.config(r=2))
-    after = snapshot(model)
-    # the two layers already rewritten are restored as W_res + Δ0: within an ulp
-    for k, v in before["state"].items():
-        assert torch.allclose(after["state"][k], v, rtol=2e-7, atol=2e-7 * v.abs().max()), k
-    assert after["state"].keys() == before["state"].keys()
-    assert after["flags"] == before["flags"] and after["hooks"] == before["hooks"]
-    assert after["attrs"] == before["attrs"]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -350,20 +321,17 @@ def test_load_refuses_another_architecture(saved, minilm):
     _load_refused(wider, saved["lora"], r"has shape \(4, 64\), this model needs \(4, 96\)")
 
 
-def test_mutating_variant_refuses_a_different_base(saved):
-    torch.manual_seed(123)
+@pytest.mark.parametrize("variant", ["lora", "pissa"])
+def test_a_different_base_warns_and_loads_the_saved_change(saved, variant):
+    """No variant writes W, so an adapter on another base is the same change added to that
+    base: a warning, not a refusal (PiSSA included)."""
     other = make_qwen().model
     with torch.no_grad():
         other.model.layers[1].mlp.down_proj.weight.mul_(1.001)  # a slightly fine-tuned base
-    _load_refused(other, saved["pissa"], "down_proj.*differ from the base.*'pissa' rewrites W")
-
-
-def test_additive_variant_warns_on_a_different_base(saved):
-    other = make_qwen().model
-    with torch.no_grad():
-        other.model.layers[1].mlp.down_proj.weight.mul_(1.001)
-    with pytest.warns(UserWarning, match="differ from the base the adapter was saved from"):
-        ll.load(other, saved["lora"])
+    W = other.model.layers[1].mlp.down_proj.weight.clone()
+    with pytest.warns(UserWarning, match="down_proj.*differ from the base the adapter was saved from"):
+        ll.load(other, saved[variant])
+    assert torch.equal(other.model.layers[1].mlp.down_proj.weight, W)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ll.load(make_qwen().model, saved["lora"])  # the pristine base: no warning
+        ll.load(make_qwen().model, saved[variant])  # the pristine base: no warning

@@ -6,8 +6,7 @@ targets (JSON list) and fingerprints (JSON {target: sketch of the pristine base 
 fingerprint.py}).
 
 load() rebuilds the adapted model on a pristine base from the file alone: no calibration
-data, no data-dependent init (weight-mutating variants recompute W_res = W - Δ0 from the saved
-frozen tensors). Everything is checked before the model is touched; metadata is parsed as
+data, no data-dependent init (frozen SVD factors and initial factors are in the file). Everything is checked before the model is touched; metadata is parsed as
 data (JSON, dtype names through an allow-list), nothing is executed or unpickled.
 """
 
@@ -50,7 +49,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "variant": state.cfg.variant,
-        "config": json.dumps(state.cfg.to_dict()),
+        "config": json.dumps(_stored_config(state, tensors)),
         "targets": json.dumps(list(state.targets)),
         "fingerprints": json.dumps(state.fingerprints),
     }
@@ -66,6 +65,16 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _stored_config(state, tensors: dict[str, torch.Tensor]) -> dict:
+    """The config as saved: `dtype` is what the tensors are stored in now (a `.half()` or `.to()`
+    after attach changes it), so load recreates them in that dtype."""
+    d = state.cfg.to_dict()
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1:
+        d["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    return d
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> None:
@@ -109,15 +118,12 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
     now = {n: fingerprint(m) for n, m in targets}
     differ = [n for n in names if not same_base(fps.get(n), now[n])]
     if differ:
-        msg = (
+        warnings.warn(
             f"{path}: the base weights of {len(differ)} target(s) (e.g. {differ[0]}) differ from "
-            f"the base the adapter was saved from"
+            f"the base the adapter was saved from; the adapter's change is applied as saved, but "
+            f"outputs will differ from the saved model's",
+            stacklevel=2,
         )
-        if variant.base_delta is not None:
-            raise CheckpointError(
-                msg + f"; {cfg.variant!r} rewrites W as W - Δ0 and needs the same pristine base"
-            )
-        warnings.warn(msg + "; outputs will differ from the saved model's", stacklevel=2)
 
     with safe_open(path, framework="pt") as f:
 

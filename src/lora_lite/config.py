@@ -35,7 +35,12 @@ class AdapterConfig:
     """Fields shared by every variant.
 
     r, alpha     rank and LoRA scale numerator (s = alpha / r); variants that ignore them say so.
-    dtype        dtype of the adapter tensors; x is cast to it for the adapter math.
+    dtype        dtype of the adapter tensors (the fp32 master copy by default); a torch.dtype
+                 or its name ("bfloat16").
+    compute      "input" (default): the adapter's change is computed in the activation's dtype,
+                 casting the small adapter tensors (AMP-style; a bf16 base keeps bf16 activations
+                 for backward); "adapter": activations are cast to `dtype` for the adapter math
+                 and the change back (more precise on a low-precision base, more memory).
     target_names regexes; a linear-like module is a candidate if any matches its full name.
     target_roles subset of {"reader", "writer", "inner"} (see targets.py); empty = no role filter.
     exclude_names regexes that remove candidates (default: the LM head).
@@ -46,6 +51,7 @@ class AdapterConfig:
     r: int = 8
     alpha: float = 16.0
     dtype: torch.dtype = torch.float32
+    compute: Literal["input", "adapter"] = "input"
     target_names: tuple[str, ...] = ()
     target_roles: tuple[Literal["reader", "writer", "inner"], ...] = ()
     exclude_names: tuple[str, ...] = (r"(^|\.)lm_head$",)
@@ -62,6 +68,13 @@ class AdapterConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):  # accept lists where tuples are expected
                 value = tuple(value)
+                object.__setattr__(self, f.name, value)
+            if hints[f.name] is torch.dtype and isinstance(value, str):
+                if value not in DTYPES:
+                    raise ValueError(
+                        f"{type(self).__name__}.{f.name}: unknown dtype {value!r}; allowed: {sorted(DTYPES)}"
+                    )
+                value = DTYPES[value]
                 object.__setattr__(self, f.name, value)
             if isinstance(value, int) and not isinstance(value, bool) and hints[f.name] is float:
                 value = float(value)

@@ -1,11 +1,17 @@
 """attach / detach: the whole runtime.
 
-attach = validate -> calibrate -> create tensors -> init -> mutate W -> freeze -> hooks.
-Everything that can reject the call runs before the first mutation; if anything still fails,
+attach = validate -> calibrate -> create tensors -> init -> freeze -> hooks.
+Everything that can reject the call runs before the first change; if anything still fails,
 the model is rolled back. Adapter tensors live on the target layers as `lora_*` parameters or
-buffers, so the model's class, forward and state_dict keys stay what they were. The attach
-state (config, targets, hook handles, the requires_grad flags attach changed) is kept on the
-model as `model._lora_lite`.
+buffers, so the model's class, forward and base state_dict entries stay what they were: no
+variant writes a base weight (only `merge` does, on request). The attach state (config,
+targets, hook handles, the requires_grad flags attach changed, the `scale` and `enabled` knobs
+of `ll.scaled` / `ll.disabled`) is kept on the model as `model._lora_lite`.
+
+Hooks: an output hook returns y + scale·Δy, a pre-hook hands the layer x + scale·Δx, with Δ
+from the variant's `delta` / `delta_input`. With cfg.compute == "input" (default, AMP-style)
+the variant computes Δ in the activation's dtype, casting its small tensors; with "adapter"
+the activation is cast to the adapter tensors' dtype first and Δ back (the earlier policy).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class AttachState:
     requires_grad: dict[str, bool]              # base parameter -> flag before attach
     fingerprints: dict[str, dict] = field(default_factory=dict)  # base sketches at attach/load
     handles: list = field(default_factory=list)
+    scale: float = 1.0                          # ll.scaled: y + scale·Δy at every target
+    enabled: bool = True                        # ll.disabled: False skips every hook
 
 
 def attach(
@@ -81,13 +89,11 @@ def attach(
 
 
 def detach(model: nn.Module) -> None:
-    """Remove the adapter: hooks, `lora_*` tensors, W restored (W_res + Δ0), grad flags back."""
+    """Remove the adapter: hooks, `lora_*` tensors and the attach state; grad flags back.
+    The base weights were never written, so the model is the pristine base bit for bit."""
     state = state_of(model)
     for h in state.handles:
         h.remove()
-    if state.variant.base_delta is not None:
-        for layer in state.targets.values():
-            shift_weight(layer, state.variant, state.cfg, +1)
     for name, layer in state.targets.items():
         for pname in state.specs[name]:
             _delete(layer, pname)
@@ -168,7 +174,7 @@ def install(
     fill: Callable[[str, nn.Module, dict[str, ParamSpec]], None],
     fingerprints: dict[str, dict] | None = None,
 ) -> None:
-    """Create tensors, fill them, mutate W, freeze the base, add hooks; roll back on any error."""
+    """Create tensors, fill them, freeze the base, add hooks; roll back on any error."""
     state = AttachState(
         cfg=cfg,
         variant=variant,
@@ -178,9 +184,7 @@ def install(
     )
     # The base as it is now (pristine by contract); save() writes it, load() compares with it.
     state.fingerprints = fingerprints or {n: fingerprint(m) for n, m in targets}
-    mutating = variant.base_delta is not None
     created: list[tuple[nn.Module, str]] = []
-    shifted: list[nn.Module] = []
     try:
         for name, layer in targets:
             for pname, spec in state.specs[name].items():
@@ -188,58 +192,56 @@ def install(
                 created.append((layer, pname))
             with torch.no_grad():
                 fill(name, layer, state.specs[name])
-        if mutating:
-            for layer in state.targets.values():
-                shift_weight(layer, variant, cfg, -1)
-                shifted.append(layer)
         for p in model.parameters():
             p.requires_grad_(False)
         for name, layer in targets:
             for pname, spec in state.specs[name].items():
                 if spec.trainable:
                     getattr(layer, pname).requires_grad_(True)
-        for layer in state.targets.values():
-            state.handles.append(_hook(layer, variant, state))
+        for name, layer in targets:
+            state.handles.append(_hook(layer, variant, state, next(iter(state.specs[name]))))
         setattr(model, STATE_ATTR, state)
     except BaseException:
         for h in state.handles:
             h.remove()
-        for layer in shifted:
-            shift_weight(layer, variant, cfg, +1)
         for layer, pname in created:
             _delete(layer, pname)
         _restore_flags(model, state.requires_grad)
         raise
 
 
-@torch.no_grad()
-def shift_weight(layer: nn.Module, variant: type[Variant], cfg: AdapterConfig, sign: int) -> None:
-    """W <- W + sign * Δ0, in fp32, rounded once to W's dtype."""
-    W = layer.weight
-    delta = variant.base_delta(layer, cfg).to(device=W.device, dtype=torch.float32)
-    W.copy_((W.float() + sign * delta).to(W.dtype))
+def _hook(layer: nn.Module, variant: type[Variant], state: AttachState, first: str):
+    """The forward (pre-)hook that adds the variant's change; reads `state` on every call, so
+    reconfigure / scaled / disabled take effect at the next forward. `first` names one of the
+    layer's adapter tensors: its current dtype is the adapter dtype (it follows `.to()`)."""
 
+    def compute_dtype(x):
+        return getattr(layer, first).dtype if state.cfg.compute == "adapter" else x.dtype
 
-def _hook(layer: nn.Module, variant: type[Variant], state: AttachState):
-    dtype = state.cfg.dtype
-    if variant.forward_input is not None:
-        fwd_in = variant.forward_input
+    if variant.delta_input is not None:
+        delta_input = variant.delta_input
 
         def pre_hook(module, args):
+            if not state.enabled:
+                return None
             x = args[0]
-            if x.dtype == dtype:
-                return (fwd_in(module, state.cfg, x),) + args[1:]
-            # Only the adapter's change x' - x goes through the adapter dtype, so a
-            # lower-precision adapter never rounds the base layer's input itself.
-            x_a = x.to(dtype)
-            return (x + (fwd_in(module, state.cfg, x_a) - x_a).to(x.dtype),) + args[1:]
+            d = delta_input(module, state.cfg, x.to(compute_dtype(x)))
+            if state.scale != 1.0:
+                d = d * state.scale
+            return (x + d.to(x.dtype),) + args[1:]
 
         return layer.register_forward_pre_hook(pre_hook)
-    fwd = variant.forward
+    delta = variant.delta
 
     def out_hook(module, args, y):
+        if not state.enabled:
+            return None
         x = args[0]
-        return fwd(module, state.cfg, x if x.dtype == dtype else x.to(dtype), y)
+        dt = compute_dtype(x)
+        d = delta(module, state.cfg, x.to(dt), y.to(dt))
+        if state.scale != 1.0:
+            d = d * state.scale
+        return y + d.to(y.dtype)
 
     return layer.register_forward_hook(out_hook)
 

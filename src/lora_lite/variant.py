@@ -5,20 +5,27 @@ A variant is a class of static functions (math only; no hooks, no model walking,
     param_specs(d_in, d_out, cfg) -> {name: ParamSpec}   tensors to create, names start "lora_"
     validate(layer, cfg)                                 optional; raise before anything mutates
     init(layer, cfg, stats)                              optional; fill tensors from W / stats
-    base_delta(layer, cfg) -> Δ0                         weight-mutating variants: W_res = W - Δ0,
-                                                         a pure function of the saved frozen tensors
-    forward(layer, cfg, x, y) -> y'                      output hook, or
-    forward_input(layer, cfg, x) -> x'                   input pre-hook (the base layer runs on x')
+    delta(layer, cfg, x, y) -> Δy                        output hook: the layer returns y + Δy, or
+    delta_input(layer, cfg, x) -> Δx                     input pre-hook: the layer runs on x + Δx
     effective_weight(layer, cfg) -> (W_eff, b_eff)       closed form of the adapted layer
+    low_rank_delta(layer, cfg) -> (B, A) | None          W_eff − W = B A when that is low-rank
+                                                         and b_eff = b (exported as a plain LoRA)
+
+Every variant is additive: it returns the *change* of the layer's output (or input), and the
+base weight is read, never written. The runtime adds the change, so `ll.scaled(model, c)` is
+y + c·Δy and `ll.disabled(model)` skips the call. The change is computed in the dtype of the
+activation it is added to: a variant casts its (small) tensors with `like(x, t)` rather than
+casting the activations, and does the parts that need fp32 (norms, inverses, solves, gates
+near 1 written as g − 1) in fp32 before that cast.
 
 Class attributes say what the runtime must check or provide:
 
     uses_rank           r is a rank: runtime requires 1 <= r <= min(d_in, d_out)
-    needs_dense_weight  reads or mutates layer.weight: torch.nn.Linear only
+    needs_dense_weight  reads layer.weight (SVD, norms): torch.nn.Linear only
     calibration         None | "gram" | "diag": input statistics the runtime collects
     requires_calibration  attach refuses without calibration data
     (override `calibration_needs(cfg)` when a config knob decides both)
-    identity_at_init    the adapted model equals the base at init (up to rounding)
+    identity_at_init    the adapted model equals the base at init (Δ = 0)
     zero_grad_at_init   trainable tensors whose gradient is zero at step 0 by design
                         (LoRA's A while B = 0); every other trainable gets a gradient
     runtime_fields      config fields that `lora_lite.reconfigure` may change while attached
@@ -95,9 +102,8 @@ class Variant:
     zero_grad_at_init: ClassVar[tuple[str, ...]] = ()
     runtime_fields: ClassVar[tuple[str, ...]] = ()
 
-    forward: ClassVar[Callable | None] = None
-    forward_input: ClassVar[Callable | None] = None
-    base_delta: ClassVar[Callable | None] = None
+    delta: ClassVar[Callable | None] = None
+    delta_input: ClassVar[Callable | None] = None
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: AdapterConfig) -> dict[str, ParamSpec]:
@@ -122,6 +128,25 @@ class Variant:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    @staticmethod
+    def low_rank_delta(layer: nn.Module, cfg: AdapterConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B (d_out, k), A (k, d_in)) in fp32 with W_eff − W = B A and b_eff = b, or None when
+        the change is not low-rank (or moves the bias)."""
+        return None
+
+
+def like(ref: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The tensors in `ref`'s dtype (a no-op when they already are): adapter math runs in the
+    activation's precision by casting the small adapter tensors, never the activations."""
+    out = tuple(t if t.dtype == ref.dtype else t.to(ref.dtype) for t in tensors)
+    return out[0] if len(out) == 1 else out
+
+
+def straight_through_clamp(t: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
+    """clamp(t, lo, hi) in the forward (exactly), identity in the backward: a value pushed past
+    a bound keeps its gradient and can come back, where a plain clamp would zero it for good."""
+    return t.clamp(lo, hi).detach() + (t - t.detach())
+
 
 REGISTRY: dict[str, type[Variant]] = {}
 
@@ -139,8 +164,8 @@ def register(cls: type[Variant]) -> type[Variant]:
     default = cfg_cls.__dataclass_fields__["variant"].default
     if default != name:
         raise ValueError(f"{cfg_cls.__name__}.variant defaults to {default!r}, expected {name!r}")
-    if (cls.forward is None) == (cls.forward_input is None):
-        raise TypeError(f"{cls.__name__}: define exactly one of forward / forward_input")
+    if (cls.delta is None) == (cls.delta_input is None):
+        raise TypeError(f"{cls.__name__}: define exactly one of delta / delta_input")
     if cls.calibration not in (None, "gram", "diag"):
         raise ValueError(f"{cls.__name__}.calibration must be None, 'gram' or 'diag'")
     if cls.requires_calibration and cls.calibration is None:

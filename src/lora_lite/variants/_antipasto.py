@@ -1,13 +1,14 @@
 """Pieces shared by the AntiPaSTO family: a frozen rank-r SVD part of W carried by the adapter.
 
-    W = W_res + U diag(S) P         U (d_out, r), S (r,), P (r, d_in): frozen buffers
-    y' = x W_resᵀ + b + f(x Pᵀ) Uᵀ  each member chooses f (gain, rotation, ablation, core)
+    W ⊇ U diag(S) P                 U (d_out, r), S (r,), P (r, d_in): frozen buffers
+    y' = x Wᵀ + b + (x Pᵀ) M Uᵀ     each member chooses the r x r change M of its frozen part
+                                     (a gain, rotations, an ablation, a core); M = 0 at init
 
 P is `lora_Vh` (orthonormal rows: W's own singular directions) or `lora_P` (CorDA/ASVD's
-oblique rows). The buffers are written in cfg.dtype and Δ0 = U diag(S) P is formed from those
-stored values, so W_res = W − Δ0 is exact but for one rounding, load rebuilds it from the file
-and detach restores W. init reads the pristine W (calibration and init run before the runtime
-subtracts Δ0), so data-driven choices never see a damaged model.
+oblique rows). W itself is never written: the hook adds only the change of the frozen part,
+which is exactly 0 at init, so identity is bit for bit and detach is trivially exact. The
+change is the rank-r matrix U M P (exported as a plain LoRA with B = U M, A = P).
+init reads the pristine W (and calibration statistics collected on the untouched model).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..variant import ParamSpec
+from ..variant import ParamSpec, like, straight_through_clamp
 from ._svd import second_moment, top_r_svd, wanda_top_r
 
 
@@ -25,6 +26,11 @@ def svd_specs(d_in: int, d_out: int, r: int, basis: str = "lora_Vh") -> dict[str
         "lora_S": ParamSpec((r,), trainable=False),
         basis: ParamSpec((r, d_in), trainable=False),
     }
+
+
+def basis_of(layer) -> torch.Tensor:
+    """P: lora_P (CorDA/ASVD orientation) or lora_Vh."""
+    return layer.lora_P if hasattr(layer, "lora_P") else layer.lora_Vh
 
 
 def store_svd(layer, U, S, P, basis: str = "lora_Vh") -> None:
@@ -43,26 +49,46 @@ def init_top_r(layer, cfg, stats: dict | None) -> None:
         store_svd(layer, *wanda_top_r(layer.weight, cfg.r, second_moment(stats)))
 
 
-def frozen_delta(layer, cfg) -> torch.Tensor:
-    """base_delta: Δ0 = U diag(S) P from the stored buffers in fp32 (P = lora_P or lora_Vh)."""
-    P = layer.lora_P if hasattr(layer, "lora_P") else layer.lora_Vh
-    return (layer.lora_U.float() * layer.lora_S.float()) @ P.float()
+def _gain_exponent(layer, cfg) -> torch.Tensor:
+    """z = coeff·g, fp32; suppress_only holds g ≤ 0 with a straight-through clamp, so a g pushed
+    above 0 keeps its gradient and can return (a plain clamp would freeze it)."""
+    g = layer.lora_g.float()
+    return cfg.coeff * (straight_through_clamp(g, hi=0.0) if cfg.suppress_only else g)
 
 
 def gain(layer, cfg) -> torch.Tensor:
-    """1 + ELU(coeff·g): e^z for z ≤ 0, 1 + z above; C¹, positive, exactly 1 at g = 0.
-    suppress_only clamps g ≤ 0 so the factor stays in (0, 1] (config requires coeff ≥ 0)."""
-    g = layer.lora_g.clamp(max=0.0) if cfg.suppress_only else layer.lora_g
-    return 1.0 + F.elu(cfg.coeff * g)
+    """1 + ELU(z) = e^z for z ≤ 0, 1 + z above: C¹, exactly 1 at z = 0, and > 0 for every
+    z > −103 (written as e^z, not 1 + (e^z − 1), which rounds to 0 from z ≈ −17 in fp32)."""
+    z = _gain_exponent(layer, cfg)
+    return torch.where(z > 0, 1.0 + z, torch.exp(z.clamp(max=0.0)))
 
 
-def gain_forward(layer, cfg, x, y, basis):
-    """y + ((x Pᵀ) ⊙ S ⊙ gain) Uᵀ."""
-    h = F.linear(x, basis) * (layer.lora_S * gain(layer, cfg))
-    return y + F.linear(h, layer.lora_U).to(y.dtype)
+def gain_minus_one(layer, cfg) -> torch.Tensor:
+    """gain − 1 = ELU(z), fp32: the change of each singular value's factor, 0 at init."""
+    return F.elu(_gain_exponent(layer, cfg))
 
 
-def gain_effective_weight(layer, cfg, basis):
-    """W_res + U diag(S ⊙ gain) P."""
-    S_eff = layer.lora_S.float() * gain(layer, cfg).float()
-    return layer.weight.float() + (layer.lora_U.float() * S_eff) @ basis.float(), layer.bias
+def coordinates(layer, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = x Pᵀ (…, r) and U, both in x's dtype."""
+    P, U = like(x, basis_of(layer), layer.lora_U)
+    return F.linear(x, P), U
+
+
+def gain_delta(layer, cfg, x, y):
+    """Δy = ((x Pᵀ) ⊙ S ⊙ (gain − 1)) Uᵀ."""
+    p, U = coordinates(layer, x)
+    return F.linear(p * like(x, layer.lora_S.float() * gain_minus_one(layer, cfg)), U)
+
+
+def core_effective_weight(layer, M: torch.Tensor):
+    """W + U M P for an fp32 (r, r) change M of the frozen part."""
+    return layer.weight.float() + layer.lora_U.float() @ M @ basis_of(layer).float(), layer.bias
+
+
+def core_low_rank_delta(layer, M: torch.Tensor):
+    return layer.lora_U.float() @ M, basis_of(layer).float()
+
+
+def gain_core(layer, cfg) -> torch.Tensor:
+    """M = diag(S ⊙ (gain − 1))."""
+    return torch.diag(layer.lora_S.float() * gain_minus_one(layer, cfg))

@@ -1,14 +1,16 @@
 """AntiPaSTO: freeze W's top-r SVD part and learn a bounded gain per singular value (arXiv 2601.07473).
 
-    W = U diag(S) Vh (fp32),  W_res = W − U_r diag(S_r) Vh_r      U_r, S_r, Vh_r frozen buffers
-    S_eff = S_r ⊙ (1 + ELU(coeff·g))      g (r,) trainable, 0  ->  S_eff = S_r: identity at init
-    y' = x W_resᵀ + b + ((x Vh_rᵀ) ⊙ S_eff) U_rᵀ,   W_eff = W_res + U_r diag(S_eff) Vh_r
+    W = U diag(S) Vh (fp32, read once)                         U_r, S_r, Vh_r frozen buffers
+    S_eff = S_r ⊙ (1 + ELU(coeff·g))      g (r,) trainable, 0  ->  S_eff = S_r at init
+    W_eff = W − U_r diag(S_r) Vh_r + U_r diag(S_eff) Vh_r = W + U_r diag(S_r ⊙ ELU(coeff·g)) Vh_r
+    Δy = ((x Vh_rᵀ) ⊙ S_r ⊙ ELU(coeff·g)) U_rᵀ        exactly 0 at g = 0; W is never written
 
 1 + ELU(z) is e^z below 0 and 1 + z above: positive, C¹, 1 at z = 0, so a direction can be
 suppressed towards 0 or amplified, never flipped. `coeff` steers at run time (0 = base model,
 < 0 swaps suppress and amplify): `lora_lite.reconfigure(model, coeff=c)`. `suppress_only`
-clamps g ≤ 0, keeping every factor in (0, 1]; that needs coeff ≥ 0, which the config enforces.
-alpha is unused. Trainable: r per layer.
+holds g ≤ 0 (a straight-through clamp: the forward is clamped, the gradient passes, so a g
+that crossed 0 can come back), keeping every factor in (0, 1]; that needs coeff ≥ 0, which
+the config enforces. alpha is unused. Trainable: r per layer.
 
 Calibration is optional. Without data the r directions are W's top-r singular triplets. With
 data they are the r triplets of W with the largest Wanda-style score S_i·sqrt(v_iᵀ C v_i),
@@ -16,7 +18,8 @@ C = E[x xᵀ] over unmasked tokens (Wanda arXiv 2306.11695, ASVD 2312.05821): th
 carry the most output energy on real inputs, kept in descending-S order. This is the `rms`
 activation pooling; the earlier `mean_abs` pooling needs raw activations, not second moments,
 and is not offered. Selection re-ranks W's own directions; it does not re-orient them (see
-antipasto_corda / antipasto_asvd). No PEFT equivalent; W_res without data equals PEFT PiSSA's.
+antipasto_corda / antipasto_asvd). No PEFT equivalent; without data, W − U_r diag(S_r) Vh_r
+equals PEFT PiSSA's residual base weight. The change is rank r: exported as a plain LoRA.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
 from ..variant import ParamSpec, Variant, register
-from ._antipasto import frozen_delta, gain_effective_weight, gain_forward, init_top_r, svd_specs
+from ._antipasto import core_effective_weight, core_low_rank_delta, gain_core, gain_delta, init_top_r, svd_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,12 +59,12 @@ class AntiPaSTO(Variant):
         return {**svd_specs(d_in, d_out, cfg.r), "lora_g": ParamSpec((cfg.r,), "zeros")}
 
     init = staticmethod(init_top_r)
-    base_delta = staticmethod(frozen_delta)
-
-    @staticmethod
-    def forward(layer, cfg, x, y):
-        return gain_forward(layer, cfg, x, y, layer.lora_Vh)
+    delta = staticmethod(gain_delta)
 
     @staticmethod
     def effective_weight(layer, cfg):
-        return gain_effective_weight(layer, cfg, layer.lora_Vh)
+        return core_effective_weight(layer, gain_core(layer, cfg))
+
+    @staticmethod
+    def low_rank_delta(layer, cfg):
+        return core_low_rank_delta(layer, gain_core(layer, cfg))

@@ -2,18 +2,20 @@
 top-r part, a trainable directional ablation (Arditi et al. arXiv 2406.11717). Meant for
 residual writers (down_proj, o_proj). Base method: antipasto (arXiv 2601.07473).
 
-    W_res = W − U diag(S) Vh        U (d_out, r), S (r,), Vh (r, d_in) frozen buffers
+    U (d_out, r), S (r,), Vh (r, d_in) frozen buffers (W's top-r SVD part)
     Ĉ = QR(c).Q (r, k) orthonormal,  α̂ = clamp(α, 0, 1)      c (r, k) ~ N(0, 1/r); α (k,) = init_alpha
-    h = (x Vhᵀ) ⊙ S,   h ← h − coeff·((h Ĉ) ⊙ α̂) Ĉᵀ,   y' = x W_resᵀ + b + h Uᵀ
-    W_eff = W_res + U (I − coeff·Ĉ diag(α̂) Ĉᵀ) diag(S) Vh
+    h = (x Vhᵀ) ⊙ S,   frozen part h Uᵀ  ->  (h − coeff·((h Ĉ) ⊙ α̂) Ĉᵀ) Uᵀ
+    Δy = −coeff·((h Ĉ) ⊙ α̂) Ĉᵀ Uᵀ,   W_eff = W − coeff·U Ĉ diag(α̂) Ĉᵀ diag(S) Vh
 
 Not identity at init: it starts as a contraction by init_alpha (default 5%) along a random
 unit direction ĉ, ΔW0 = −coeff·init_alpha·U ĉĉᵀ diag(S) Vh. It is the identity only with
 init_alpha = 0 (then c gets no gradient until α moves) or coeff = 0. The map is a contraction
 (eigenvalues 1 − coeff·α̂ in [0, 1]) for coeff in [0, 1]; coeff is not clamped, so coeff > 1
 over-ablates and coeff < 0 amplifies the directions: a steering knob, changed at run time with
-`lora_lite.reconfigure(model, coeff=c)`. `lora_alpha` is the ablation strength, not a LoRA
-scale; the shared `alpha` field is unused. Trainable: r·k + k per layer.
+`lora_lite.reconfigure(model, coeff=c)`. The clamp of α is straight-through (the
+forward is clamped to [0, 1], the gradient passes), so an α pushed below 0 keeps learning and
+can return, where a plain clamp would freeze α and c for good. `lora_alpha` is the ablation
+strength, not a LoRA scale; the shared `alpha` field is unused. Trainable: r·k + k per layer.
 
 cov_orient=True orients the frozen part by the input covariance exactly as antipasto_corda
 (P = Vh_t[:r] C_ε^{-1/2}, C over unmasked tokens) and stores P in the `lora_Vh` slot, whose rows
@@ -30,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
-from ._antipasto import frozen_delta, store_svd, svd_specs
+from ..variant import ParamSpec, Variant, like, register, straight_through_clamp
+from ._antipasto import coordinates, core_effective_weight, core_low_rank_delta, store_svd, svd_specs
 from ._svd import oriented_top_r, second_moment, top_r_svd
 
 
@@ -56,9 +58,15 @@ class AntiPaSTOAblateConfig(AdapterConfig):
 
 
 def _ablation(layer):
-    """Ĉ (r, k) with orthonormal columns spanning c, and α̂ = clamp(α, 0, 1)."""
-    C_hat = torch.linalg.qr(layer.lora_c.float()).Q.to(layer.lora_c.dtype)
-    return C_hat, layer.lora_alpha.clamp(0.0, 1.0)
+    """Ĉ (r, k) with orthonormal columns spanning c, and α̂ = clamp(α, 0, 1), fp32."""
+    C_hat = torch.linalg.qr(layer.lora_c.float()).Q
+    return C_hat, straight_through_clamp(layer.lora_alpha.float(), 0.0, 1.0)
+
+
+def _core(layer, cfg):
+    """M = −coeff·Ĉ diag(α̂) Ĉᵀ diag(S) (r, r), fp32."""
+    C_hat, a = _ablation(layer)
+    return -cfg.coeff * (C_hat * a) @ C_hat.T * layer.lora_S.float()
 
 
 @register
@@ -90,18 +98,17 @@ class AntiPaSTOAblate(Variant):
         else:
             store_svd(layer, *oriented_top_r(layer.weight, cfg.r, second_moment(stats), cfg.cov_eps))
 
-    base_delta = staticmethod(frozen_delta)
-
     @staticmethod
-    def forward(layer, cfg, x, y):
-        C_hat, a = _ablation(layer)
-        h = F.linear(x, layer.lora_Vh) * layer.lora_S
-        h = h - cfg.coeff * F.linear((h @ C_hat) * a, C_hat)
-        return y + F.linear(h, layer.lora_U).to(y.dtype)
+    def delta(layer, cfg, x, y):
+        p, U = coordinates(layer, x)
+        C_hat, a, S = like(x, *_ablation(layer), layer.lora_S)
+        h = p * S
+        return -cfg.coeff * F.linear(F.linear((h @ C_hat) * a, C_hat), U)
 
     @staticmethod
     def effective_weight(layer, cfg):
-        C_hat, a = (t.float() for t in _ablation(layer))
-        M = torch.eye(C_hat.shape[0], device=C_hat.device) - cfg.coeff * (C_hat * a) @ C_hat.T  # (r, r), symmetric
-        core = layer.lora_U.float() @ M * layer.lora_S.float()
-        return layer.weight.float() + core @ layer.lora_Vh.float(), layer.bias
+        return core_effective_weight(layer, _core(layer, cfg))
+
+    @staticmethod
+    def low_rank_delta(layer, cfg):
+        return core_low_rank_delta(layer, _core(layer, cfg))

@@ -4,7 +4,7 @@ ASVD arXiv 2312.05821 (activation-aware SVD: scale W's input channels by their a
     c = diag(E[x xᵀ]) = E[x ⊙ x] over unmasked calibration tokens (d_in,),  c_ε = max(c, 0) + cov_eps
     W diag(√c_ε) = U_t diag(S_t) Vh_t (fp32)
     U = U_t[:, :r],  S = S_t[:r],  P = Vh_t[:r] diag(c_ε^{-1/2})     frozen buffers
-    W_res = W − U diag(S) P (from the stored values),  forward and W_eff as antipasto_corda
+    forward (Δy = ((x Pᵀ) ⊙ S ⊙ ELU(coeff·g)) Uᵀ) and W_eff as antipasto_corda
 
 The optimum of E‖(W − Ŵ)x‖² when the input channels are treated as uncorrelated; it needs a
 (d_in,) statistic instead of (d_in, d_in), so calibration memory and the init are cheaper. The

@@ -4,12 +4,10 @@ CorDA arXiv 2406.05223 (IPM mode: keep the top-r); gain as in antipasto (arXiv 2
     C = E[x xᵀ] over unmasked calibration tokens,  C_ε: eigenvalues λ ← max(λ, 0) + cov_eps
     W C_ε^{1/2} = U_t diag(S_t) Vh_t (fp32)
     U = U_t[:, :r],  S = S_t[:r],  P = Vh_t[:r] C_ε^{-1/2}      frozen buffers (P rows oblique)
-    W_res = W − U diag(S) P       (formed from the stored, dtype-rounded U, S, P)
-    y' = x W_resᵀ + b + ((x Pᵀ) ⊙ S ⊙ (1 + ELU(coeff·g))) Uᵀ,   g (r,) trainable, 0
-    W_eff = W_res + U diag(S_eff) P
+    Δy = ((x Pᵀ) ⊙ S ⊙ ELU(coeff·g)) Uᵀ,   g (r,) trainable, 0  ->  Δy = 0 exactly at init
+    W_eff = W + U diag(S ⊙ ELU(coeff·g)) P = (W − U diag(S) P) + U diag(S_eff) P
 
-W = W_res + U diag(S) P holds exactly, so g = 0 is the identity up to one rounding of W_res.
-U diag(S) P is the rank-r Ŵ minimising E‖(W − Ŵ)x‖² = ‖(W − Ŵ)C^{1/2}‖²_F (Eckart–Young in
+W is never written: the residual W − U diag(S) P exists only implicitly. U diag(S) P is the rank-r Ŵ minimising E‖(W − Ŵ)x‖² = ‖(W − Ŵ)C^{1/2}‖²_F (Eckart–Young in
 the C-weighted norm): the top-r directions carry the most output energy on real activations.
 Calibration data is required (attach refuses without it, before touching the model); load
 needs none, since U, S, P are saved. cov_eps is absolute (in units of x²). coeff, suppress_only
@@ -25,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..variant import ParamSpec, Variant, register
-from ._antipasto import frozen_delta, gain_effective_weight, gain_forward, store_svd, svd_specs
+from ._antipasto import core_effective_weight, core_low_rank_delta, gain_core, gain_delta, store_svd, svd_specs
 from ._svd import oriented_top_r, second_moment
 from .antipasto import AntiPaSTOConfig
 
@@ -59,12 +57,12 @@ class AntiPaSTOCorDA(Variant):
         U, S, P = oriented_top_r(layer.weight, cfg.r, second_moment(stats), cfg.cov_eps)
         store_svd(layer, U, S, P, "lora_P")
 
-    base_delta = staticmethod(frozen_delta)
-
-    @staticmethod
-    def forward(layer, cfg, x, y):
-        return gain_forward(layer, cfg, x, y, layer.lora_P)
+    delta = staticmethod(gain_delta)
 
     @staticmethod
     def effective_weight(layer, cfg):
-        return gain_effective_weight(layer, cfg, layer.lora_P)
+        return core_effective_weight(layer, gain_core(layer, cfg))
+
+    @staticmethod
+    def low_rank_delta(layer, cfg):
+        return core_low_rank_delta(layer, gain_core(layer, cfg))

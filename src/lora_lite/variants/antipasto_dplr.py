@@ -1,15 +1,15 @@
 """AntiPaSTO-DPLR: the antipasto gain plus a rank-k core that mixes directions inside the frozen
 top-r subspace (diagonal-plus-low-rank). Base method: antipasto (arXiv 2601.07473).
 
-    W_res = W − U diag(S) Vh        U (d_out, r), S (r,), Vh (r, d_in) frozen buffers, as antipasto
+    U (d_out, r), S (r,), Vh (r, d_in) frozen buffers (W's top-r SVD part), as antipasto
     p = x Vhᵀ (…, r)
-    h = p ⊙ S ⊙ (1 + ELU(coeff·g)) + coeff·(p Aᵀ) Bᵀ      g (r,) 0;  A (k, r) kaiming;  B (r, k) 0
-    y' = x W_resᵀ + b + h Uᵀ,    W_eff = W_res + U (diag(S_eff) + coeff·B A) Vh
+    frozen part p ⊙ S  ->  p ⊙ S ⊙ (1 + ELU(coeff·g)) + coeff·(p Aᵀ) Bᵀ
+                            g (r,) 0;  A (k, r) kaiming;  B (r, k) 0
+    Δy = (p ⊙ S ⊙ ELU(coeff·g) + coeff·(p Aᵀ) Bᵀ) Uᵀ,    W_eff = W + U (diag(S ⊙ ELU(coeff·g)) + coeff·B A) Vh
 
 The core acts on the unscaled coordinates p = x Vhᵀ, so its effect does not grow with S. There
-is no α/r scale on it (alpha is unused). g = 0 and B = 0 make the identity (up to one rounding
-of W_res); at step 0 grad A = 0 by design, as for LoRA's A. `suppress_only` clamps only the
-gain g; the core can still amplify. `coeff` scales both and changes at run time via
+is no α/r scale on it (alpha is unused). g = 0 and B = 0 make Δy = 0 exactly; at step 0 grad A = 0 by design, as for LoRA's A. `suppress_only` holds only the
+gain's g ≤ 0; the core can still amplify. `coeff` scales both and changes at run time via
 `lora_lite.reconfigure(model, coeff=c)`; coeff = 0 is the base model.
 
 lora_rank k must be in [1, r]: k = 0 would be exactly `antipasto`, so it is refused with a
@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from ..variant import ParamSpec, Variant, register
-from ._antipasto import frozen_delta, gain, init_top_r, svd_specs
+from ..variant import ParamSpec, Variant, like, register
+from ._antipasto import (
+    coordinates, core_effective_weight, core_low_rank_delta, gain_core, gain_minus_one, init_top_r, svd_specs,
+)
 from .antipasto import AntiPaSTOConfig
 
 
@@ -43,6 +45,11 @@ class AntiPaSTODPLRConfig(AntiPaSTOConfig):
             )
         if self.lora_rank > self.r:
             raise ValueError(f"AntiPaSTODPLRConfig.lora_rank: must be <= r={self.r}, got {self.lora_rank}")
+
+
+def _core(layer, cfg):
+    """M = diag(S ⊙ (gain − 1)) + coeff·B A (r, r), fp32."""
+    return gain_core(layer, cfg) + cfg.coeff * (layer.lora_B.float() @ layer.lora_A.float())
 
 
 @register
@@ -65,16 +72,17 @@ class AntiPaSTODPLR(Variant):
         }
 
     init = staticmethod(init_top_r)
-    base_delta = staticmethod(frozen_delta)
 
     @staticmethod
-    def forward(layer, cfg, x, y):
-        p = F.linear(x, layer.lora_Vh)
-        h = p * (layer.lora_S * gain(layer, cfg)) + cfg.coeff * F.linear(F.linear(p, layer.lora_A), layer.lora_B)
-        return y + F.linear(h, layer.lora_U).to(y.dtype)
+    def delta(layer, cfg, x, y):
+        p, U = coordinates(layer, x)
+        A, B, S_change = like(x, layer.lora_A, layer.lora_B, layer.lora_S.float() * gain_minus_one(layer, cfg))
+        return F.linear(p * S_change + cfg.coeff * F.linear(F.linear(p, A), B), U)
 
     @staticmethod
     def effective_weight(layer, cfg):
-        S_eff = layer.lora_S.float() * gain(layer, cfg).float()
-        M = S_eff.diag() + cfg.coeff * (layer.lora_B.float() @ layer.lora_A.float())  # (r, r)
-        return layer.weight.float() + layer.lora_U.float() @ M @ layer.lora_Vh.float(), layer.bias
+        return core_effective_weight(layer, _core(layer, cfg))
+
+    @staticmethod
+    def low_rank_delta(layer, cfg):
+        return core_low_rank_delta(layer, _core(layer, cfg))

@@ -1,27 +1,36 @@
 """AntiPaSTO-rot: an additive singular-value delta plus block-diagonal Cayley rotations of the
 frozen top-r singular basis. The earlier AntiPaSTO form (arXiv 2601.07473), kept for A/B runs.
 
-    W_res = W − U diag(S) Vh        U (d_out, r), S (r,), Vh (r, d_in) frozen buffers
+    U (d_out, r), S (r,), Vh (r, d_in) frozen buffers (W's top-r SVD part)
     per block n of size bs (r/bs blocks), t = rot_T[n] (bs(bs−1)/2,):
-        T = strict upper triangle filled with t,  Ã = ½(T − Tᵀ)
-        A = a·tanh(Ã / a),  a = 2·tan(max_rotation_angle / 2)      (skew-symmetric, bounded)
+        T = strict upper triangle filled with t,  Ã = ½(T − Tᵀ)        (skew-symmetric)
+        A = Ã · a·tanh(ρ/a)/ρ,  ρ = ‖Ã‖_F/√2,  a = 2·tan(max_rotation_angle / 2)
         R_n = (I − A/2)⁻¹ (I + A/2)                                 (Cayley: orthogonal, fp32)
     R_V = blockdiag(R_n) from rot_T   when rotate_basis ∈ {V, both}, else I
     R_U = blockdiag(R_n) from rot_T (U) or rot_T_u (both),          else I
-    y' = x W_resᵀ + b + ((x (R_V Vh)ᵀ) ⊙ (S + δ_s)) (U R_Uᵀ)ᵀ
-    W_eff = W_res + U R_Uᵀ diag(S + δ_s) R_V Vh
+    frozen part ((x Vhᵀ) ⊙ S) Uᵀ  ->  ((x (R_V Vh)ᵀ) ⊙ (S + δ_s)) (U R_Uᵀ)ᵀ
+    W_eff = W + U (R_Uᵀ diag(S + δ_s) R_V − diag(S)) Vh
 
-For a 2×2 block the rotation angle is capped at max_rotation_angle exactly; larger blocks are
-capped per entry. The rotations act on the (…, r) coordinates, so Vh and U are never rebuilt.
-Init: rot_T = 0 (R = I exactly) and δ_s ~ 4e-4 + N(0, 4e-4²), a deliberate small positive
-offset that breaks the sign symmetry of δ_s; so the model is *not* the identity at init (zero
-δ_s for an exact one). Trainable: r + r(bs−1)/2 per layer (+ r(bs−1)/2 more for `both`; r only
-for `none`). alpha is unused.
+The rotation angles of R_n are 2·atan(σ_k/2) for the singular values σ_k of A, and
+σ_max(A) ≤ ρ (a skew matrix's σ come in pairs, so ‖A‖_F² = 2Σσ_k² ≥ 2σ_max²) and
+ρ(A) = a·tanh(ρ/a) < a: every angle of every block size stays below max_rotation_angle. For
+bs = 2 (one angle) the bound is attained as ρ → ∞ and A = a·tanh(Ã_01/a) entrywise; for
+larger blocks the cap is reached only when a block rotates in a single plane.
+
+The hook adds only the change, written without cancellation: with p = x Vhᵀ,
+q = p R_Vᵀ = p + p (R_V − I)ᵀ and a = q ⊙ (S + δ_s),
+    Δy = ((q − p) ⊙ S + q ⊙ δ_s + a (R_U − I)) Uᵀ,   R − I = (I − A/2)⁻¹ A   (fp32 solve)
+so R = I and δ_s = 0 give Δy = 0 exactly, and a small δ_s is not lost to the rounding of
+S + δ_s in a bf16 forward. The rotations act on the (…, r) coordinates: Vh and U are never
+rebuilt. Init: rot_T = 0 and δ_s ~ 4e-4 + N(0, 4e-4²), a deliberate small positive offset
+that breaks the sign symmetry of δ_s; so the model is *not* the identity at init (zero δ_s for
+an exact one). Trainable: r + r(bs−1)/2 per layer (+ r(bs−1)/2 more for `both`; r only for
+`none`). alpha is unused.
 
 Calibration is optional: with data the r directions are Wanda re-selected as in antipasto
 (score S_i·sqrt(v_iᵀ C v_i), C = E[x xᵀ] over unmasked tokens; the earlier `mean_abs` pooling
 needs raw activations and is not offered). δ_s is drawn i.i.d. per direction, so the selection
-needs no re-indexing of trainables. No PEFT equivalent.
+needs no re-indexing of trainables. The change is rank r (exported as a plain LoRA). No PEFT equivalent.
 """
 
 from __future__ import annotations
@@ -34,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
-from ._antipasto import frozen_delta, init_top_r, svd_specs
+from ..variant import ParamSpec, Variant, like, register
+from ._antipasto import coordinates, core_effective_weight, core_low_rank_delta, init_top_r, svd_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,23 +63,27 @@ class AntiPaSTORotConfig(AdapterConfig):
             raise ValueError(f"{name}.max_rotation_angle: must be in (0, pi), got {self.max_rotation_angle}")
 
 
-def _rotations(t: torch.Tensor, bs: int, max_angle: float) -> torch.Tensor:
-    """(r/bs, bs(bs−1)/2) parameters -> (r/bs, bs, bs) bounded Cayley rotations, fp32."""
+def _rotations_minus_identity(t: torch.Tensor, bs: int, max_angle: float) -> torch.Tensor:
+    """(r/bs, bs(bs−1)/2) parameters -> (r/bs, bs, bs) blocks R_n − I of bounded Cayley
+    rotations, fp32, as (I − A/2)⁻¹ A (no I to cancel)."""
     i, j = torch.triu_indices(bs, bs, 1, device=t.device)
     T = t.new_zeros(t.shape[0], bs, bs, dtype=torch.float32)
     T[:, i, j] = t.float()
+    A = 0.5 * (T - T.transpose(1, 2))
     lim = 2.0 * math.tan(max_angle / 2.0)
-    X = lim * torch.tanh(0.5 * (T - T.transpose(1, 2)) / lim) / 2.0
+    # ρ = ‖Ã‖_F/√2 (+ a tiny floor: finite gradient at Ã = 0); A·lim·tanh(ρ/lim)/ρ -> A as ρ -> 0
+    rho = (A.square().sum((1, 2), keepdim=True) / 2.0 + 1e-30).sqrt()
+    A = A * (lim * torch.tanh(rho / lim) / rho)
     eye = torch.eye(bs, device=t.device)
-    return torch.linalg.solve(eye - X, eye + X)
+    return torch.linalg.solve(eye - A / 2.0, A)
 
 
 def _blocks(layer, cfg):
-    """(R_V, R_U), each (r/bs, bs, bs) or None for the identity."""
+    """(R_V − I, R_U − I), each (r/bs, bs, bs) fp32, or None for the identity."""
     basis = cfg.rotate_basis
 
     def rot(t):
-        return _rotations(t, cfg.block_size, cfg.max_rotation_angle)
+        return _rotations_minus_identity(t, cfg.block_size, cfg.max_rotation_angle)
 
     R_V = rot(layer.lora_rot_T) if basis in ("V", "both") else None
     R_U = rot(layer.lora_rot_T if basis == "U" else layer.lora_rot_T_u) if basis in ("U", "both") else None
@@ -78,12 +91,18 @@ def _blocks(layer, cfg):
 
 
 def _rotate(h: torch.Tensor, R: torch.Tensor | None, transpose: bool) -> torch.Tensor:
-    """h (…, r) -> h blockdiag(R)ᵀ (transpose) or h blockdiag(R), blockwise."""
+    """h (…, r) -> h blockdiag(R)ᵀ (transpose) or h blockdiag(R), blockwise; 0 for R = None."""
     if R is None:
-        return h
+        return torch.zeros_like(h)
     hb = h.unflatten(-1, (R.shape[0], R.shape[1]))
     eq = "...nk,njk->...nj" if transpose else "...nj,njk->...nk"
     return torch.einsum(eq, hb, R.to(h.dtype)).flatten(-2)
+
+
+def _full(blocks: torch.Tensor | None, r: int, device) -> torch.Tensor:
+    """blockdiag(I + blocks) (r, r), fp32."""
+    eye = torch.eye(r, device=device)
+    return eye if blocks is None else eye + torch.block_diag(*blocks)
 
 
 @register
@@ -106,18 +125,28 @@ class AntiPaSTORot(Variant):
         return specs
 
     init = staticmethod(init_top_r)
-    base_delta = staticmethod(frozen_delta)
 
     @staticmethod
-    def forward(layer, cfg, x, y):
+    def delta(layer, cfg, x, y):
         R_V, R_U = _blocks(layer, cfg)
-        h = _rotate(F.linear(x, layer.lora_Vh), R_V, transpose=True) * (layer.lora_S + layer.lora_delta_s)
-        return y + F.linear(_rotate(h, R_U, transpose=False), layer.lora_U).to(y.dtype)
+        p, U = coordinates(layer, x)
+        S, d_s = like(x, layer.lora_S, layer.lora_delta_s)
+        dq = _rotate(p, R_V, transpose=True)         # q − p
+        q = p + dq
+        a = q * (S + d_s)
+        return F.linear(dq * S + q * d_s + _rotate(a, R_U, transpose=False), U)
 
     @staticmethod
     def effective_weight(layer, cfg):
-        eye = torch.eye(cfg.r, device=layer.lora_U.device)
-        R_V, R_U = (eye if R is None else torch.block_diag(*R) for R in _blocks(layer, cfg))
-        S = layer.lora_S.float() + layer.lora_delta_s.float()
-        delta = (layer.lora_U.float() @ R_U.T * S) @ (R_V @ layer.lora_Vh.float())
-        return layer.weight.float() + delta, layer.bias
+        return core_effective_weight(layer, _core(layer, cfg))
+
+    @staticmethod
+    def low_rank_delta(layer, cfg):
+        return core_low_rank_delta(layer, _core(layer, cfg))
+
+
+def _core(layer, cfg):
+    """M = R_Uᵀ diag(S + δ_s) R_V − diag(S) (r, r), fp32."""
+    R_V, R_U = (_full(B, cfg.r, layer.lora_S.device) for B in _blocks(layer, cfg))
+    S = layer.lora_S.float()
+    return R_U.T @ torch.diag(S + layer.lora_delta_s.float()) @ R_V - torch.diag(S)

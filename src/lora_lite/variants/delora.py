@@ -2,7 +2,7 @@
 
     w = ‖W_:,j‖₂ over outputs (d_in,), frozen buffer read once from W
     c_i = (λ / r) / (max(‖A_i,:‖, 1e-4) · max(‖B_:,i‖, 1e-4))
-    y' = y + (((x ⊙ w) Aᵀ) ⊙ c) Bᵀ
+    Δy = (((x ⊙ w) Aᵀ) ⊙ c) Bᵀ,  y' = y + Δy      (c from fp32 norms, cast to x's dtype)
     A (r, d_in) kaiming, B (d_out, r) 0, λ () = lambda0  ->  identity at init for any λ
     W_eff = W + B diag(c) A diag(w)
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, like, register
 from .lora import lora_specs
 
 
@@ -33,9 +33,10 @@ class DeLoRAConfig(AdapterConfig):
 
 
 def _coefficients(layer, cfg):
-    A_norm = layer.lora_A.norm(dim=1).clamp_min(1e-4)
-    B_norm = layer.lora_B.norm(dim=0).clamp_min(1e-4)
-    return (layer.lora_lambda / cfg.r) / (A_norm * B_norm)     # (r,)
+    """c (r,) in fp32."""
+    A_norm = layer.lora_A.float().norm(dim=1).clamp_min(1e-4)
+    B_norm = layer.lora_B.float().norm(dim=0).clamp_min(1e-4)
+    return (layer.lora_lambda.float() / cfg.r) / (A_norm * B_norm)
 
 
 @register
@@ -58,11 +59,16 @@ class DeLoRA(Variant):
         layer.lora_wnorm.copy_(layer.weight.float().norm(dim=0))
 
     @staticmethod
-    def forward(layer, cfg, x, y):
-        h = F.linear(x * layer.lora_wnorm, layer.lora_A) * _coefficients(layer, cfg)
-        return y + F.linear(h, layer.lora_B).to(y.dtype)
+    def delta(layer, cfg, x, y):
+        w, A, B, c = like(x, layer.lora_wnorm, layer.lora_A, layer.lora_B, _coefficients(layer, cfg))
+        return F.linear(F.linear(x * w, A) * c, B)
 
     @staticmethod
     def effective_weight(layer, cfg):
-        delta = (layer.lora_B * _coefficients(layer, cfg)) @ layer.lora_A * layer.lora_wnorm
-        return layer.weight.float() + delta.float(), layer.bias
+        B, A = DeLoRA.low_rank_delta(layer, cfg)
+        return layer.weight.float() + B @ A, layer.bias
+
+    @staticmethod
+    def low_rank_delta(layer, cfg):
+        """W_eff − W = (B diag(c)) (A diag(w))."""
+        return layer.lora_B.float() * _coefficients(layer, cfg), layer.lora_A.float() * layer.lora_wnorm.float()

@@ -6,6 +6,11 @@
     A (r, d_in) kaiming, B (d_out, r) 0, m (d_out,) = ‖W_o,:‖₂  ->  at init n = m: identity
     W_eff = diag(m / ‖W + sBA‖_row) (W + sBA),  b_eff = b   (the bias is not rescaled)
 
+As a change with g = m / n:  Δy = (g − 1) ⊙ (y − b) + g ⊙ s·(x Aᵀ) Bᵀ. The norms and g − 1
+are computed in fp32 (W read in fp32) and only then cast to the activation dtype, so at init
+g − 1 = 0 and B = 0 give Δy = 0 exactly even on a bf16 base with a bias (forming y' from
+g ⊙ (y − b) would round y − b and g in bf16).
+
 Reads the dense W on every call, so torch.nn.Linear only. Matches HF PEFT
 `LoraConfig(use_dora=True, lora_dropout=0)` with lora_magnitude_vector = m.
 """
@@ -14,12 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
-from .lora import lora_specs
+from ..variant import ParamSpec, Variant, like, register
+from .lora import lora_specs, low_rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,9 +30,9 @@ class DoRAConfig(AdapterConfig):
 
 
 def _direction(layer, cfg):
-    """V = W + s·sg(BA) in the adapter dtype; n = sg(row norms of V)."""
-    BA = (layer.lora_B @ layer.lora_A).detach()
-    V = layer.weight.to(BA.dtype) + cfg.scale * BA
+    """V = W + s·sg(BA) and n = sg(row norms of V), fp32."""
+    BA = (layer.lora_B.float() @ layer.lora_A.float()).detach()
+    V = layer.weight.float() + cfg.scale * BA
     return V, V.norm(dim=1).clamp_min(1e-12).detach()
 
 
@@ -50,16 +52,15 @@ class DoRA(Variant):
         layer.lora_m.copy_(layer.weight.float().norm(dim=1))
 
     @staticmethod
-    def forward(layer, cfg, x, y):
+    def delta(layer, cfg, x, y):
         _, n = _direction(layer, cfg)
-        g = layer.lora_m / n                                     # (d_out,)
-        lora = F.linear(F.linear(x, layer.lora_A) * cfg.scale, layer.lora_B)
+        g = layer.lora_m.float() / n                              # (d_out,), fp32
         b = layer.bias
-        y_lin = y if b is None else y - b                        # x Wᵀ
-        out = g * (y_lin + lora)
-        return (out if b is None else out + b).to(y.dtype)
+        y_lin = y if b is None else y - like(y, b)                # x Wᵀ
+        g_minus_1, g = like(y, g - 1.0, g)
+        return g_minus_1 * y_lin + g * low_rank(x, layer.lora_A, layer.lora_B, cfg.scale)
 
     @staticmethod
     def effective_weight(layer, cfg):
         V, n = _direction(layer, cfg)
-        return (layer.lora_m / n)[:, None].float() * V.float(), layer.bias
+        return (layer.lora_m.float() / n)[:, None] * V, layer.bias

@@ -4,7 +4,7 @@
     A (r, d_in) trainable = top-r right singular vectors of X = top-r eigenvectors of XᵀX,
                 largest first (orthonormal rows, unscaled)
     B (d_out, r) trainable, 0  ->  identity at init, bit for bit; at step 0 grad A = 0
-    y' = y + s·(x Aᵀ) Bᵀ,   W_eff = W + s·B A,   s = alpha / r
+    Δy = s·(x Aᵀ) Bᵀ,   W_eff = W + s·B A,   s = alpha / r
 
 The runtime collects only XᵀX (d_in x d_in) in one pass on the untouched model, so no
 activations are stored; padding (attention_mask == 0) is excluded. Calibration data is required
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ..config import AdapterConfig
 from ..variant import Variant, register
 from ._svd import top_r_eigvecs
-from .lora import lora_effective_weight, lora_forward, lora_specs
+from .lora import lora_delta, lora_effective_weight, lora_low_rank_delta, lora_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,5 +49,6 @@ class EVA(Variant):
     def init(layer, cfg, stats):
         layer.lora_A.copy_(top_r_eigvecs(stats["gram"], cfg.r))
 
-    forward = staticmethod(lora_forward)
+    delta = staticmethod(lora_delta)
     effective_weight = staticmethod(lora_effective_weight)
+    low_rank_delta = staticmethod(lora_low_rank_delta)

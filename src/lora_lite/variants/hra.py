@@ -7,8 +7,10 @@
 
 R is never built: in compact-WY form (Joffrain et al. 2006, "Accumulating Householder
 transformations, revisited") R = I − Ûᵀ T⁻¹ Û with T = striu(Û Ûᵀ) + ½ I (r x r), so
-x Rᵀ = x − ((x Ûᵀ) T⁻ᵀ) Û: two thin matmuls, 2·r·d_in MACs per token, and only (…, r)
-activations saved for backward instead of r copies of x. Same reflections and order as HF PEFT
+Δx = x Rᵀ − x = −((x Ûᵀ) T⁻ᵀ) Û: two thin matmuls, 2·r·d_in MACs per token, and only (…, r)
+activations saved for backward instead of r copies of x. Û and T⁻ᵀ are formed in fp32 (the
+inverse has no bf16 kernel), and the thin (…, r) product with T⁻ᵀ runs in fp32, so at init the
+contributions of each reflection pair cancel to rounding even in a bf16 forward. Same reflections and order as HF PEFT
 `HRAConfig(r, apply_GS=False)` with hra_u = Uᵀ (PEFT builds the d_in x d_in matrix every call).
 PEFT's init uses fan_in r/2 where ours uses d_in; copy U for identical training.
 """
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,8 +44,9 @@ def _paired_kaiming(t: torch.Tensor) -> None:
 
 
 def _wy(layer):
-    """Normalised reflectors Û (r, d_in) and T⁻ᵀ (r, r) of the compact-WY form."""
-    U_hat = layer.lora_U / layer.lora_U.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    """Normalised reflectors Û (r, d_in) and T⁻ᵀ (r, r) of the compact-WY form, fp32."""
+    U = layer.lora_U.float()
+    U_hat = U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)
     T = torch.triu(U_hat @ U_hat.T, diagonal=1)
     T = T + 0.5 * torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
     return U_hat, torch.linalg.inv(T).T
@@ -67,12 +70,15 @@ class HRA(Variant):
             )
 
     @staticmethod
-    def forward_input(layer, cfg, x):
+    def delta_input(layer, cfg, x):
         U_hat, T_inv_t = _wy(layer)
-        return x - F.linear(F.linear(x, U_hat) @ T_inv_t, U_hat.T)
+        U_hat = like(x, U_hat)
+        # the (…, r) middle product in fp32: its paired entries must cancel in the last product
+        w = (F.linear(x, U_hat).float() @ T_inv_t).to(x.dtype)
+        return -F.linear(w, U_hat.T)
 
     @staticmethod
     def effective_weight(layer, cfg):
         U_hat, T_inv_t = _wy(layer)
         R = torch.eye(U_hat.shape[1], dtype=U_hat.dtype, device=U_hat.device) - U_hat.T @ T_inv_t.T @ U_hat
-        return layer.weight.float() @ R.float(), layer.bias
+        return layer.weight.float() @ R, layer.bias

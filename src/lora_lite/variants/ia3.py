@@ -1,6 +1,7 @@
 """IA3: a learned elementwise gate on the layer output (arXiv 2205.05638).
 
-    y' = y ⊙ g          g (d_out,) trainable, 1 at init  ->  exact identity
+    y' = y ⊙ g = y + y ⊙ (g − 1)     g (d_out,) trainable, 1 at init  ->  Δy = 0 exactly
+                        (g − 1 is formed in fp32: a bf16 g·y would round y itself)
     W_eff = diag(g) W,  b_eff = g ⊙ b                    (the bias is gated too)
 
 The paper gates the k/v outputs (this variant) and the FFN intermediate (`ia3_ff`, the input of
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,8 +34,8 @@ class IA3(Variant):
         return {"lora_g": ParamSpec((d_out,), "ones")}
 
     @staticmethod
-    def forward(layer, cfg, x, y):
-        return (y * layer.lora_g).to(y.dtype)
+    def delta(layer, cfg, x, y):
+        return y * like(y, layer.lora_g.float() - 1.0)
 
     @staticmethod
     def effective_weight(layer, cfg):

@@ -1,6 +1,6 @@
 """IA3-FF: a learned elementwise gate on the layer *input* (arXiv 2205.05638, FFN placement).
 
-    x' = x ⊙ g          g (d_in,) trainable, 1 at init  ->  exact identity
+    x' = x ⊙ g = x + x ⊙ (g − 1)     g (d_in,) trainable, 1 at init  ->  Δx = 0 exactly
     W_eff = W diag(g),  b_eff = b                        (the bias is not gated)
 
 Meant for the FFN down-projection (its input is the FFN intermediate). r and alpha are unused.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,8 +32,8 @@ class IA3FF(Variant):
         return {"lora_g": ParamSpec((d_in,), "ones")}
 
     @staticmethod
-    def forward_input(layer, cfg, x):
-        return x * layer.lora_g
+    def delta_input(layer, cfg, x):
+        return x * like(x, layer.lora_g.float() - 1.0)
 
     @staticmethod
     def effective_weight(layer, cfg):

@@ -1,6 +1,6 @@
 """LoRA: a trainable low-rank product beside the frozen weight (arXiv 2106.09685).
 
-    y' = y + s · (x Aᵀ) Bᵀ                  s = alpha / r
+    Δy = s · (x Aᵀ) Bᵀ,  y' = y + Δy       s = alpha / r
     A (r, d_in)   trainable, kaiming-uniform (±1/√d_in)
     B (d_out, r)  trainable, 0  ->  identity at init, bit for bit; at step 0 grad A = 0
     W_eff = W + s·B A,  b_eff = b           (the bias stays inside y, untouched)
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,14 +33,24 @@ def lora_specs(d_in, d_out, r):
     }
 
 
-def lora_forward(layer, cfg, x, y):
-    """y + s·(x Aᵀ) Bᵀ; scaling the (…, r) intermediate is cheaper than scaling (…, d_out)."""
-    return y + F.linear(F.linear(x, layer.lora_A) * cfg.scale, layer.lora_B).to(y.dtype)
+def low_rank(x, A, B, scale):
+    """scale·(x Aᵀ) Bᵀ in x's dtype; scaling the (…, r) intermediate is cheaper than (…, d_out)."""
+    A, B = like(x, A, B)
+    return F.linear(F.linear(x, A) * scale, B)
+
+
+def lora_delta(layer, cfg, x, y):
+    """Δy = s·(x Aᵀ) Bᵀ."""
+    return low_rank(x, layer.lora_A, layer.lora_B, cfg.scale)
 
 
 def lora_effective_weight(layer, cfg):
     W = layer.weight.float() + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
     return W, layer.bias
+
+
+def lora_low_rank_delta(layer, cfg):
+    return cfg.scale * layer.lora_B.float(), layer.lora_A.float()
 
 
 @register
@@ -53,5 +63,6 @@ class LoRA(Variant):
     def param_specs(d_in, d_out, cfg):
         return lora_specs(d_in, d_out, cfg.r)
 
-    forward = staticmethod(lora_forward)
+    delta = staticmethod(lora_delta)
     effective_weight = staticmethod(lora_effective_weight)
+    low_rank_delta = staticmethod(lora_low_rank_delta)

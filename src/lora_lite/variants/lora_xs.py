@@ -4,7 +4,7 @@
     A = diag(S_r) Vh_r (r, d_in) frozen buffer   (all of S folded into A: rows not orthonormal)
     B = U_r            (d_out, r) frozen buffer
     R (r, r) trainable, N(0, 1e-5²) elementwise  ->  deliberately *not* exact identity
-    y' = y + s·((x Aᵀ) Rᵀ) Bᵀ,   W_eff = W + s·B R A
+    Δy = s·((x Aᵀ) Rᵀ) Bᵀ,   W_eff = W + s·B R A
 
 R = 0 would be an exact identity that still trains (grad R ≠ 0 there); the small random init
 follows the paper. The deviation from the base is exactly s·B R A, which vanishes with R = 0.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, like, register
 from ._svd import top_r_svd
 
 
@@ -51,11 +51,15 @@ class LoRAXS(Variant):
         layer.lora_B.copy_(U)
 
     @staticmethod
-    def forward(layer, cfg, x, y):
-        h = F.linear(F.linear(x, layer.lora_A), layer.lora_R) * cfg.scale
-        return y + F.linear(h, layer.lora_B).to(y.dtype)
+    def delta(layer, cfg, x, y):
+        A, R, B = like(x, layer.lora_A, layer.lora_R, layer.lora_B)
+        return F.linear(F.linear(F.linear(x, A), R) * cfg.scale, B)
 
     @staticmethod
     def effective_weight(layer, cfg):
-        delta = cfg.scale * (layer.lora_B @ layer.lora_R @ layer.lora_A)
-        return layer.weight.float() + delta.float(), layer.bias
+        B, A = LoRAXS.low_rank_delta(layer, cfg)
+        return layer.weight.float() + B @ A, layer.bias
+
+    @staticmethod
+    def low_rank_delta(layer, cfg):
+        return cfg.scale * layer.lora_B.float() @ layer.lora_R.float(), layer.lora_A.float()

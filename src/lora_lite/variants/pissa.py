@@ -1,25 +1,31 @@
 """PiSSA: train the principal rank-r SVD part of W, freeze the residual (arXiv 2404.02948).
 
     W = U diag(S) Vh (fp32),  Se = S_r / s,  s = alpha / r
-    A = diag(√Se) Vh_r  (r, d_in)   trainable
-    B = U_r diag(√Se)   (d_out, r)  trainable
+    A = diag(√Se) Vh_r  (r, d_in)   trainable;  A0 = A at init, frozen buffer
+    B = U_r diag(√Se)   (d_out, r)  trainable;  B0 = B at init, frozen buffer
     W_res = W − s·B0 A0,  y' = x W_resᵀ + b + s·(x Aᵀ) Bᵀ
 
-Δ0 = s·B0 A0 is built from the *initial* factors, kept as frozen buffers lora_A0 / lora_B0
-(A and B move during training), so load() rebuilds W_res on a pristine base without an SVD
-and detach() restores W = W_res + Δ0. Δ0 uses the stored (dtype-rounded) factors, so the only
-identity error is one rounding of W_res. Any alpha works: the scale is folded into the init.
-Matches HF PEFT `LoraConfig(init_lora_weights="pissa")` (same factors, same W_res).
+computed additively, without ever writing W:
+
+    Δy = s·(x Aᵀ) Bᵀ − s·(x A0ᵀ) B0ᵀ          (the same function and gradients as W_res)
+
+At init A = A0 and B = B0, and the two products are the same computation, so Δy = 0 bit for
+bit in any dtype. W_eff − W = s·(B A − B0 A0) = [sB, −sB0] [A; A0]: a rank-2r LoRA. Any alpha
+works: the scale is folded into the init. Matches HF PEFT `LoraConfig(init_lora_weights="pissa")`
+(same factors; PEFT's residual base weight is W − s·B0 A0). The checkpoint holds A0, B0 too,
+so load rebuilds the adapted model on a pristine base without an SVD.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..config import AdapterConfig
 from ..variant import ParamSpec, Variant, register
 from ._svd import top_r_svd
-from .lora import lora_effective_weight, lora_forward
+from .lora import low_rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,8 +59,16 @@ class PiSSA(Variant):
         layer.lora_B.copy_(layer.lora_B0)
 
     @staticmethod
-    def base_delta(layer, cfg):
-        return (cfg.scale * layer.lora_B0.float()) @ layer.lora_A0.float()
+    def delta(layer, cfg, x, y):
+        s = cfg.scale
+        return low_rank(x, layer.lora_A, layer.lora_B, s) - low_rank(x, layer.lora_A0, layer.lora_B0, s)
 
-    forward = staticmethod(lora_forward)
-    effective_weight = staticmethod(lora_effective_weight)
+    @staticmethod
+    def effective_weight(layer, cfg):
+        B, A = PiSSA.low_rank_delta(layer, cfg)
+        return layer.weight.float() + B @ A, layer.bias
+
+    @staticmethod
+    def low_rank_delta(layer, cfg):
+        B = cfg.scale * torch.cat([layer.lora_B.float(), -layer.lora_B0.float()], dim=1)
+        return B, torch.cat([layer.lora_A.float(), layer.lora_A0.float()], dim=0)

@@ -6,7 +6,8 @@ Outputs are split into groups of G; inside a group, coordinate k pairs with k + 
     y'_k       = f_k·y_k − s_k·y_{k+G/2}                (first half of a group)
     y'_{k+G/2} = f_{k+G/2}·y_{k+G/2} + s_{k+G/2}·y_k    (second half)
     i.e. y' = f ⊙ y + s ⊙ rotate_half(y),  rotate_half = (−y₂, y₁) per group,
-    computed as one fused f ⊙ y + s̃ ⊙ (y₂, y₁) with the sign folded into s̃
+    as a change  Δy = (f − 1) ⊙ y + s̃ ⊙ (y₂, y₁)  with the sign folded into s̃;
+    f − 1 and s̃ are formed in fp32, then cast to y's dtype
 
     road_1  P = d_out/2: f = α cos θ, s = α sin θ, one (θ, α) per pair, shared by both halves
     road_2  P = d_out:   f_j = α_j cos θ_j, s_j = α_j sin θ_j
@@ -27,7 +28,7 @@ from typing import Literal
 import torch
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, like, register
 
 _PARAMS_PER_OUTPUT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
 
@@ -44,9 +45,9 @@ class RoadConfig(AdapterConfig):
 
 
 def _coefficients(layer, cfg):
-    """f, s̃ (d_out,) with y' = f ⊙ y + s̃ ⊙ swap(y), where swap exchanges the two halves of each
-    group and s̃ = s with the first half negated (so s̃ ⊙ swap(y) = s ⊙ rotate_half(y))."""
-    theta, alpha, G = layer.lora_road_theta, layer.lora_road_alpha, cfg.group_size
+    """f, s̃ (d_out,) in fp32 with y' = f ⊙ y + s̃ ⊙ swap(y), where swap exchanges the two halves
+    of each group and s̃ = s with the first half negated (so s̃ ⊙ swap(y) = s ⊙ rotate_half(y))."""
+    theta, alpha, G = layer.lora_road_theta.float(), layer.lora_road_alpha.float(), cfg.group_size
     if cfg.road_variant == "road_1":   # (groups, G/2) -> both halves share a pair's params
         theta = theta.reshape(-1, 1, G // 2).expand(-1, 2, -1).reshape(-1)
         alpha = alpha.reshape(-1, 1, G // 2).expand(-1, 2, -1).reshape(-1)
@@ -88,9 +89,10 @@ class Road(Variant):
             )
 
     @staticmethod
-    def forward(layer, cfg, x, y):
+    def delta(layer, cfg, x, y):
         f, s = _coefficients(layer, cfg)
-        return torch.addcmul(y * f, _swap_halves(y, cfg.group_size), s).to(y.dtype)
+        f_minus_1, s = like(y, f - 1.0, s)
+        return torch.addcmul(y * f_minus_1, _swap_halves(y, cfg.group_size), s)
 
     @staticmethod
     def effective_weight(layer, cfg):
@@ -98,4 +100,4 @@ class Road(Variant):
         eye = torch.eye(layer.out_features, dtype=f.dtype, device=f.device)
         R = f[:, None] * eye + s[:, None] * _swap_halves(eye, cfg.group_size)  # swap is symmetric
         b = layer.bias
-        return R.float() @ layer.weight.float(), None if b is None else R.float() @ b.float()
+        return R @ layer.weight.float(), None if b is None else R @ b.float()
