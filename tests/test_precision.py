@@ -220,3 +220,27 @@ def test_svd_family_attach_keeps_the_base_bf16_model_bit_exact(qwen_bf16, case):
                 for pname in NEUTRAL[case]:
                     getattr(layer, pname).zero_()
     assert torch.equal(qwen_bf16.out(model), y0)
+
+
+@pytest.mark.parametrize("case", ["pissa", "antipasto_corda", "lora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hf_save_pretrained_of_an_attached_model_reloads_the_pristine_base(qwen, case, dtype, tmp_path):
+    """transformers' own save of an attached model writes the untouched base weights (plus the
+    extra `lora_*` entries, which from_pretrained reports as unexpected and drops)."""
+    from transformers import Qwen3ForCausalLM
+
+    model = copy.deepcopy(qwen.model).to(dtype)
+    model.save_pretrained(tmp_path / "pristine")
+    attach_case(qwen, case, model)
+    perturb(model)
+    model.save_pretrained(tmp_path / "attached")
+
+    def reload(folder):  # (from_pretrained keeps rotary buffers fp32: compare like with like)
+        return Qwen3ForCausalLM.from_pretrained(tmp_path / folder, torch_dtype=dtype, attn_implementation="eager").eval()
+
+    reloaded, pristine = reload("attached"), reload("pristine")
+    state, expected = reloaded.state_dict(), pristine.state_dict()
+    assert state.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
+    assert torch.equal(qwen.out(reloaded), qwen.out(pristine))
