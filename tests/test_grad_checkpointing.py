@@ -73,3 +73,20 @@ def test_reentrant_checkpointing_without_input_grads_cannot_reach_the_adapter(be
     model.disable_input_require_grads()  # undo what transformers >= 5 enables on its own
     with pytest.raises(RuntimeError, match="does not require grad"):
         adapter_grads(model, bench.batch)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_reentrant_checkpointing_without_input_grads_silently_skips_inner_adapters(bench):
+    """With an adapter outside the checkpointed blocks (lm_head) the loss requires grad, so
+    nothing raises, yet the adapters inside the blocks get no gradient."""
+    model = bench.fresh().train()
+    ll.attach(model, ll.LoRAConfig(r=4, target_names=(r"q_proj$", r"^lm_head$"), exclude_names=()))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    enable_checkpointing(model, reentrant=True)
+    model.disable_input_require_grads()
+    grads = adapter_grads(model, bench.batch)
+    assert all(g is not None for n, g in grads.items() if n.startswith("lm_head."))
+    assert all(g is None for n, g in grads.items() if ".q_proj." in n)
