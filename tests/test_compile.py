@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch._dynamo
 
-import lora_lite as ll
-
-from cases import CASES, NO_DATA
+from cases import CASES
 from conftest import make_qwen, rel_err
+from test_variants import attach_case
 
 # One case per kind of hook math: low-rank output hook, W read every call, compact-WY pre-hook,
 # elementwise pre-hook, frozen-SVD gains with Cayley rotations of both bases.
@@ -41,11 +40,8 @@ def fresh_dynamo():
 
 def attached(bench, case):
     model = bench.fresh().train()
-    cfg = CASES[case](())
-    needs = ll.REGISTRY[cfg.variant].calibration_needs(cfg)[0]
-    data = bench.calibration if needs and case not in NO_DATA else None
     torch.manual_seed(0)
-    ll.attach(model, cfg, calibration_data=data, progress=False)
+    attach_case(bench, case, model)  # with calibration data where the case takes it
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move off init so every trainable gets a gradient
         for p in model.parameters():
