@@ -1,4 +1,6 @@
-"""Hooks under torch.compile and gradient checkpointing (SPEC A4.10)."""
+"""Every variant's hooks compile with fullgraph=True (a graph break raises) on a small MLP, cheap
+enough to run for all cases by default; tests/test_compile.py compiles the whole decoder and
+tests/test_grad_checkpointing.py covers gradient checkpointing (SPEC A4.10)."""
 
 from __future__ import annotations
 
@@ -30,19 +32,3 @@ def test_hooks_compile_without_graph_breaks(case):
     assert rel_err(y_c.detach(), y.detach()) <= 1e-6
     y_c.square().sum().backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
-
-
-@pytest.mark.parametrize("case", ["lora", "hra", "dora"])
-def test_gradient_checkpointing_gives_the_same_gradients(qwen, case):
-    grads = []
-    for checkpointing in (False, True):
-        model = qwen.fresh().train()
-        torch.manual_seed(5)
-        ll.attach(model, CASES[case](qwen.targets))
-        perturb(model)
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model(**qwen.batch, use_cache=False).logits.square().mean().backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    for name, g in grads[0].items():
-        assert torch.allclose(grads[1][name], g, rtol=1e-5, atol=1e-8 * g.abs().max()), name

@@ -18,6 +18,7 @@ import tempfile
 import warnings
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -28,6 +29,11 @@ from .fingerprint import fingerprint, same_base
 from .runtime import ensure_free, install, state_of, validate, variant_of
 from .targets import is_linear_like
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: nothing can be sharded
+    DTensor = ()
+
 FORMAT = "lora-lite"
 FORMAT_VERSION = "1"
 
@@ -37,13 +43,18 @@ class CheckpointError(ValueError):
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the attached adapter to `path` atomically (temp file in the same folder + rename)."""
+    """Write the attached adapter to `path` atomically (temp file in the same folder + rename).
+
+    Distributed: when torch.distributed is initialised, only global rank 0 writes; the other
+    ranks return without writing. Adapter tensors sharded by FSDP2 (DTensors) are gathered
+    first with collectives, so under FSDP2 call `save` on every rank (on rank 0 alone it would
+    hang). With replicated tensors (DDP) no collective runs, so rank 0 alone may call it. `save`
+    holds no barrier: ranks that read the file afterwards call `dist.barrier()` first.
+    """
     state = state_of(model)
-    tensors = {
-        f"{name}.{pname}": getattr(layer, pname).detach().to("cpu").contiguous()
-        for name, layer in state.targets.items()
-        for pname in state.specs[name]
-    }
+    tensors = _full_adapter_tensors(state)
+    if not _is_writer():
+        return
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -75,6 +86,25 @@ def _stored_config(state, tensors: dict[str, torch.Tensor]) -> dict:
     if len(dtypes) == 1:
         d["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     return d
+
+
+def _full_adapter_tensors(state) -> dict[str, torch.Tensor]:
+    """{file key: the whole adapter tensor on the CPU}. A tensor sharded by FSDP2 (a DTensor) is
+    all-gathered with `full_tensor()`, a collective: every rank must get here, and all ranks
+    gather the same tensors in the same order (targets in model order, then spec order)."""
+    tensors = {}
+    for name, layer in state.targets.items():
+        for pname in state.specs[name]:
+            t = getattr(layer, pname).detach()
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            tensors[f"{name}.{pname}"] = t.to("cpu").contiguous()
+    return tensors
+
+
+def _is_writer() -> bool:
+    """Rank 0 of an initialised process group, or a process outside any group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> None:
