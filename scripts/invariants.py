@@ -1,17 +1,19 @@
-"""Measured invariant errors of every test case, on the two test models (the random Qwen3 and
-the real MiniLM): the numbers behind the README's exactness claims.
+"""Measured invariant errors of every test case, on the test models (the random Qwen3 with an
+fp32 and a bf16 base, and the real MiniLM): the numbers behind the README's exactness claims.
 
     python scripts/invariants.py [--out results/invariants]
 
 Per case: identity at init (deliberate offsets zeroed), reload (trainables perturbed, save,
 load onto a pristine copy), detach (back to the base) and, for methods HF PEFT has, parity
-(same tensors in PEFT's slots). Errors are max |Δ| / max |y| over real tokens, fp32, CPU.
+(same tensors in PEFT's slots; fp32 bases only). Errors are max |Δ| / max |y| over real tokens,
+CPU; adapter tensors fp32, compute in the base's dtype (the default policy).
 The test suite asserts the same quantities against fixed bounds; this prints the values.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -28,7 +30,7 @@ from lora_lite.runtime import state_of  # noqa: E402
 from lora_lite.variant import REGISTRY  # noqa: E402
 
 from cases import CASES, NEUTRAL, QWEN_ONLY  # noqa: E402
-from conftest import make_minilm, make_qwen, rel_err  # noqa: E402
+from conftest import Bench, make_minilm, make_qwen, rel_err  # noqa: E402
 from test_variants import attach_case, perturb  # noqa: E402
 
 
@@ -52,7 +54,7 @@ def measure(bench, case: str) -> dict:
         fresh = bench.fresh()
         ll.load(fresh, path)
         row["reload"] = rel_err(bench.out(fresh), y1)
-    if cfg.variant in PEFT_METHODS:
+    if cfg.variant in PEFT_METHODS and bench.dtype == torch.float32:
         import peft
 
         theirs = peft.get_peft_model(bench.fresh(), peft_config(cfg, list(state_of(model).targets))).eval()
@@ -68,12 +70,14 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "invariants"))
     args = p.parse_args()
     rows = []
-    for bench in (make_qwen(), make_minilm()):
+    qwen = make_qwen()
+    qwen_bf16 = Bench("qwen", copy.deepcopy(qwen.model).to(torch.bfloat16), qwen.batch, (), qwen.calibration)
+    for label, bench in (("qwen", qwen), ("qwen-bf16", qwen_bf16), ("minilm", make_minilm())):
         for case in CASES:
             if bench.kind != "qwen" and case in QWEN_ONLY:
                 continue
             torch.manual_seed(0)
-            r = {"model": bench.kind, "case": case, **measure(bench, case)}
+            r = {"model": label, "case": case, **measure(bench, case)}
             rows.append(r)
             print(r, flush=True)
     out = Path(args.out)
