@@ -22,10 +22,15 @@ from test_variants import attach_case, perturb
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def cli(*args, cwd=None):
+def cli(*args, without_peft=False):
+    """`python -m lora_lite.cli ARGS`; without_peft: with `import peft` made to fail."""
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lora_lite.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=300)
+    run = ["-m", "lora_lite.cli"]
+    if without_peft:
+        run = ["-c", "import sys, runpy; sys.modules['peft'] = None; "
+                     "runpy.run_module('lora_lite.cli', run_name='__main__')"]
+    return subprocess.run([sys.executable, *run, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
 
 
 def test_help_lists_the_commands(capsys):
@@ -71,7 +76,7 @@ def test_export_peft_from_the_file_alone(qwen, tmp_path, capsys):
     attach_case(qwen, "pissa", model)
     perturb(model)
     ll.save(model, tmp_path / "a.safetensors")
-    res = cli("export-peft", tmp_path / "a.safetensors", tmp_path / "out")
+    res = cli("export-peft", tmp_path / "a.safetensors", tmp_path / "out", without_peft=True)
     assert res.returncode == 0, res.stderr
     assert "PEFT LORA, r=8 on 14 modules" in res.stdout
     pm = peft.PeftModel.from_pretrained(qwen.fresh(), tmp_path / "out").eval()
@@ -103,3 +108,17 @@ def test_import_peft(qwen, tmp_path, capsys):
     assert main(args) == 1
     assert "PEFT option bias='all' is not supported" in capsys.readouterr().err
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_readme_deploy_examples_run(tmp_path, monkeypatch):
+    """The README's Deploy section is one script; run it as written."""
+    pytest.importorskip("peft")
+    text = (Path(SRC).parent / "README.md").read_text()
+    section = text.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), "README.md#deploy", "exec"), namespace)
+    assert type(namespace["cfg"]).__name__ == "LoRAConfig"
+    assert (namespace["y_opposite"] - namespace["y_base"]).abs().max() > 0

@@ -23,6 +23,7 @@ peft = pytest.importorskip("peft")
 import lora_lite as ll  # noqa: E402
 from lora_lite.interop.peft import NATIVE_EXPORT  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
+from lora_lite.targets import find_targets  # noqa: E402
 from lora_lite.variants.lora_xs import LoRAXS  # noqa: E402
 
 from cases import CASES  # noqa: E402
@@ -141,6 +142,8 @@ def test_import_matches_peft_and_round_trips(qwen, name, tmp_path):
     cfg = ll.import_peft(model, tmp_path / "peft")
     assert cfg.variant == variant
     assert rel_err(qwen.out(model), y_peft) <= 1e-5
+    found = [n for n, _ in find_targets(qwen.fresh(), cfg)]  # the config alone selects the same layers
+    assert found == list(state_of(model).targets)
 
     # the imported adapter is a normal lora-lite adapter: save/load, and back to PEFT tensor-equal
     ll.save(model, tmp_path / "a.safetensors")
@@ -192,6 +195,17 @@ REFUSED_OPTIONS = [
     ("peft_type", "ADALORA"),
     ("use_dora", True),
 ]
+
+
+def test_import_refuses_a_magnitude_without_use_dora(qwen, tmp_path):
+    saved_peft(qwen, peft.LoraConfig(r=4, target_modules=T, use_dora=True), tmp_path)
+    conf = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**conf, "use_dora": False}))
+    model = qwen.fresh()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="lora_magnitude_vector is not a tensor of a 'lora' adapter; check use_dora"):
+        ll.import_peft(model, tmp_path)
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("field,value", REFUSED_OPTIONS, ids=[f"{f}={v}" for f, v in REFUSED_OPTIONS])

@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import CheckpointError, _parse_config, _parse_json, _read_header
+from ..checkpoint import _DTYPE_CODES, CheckpointError, _parse_config, _parse_json, _read_header
 from ..config import AdapterConfig
 from ..runtime import ensure_free, install, state_of, validate, variant_of
 from ..targets import is_linear_like
@@ -309,14 +309,17 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> AdapterConfig:
             f"{peft_dir}: {len(absent)} adapted module(s) are not linear layers of this model, e.g. "
             f"{absent[:3]}; load the base with the same class PEFT wrapped (e.g. AutoModelForCausalLM)"
         )
-    targets = [(n, modules[n]) for n in plan]
+    targets = [(n, m) for n, m in modules.items() if n in plan]  # model order, as attach finds them
     validate(model, variant, cfg, targets)
     for name, layer in targets:
         specs = variant.param_specs(layer.in_features, layer.out_features, cfg)
         for pname, spec in specs.items():
             key, layout = plan[name][pname]
             peft_shape = tuple(shapes[key][0])
-            ok = peft_shape == tuple(reversed(spec.shape)) if layout == "T" else math.prod(peft_shape) == math.prod(spec.shape)
+            if layout == "T":
+                ok = peft_shape == tuple(reversed(spec.shape))
+            else:  # the same numbers, a reshape apart ((d, 1) gates, DeLoRA's λ of shape (1,))
+                ok = math.prod(peft_shape) == math.prod(spec.shape)
             if not ok:
                 raise ValueError(f"{peft_dir}: {key} has shape {peft_shape}; {name} needs {pname} of shape {spec.shape}")
 
@@ -346,10 +349,10 @@ def _read_peft_dir(peft_dir: str) -> tuple[dict, dict[str, tuple[tuple[int, ...]
         raise ValueError(f"{conf_path}: not readable JSON ({e})") from None
     if not isinstance(conf, dict):
         raise ValueError(f"{conf_path}: expected a JSON object")
-    codes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
     try:
         with safe_open(weights, framework="pt") as f:
-            shapes = {k: (tuple(f.get_slice(k).get_shape()), codes.get(f.get_slice(k).get_dtype())) for k in f.keys()}
+            shapes = {k: (tuple(f.get_slice(k).get_shape()), _DTYPE_CODES.get(f.get_slice(k).get_dtype()))
+                      for k in f.keys()}
     except Exception as e:  # safetensors' own error types
         raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
     return conf, shapes
@@ -389,12 +392,13 @@ def _convert(where: str, conf: dict, shapes: dict) -> tuple[AdapterConfig, dict[
             unknown.append(key)
             continue
         per_target.setdefault(rest[: -len(suffix) - 1], {})[suffix] = key
-    if unknown or not per_target:
+    if unknown:
         raise ValueError(
             f"{where}: tensors that are not {ptype} adapter tensors of linear layers: {unknown[:5]} "
-            f"(embedding/conv adapters or saved modules are not supported)" if unknown else
-            f"{where}: no adapter tensors in {WEIGHTS_NAME}"
+            f"(embedding/conv adapters or saved modules are not supported)"
         )
+    if not per_target:
+        raise ValueError(f"{where}: no adapter tensors in {WEIGHTS_NAME}")
     dtypes = {dt for _, dt in shapes.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 and None not in dtypes else torch.float32
     common = dict(target_names=tuple(f"^{re.escape(n)}$" for n in per_target), exclude_names=(), dtype=dtype)
@@ -422,8 +426,8 @@ def _convert(where: str, conf: dict, shapes: dict) -> tuple[AdapterConfig, dict[
         if len(kinds) > 1:
             raise ValueError(
                 f"{where}: PEFT option feedforward_modules covers some targets but not all; a lora-lite "
-                f"adapter is one variant (ia3 gates outputs, ia3_ff gates inputs): save the feed-forward "
-                f"and the other modules as two PEFT adapters and merge one before importing the other"
+                f"adapter is one variant (ia3 gates outputs, ia3_ff gates inputs): save them as two PEFT "
+                f"adapters, import one, ll.merge it, then import the other"
             )
         variant = kinds.pop()
         cfg = _config(where, variant, **common)
@@ -437,7 +441,9 @@ def _convert(where: str, conf: dict, shapes: dict) -> tuple[AdapterConfig, dict[
     for name, found in per_target.items():
         plan[name] = {}
         for suffix, key in found.items():
-            path = next(p for p in inverse if _file_key(p) == suffix)
+            path = next((p for p in inverse if _file_key(p) == suffix), None)
+            if path is None:  # e.g. a DoRA magnitude while use_dora is false
+                raise ValueError(f"{where}: {key} is not a tensor of a {variant!r} adapter; check use_dora")
             ours, layout = inverse[path]
             plan[name][ours] = (key, layout)
         missing = [_file_key(path) for ours, path, _ in LAYOUT[variant] if ours not in plan[name]]
