@@ -3,6 +3,7 @@
 from ._version import __version__
 from .checkpoint import CheckpointError, load, save
 from .config import AdapterConfig
+from .merge import disabled, merge, scaled
 from .runtime import attach, detach, reconfigure
 from .variant import REGISTRY, ParamSpec, Variant, register
 from . import variants as _variants  # noqa: F401  (registers the built-in variants)
@@ -22,9 +23,11 @@ from .variants.lora import LoRAConfig
 from .variants.lora_xs import LoRAXSConfig
 from .variants.pissa import PiSSAConfig
 from .variants.road import RoadConfig
+from .interop.peft import export_peft, import_peft
 
 __all__ = [
     "__version__", "attach", "detach", "reconfigure", "save", "load", "CheckpointError",
+    "merge", "disabled", "scaled", "export_peft", "import_peft",
     "AdapterConfig", "REGISTRY", "ParamSpec", "Variant", "register",
     "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "HRAConfig",
     "IA3Config", "IA3FFConfig", "RoadConfig", "LoRAXSConfig", "EVAConfig",

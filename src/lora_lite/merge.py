@@ -1,0 +1,117 @@
+"""merge / disabled / scaled: deploy an attached adapter, switch it off, or dial its strength.
+
+    merge(model)            W ← W_eff, b ← b_eff at every target (fp32 math, one rounding to the
+                            weight's dtype), then the adapter is removed as by `detach`
+    with disabled(model):   every hook returns the base output (y_base)
+    with scaled(model, c):  every target gives y_base + c·(y_adapted − y_base)
+
+The hooks read `enabled` and `scale` from the attach state on every call (runtime.py), so the
+context managers only set and restore two attributes: no base-layer call is added. For an input
+pre-hook the layer runs on x + c·Δx; the base layer is affine, so its output is exactly
+y_base + c·(y_adapted − y_base). Nesting composes: the scale multiplies, `disabled` wins.
+
+merge bakes in what the model computes at the moment of the call: inside `scaled(model, c)` it
+writes W + c·(W_eff − W) (and the same for the bias), inside `disabled(model)` it writes W back
+unchanged and drops the adapter. Every change of a variant is affine in the layer input, so this
+is the same function as the scaled hook.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .runtime import detach, state_of
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Base-model outputs while the adapter stays attached (e.g. the reference model of a
+    preference loss). Restores the previous state on exit, also on an exception."""
+    state = state_of(model)
+    before = state.enabled
+    state.enabled = False
+    try:
+        yield model
+    finally:
+        state.enabled = before
+
+
+@contextmanager
+def scaled(model: nn.Module, c: float) -> Iterator[nn.Module]:
+    """y_base + c·(y_adapted − y_base) at every target (c = 0 base, 1 adapted, −1 the opposite
+    edit). Inside another `scaled(model, b)` the strength is b·c. Restores on exit."""
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+        raise ValueError(f"scaled(model, c): c must be a finite number, got {c!r}")
+    state = state_of(model)
+    before = state.scale
+    state.scale = before * float(c)
+    try:
+        yield model
+    finally:
+        state.scale = before
+
+
+def merge(model: nn.Module) -> None:
+    """Write every target's effective weight (and bias) into the layer and remove the adapter.
+
+    The model is then a plain model with no lora-lite state; a new adapter can be attached on
+    top (stacking = merge, then attach). Inside `scaled(model, c)` / `disabled(model)` the
+    current strength is merged (c, or 0). Layers that are not dense (quantised linears, whose
+    `weight` is not a floating-point (d_out, d_in) tensor) are refused before anything changes.
+    """
+    state = state_of(model)
+    for name, layer in state.targets.items():
+        W = layer.weight
+        dense = (
+            isinstance(layer, nn.Linear)
+            and type(W) in (nn.Parameter, torch.Tensor)
+            and W.dtype.is_floating_point
+            and tuple(W.shape) == (layer.out_features, layer.in_features)
+        )
+        if not dense:
+            raise TypeError(
+                f"{name}: merge writes a dense weight and needs torch.nn.Linear with a floating-point "
+                f"(d_out, d_in) weight, got {type(layer).__name__} with a {W.dtype} weight of shape "
+                f"{tuple(W.shape)}; keep the adapter attached (hooks) on quantised layers, or merge "
+                f"into a dequantised copy"
+            )
+    c = state.scale if state.enabled else 0.0
+    targets = list(state.targets.items())
+    with torch.no_grad():
+        for i, (name, layer) in enumerate(targets):
+            try:  # one layer at a time: peak extra memory is one layer's fp32 temporaries
+                W, b = _merged(layer, state.variant.effective_weight(layer, state.cfg), c)
+                layer.weight.copy_(W)
+                if b is not None and layer.bias is None:
+                    flag = state.requires_grad.get(f"{name}.weight", False)
+                    layer.bias = nn.Parameter(b, requires_grad=flag)
+                elif b is not None:
+                    layer.bias.copy_(b)
+            except Exception as e:  # after the checks above only resource errors get here
+                raise RuntimeError(
+                    f"merge failed at {name} after writing {i} of {len(targets)} targets ({e}); "
+                    f"the model is now partly merged: reload the base model"
+                ) from e
+    detach(model)
+
+
+def _merged(layer: nn.Module, eff, c: float):
+    """(W + c·(W_eff − W), b + c·(b_eff − b)) in fp32, rounded once to the layer's dtypes;
+    the bias is None when it does not change."""
+    W_eff, b_eff = eff
+    W0 = layer.weight
+    if c != 1.0:
+        W_eff = W0.float() + c * (W_eff.float() - W0.float())
+    b0 = layer.bias
+    if b_eff is None or b_eff is b0:
+        b = None
+    else:
+        base = torch.zeros_like(b_eff, dtype=torch.float32) if b0 is None else b0.float()
+        b = b_eff.float() if c == 1.0 else base + c * (b_eff.float() - base)
+        b = b.to(W0.dtype if b0 is None else b0.dtype)
+    return W_eff.to(W0.dtype), b

@@ -1,0 +1,124 @@
+"""The `lora-lite` commands as a user runs them: subprocesses of `python -m lora_lite.cli` (one per
+command: each pays the torch import), and the error paths in-process through `cli.main`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_lite as ll
+from lora_lite.cli import main
+from lora_lite.runtime import state_of
+
+from conftest import rel_err
+from test_variants import attach_case, perturb
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def cli(*args, without_peft=False):
+    """`python -m lora_lite.cli ARGS`; without_peft: with `import peft` made to fail."""
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = ["-m", "lora_lite.cli"]
+    if without_peft:
+        run = ["-c", "import sys, runpy; sys.modules['peft'] = None; "
+                     "runpy.run_module('lora_lite.cli', run_name='__main__')"]
+    return subprocess.run([sys.executable, *run, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_help_lists_the_commands(capsys):
+    res = cli("--help")
+    assert res.returncode == 0
+    for command in ("demo", "bench", "inspect", "export-peft", "import-peft"):
+        assert f"\n  {command} " in res.stdout
+    assert main(["frobnicate"]) == 2
+
+
+def test_inspect(qwen, tmp_path, capsys):
+    model = qwen.fresh()
+    attach_case(qwen, "antipasto_dplr", model)
+    path = tmp_path / "a.safetensors"
+    ll.save(model, path)
+    res = cli("inspect", path)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "variant     antipasto_dplr" in out
+    assert f"lora-lite {ll.__version__}" in out
+    assert "targets     14: model.layers.{0-1}.self_attn.q_proj" in out
+    assert "<target>.lora_U" in out and "frozen" in out and "trainable" in out
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"{trainable:,} trainable of " in out
+
+    assert main(["inspect", str(path), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["variant"] == "antipasto_dplr" and d["config"]["lora_rank"] == 2
+    assert d["targets"] == list(state_of(model).targets)
+    assert d["trainable_parameters"] == trainable
+    assert d["bytes"] == path.stat().st_size
+    assert d["tensors"]["lora_g"] == {"count": 14, "shapes": {"8": 14}, "dtype": "float32", "trainable": True}
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.pt")
+    for bad, why in (("model.pt", "not a readable safetensors file"), ("missing.safetensors", "no such file")):
+        assert main(["inspect", str(tmp_path / bad)]) == 1
+        assert f"lora-lite inspect: {tmp_path / bad}: {why}" in capsys.readouterr().err
+
+
+def test_export_peft_from_the_file_alone(qwen, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    model = qwen.fresh()
+    attach_case(qwen, "pissa", model)
+    perturb(model)
+    ll.save(model, tmp_path / "a.safetensors")
+    res = cli("export-peft", tmp_path / "a.safetensors", tmp_path / "out", without_peft=True)
+    assert res.returncode == 0, res.stderr
+    assert "PEFT LORA, r=8 on 14 modules" in res.stdout
+    pm = peft.PeftModel.from_pretrained(qwen.fresh(), tmp_path / "out").eval()
+    assert rel_err(qwen.out(pm), qwen.out(model)) <= 1e-5
+    assert main(["export-peft", str(tmp_path / "out" / "adapter_model.safetensors"), str(tmp_path / "x")]) == 1
+    assert "not a lora-lite checkpoint" in capsys.readouterr().err
+
+
+def test_import_peft(qwen, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    qwen.model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(qwen.fresh(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    res = cli("import-peft", tmp_path / "peft", tmp_path / "a.safetensors", "--base-model", tmp_path / "base")
+    assert res.returncode == 0, res.stderr
+    assert "lora on 4 modules" in res.stdout
+    model = qwen.fresh()
+    ll.load(model, tmp_path / "a.safetensors")  # same base: no fingerprint warning
+    assert rel_err(qwen.out(model), qwen.out(pm)) <= 1e-5
+
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    conf["bias"] = "all"
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(conf))
+    args = ["import-peft", str(tmp_path / "peft"), str(tmp_path / "b.safetensors"), "--base-model", str(tmp_path / "base")]
+    assert main(args) == 1
+    assert "PEFT option bias='all' is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_readme_deploy_examples_run(tmp_path, monkeypatch):
+    """The README's Deploy section is one script; run it as written."""
+    pytest.importorskip("peft")
+    text = (Path(SRC).parent / "README.md").read_text()
+    section = text.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), "README.md#deploy", "exec"), namespace)
+    assert type(namespace["cfg"]).__name__ == "LoRAConfig"
+    assert (namespace["y_opposite"] - namespace["y_base"]).abs().max() > 0
