@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import lora_lite as ll
 from lora_lite.bench import adapters, cost, models, quality, report
@@ -85,8 +86,10 @@ def test_cost_quick_run_writes_well_formed_results(tmp_path):
                     ("ours", "ia3"), ("peft", "ia3")]
     for r in m["rows"]:
         assert r["params"] >= 0 and r["fwd_ms"] > 0 and r["step_ms"] > 0
+        assert r["saved_mb"] > 0
         if r["lib"] in ("ours", "peft"):
             assert r["macs_per_token"] > 0 and r["attach_s"] >= 0
+            assert r["saved_over_base_mb"] >= 0
             assert r["bytes"] > 0 and r["save_ms"] > 0 and r["load_ms"] > 0
             assert r["reload_err"] <= 1e-5
         if r["lib"] == "ours":
@@ -99,6 +102,38 @@ def test_cost_quick_run_writes_well_formed_results(tmp_path):
     assert "ours / PEFT" in md and "`lora`" in md
 
 
+class _Chain(nn.Module):
+    """x (fixed input) -> Linear -> ReLU -> Linear, read like a model output by cost.step."""
+
+    def __init__(self, trainable: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16, bias=False), nn.Linear(16, 4, bias=False)
+        self.requires_grad_(trainable)
+        self.x = torch.randn(5, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=self.b(torch.relu(self.a(self.x))))
+
+
+def test_saved_activation_bytes_count_each_saved_storage_once():
+    """Independent count for a trainable Linear-ReLU-Linear chain and the loss mean(out²):
+    autograd keeps x (for ∇W_a), relu(h) (ReLU's result and ∇W_b's input: one storage, counted
+    once) and out (for the square); the weights it saves are parameters and are left out."""
+    torch.manual_seed(0)
+    chain = _Chain(trainable=True)
+    batch = {"input_ids": torch.zeros(5, 1, dtype=torch.long)}
+    with torch.no_grad():
+        hidden = torch.relu(chain.a(chain.x))
+        out = chain.b(hidden)
+    expected = sum(t.numel() * t.element_size() for t in (chain.x, hidden, out))
+    assert cost.saved_activation_bytes(chain, batch) == expected
+    # freeze the first layer: its input x is no longer needed for any gradient
+    chain.a.requires_grad_(False)
+    assert cost.saved_activation_bytes(chain, batch) == expected - chain.x.numel() * 4
+
+
 def test_peak_memory_is_measured_in_a_fresh_process():
     spec = {"kind": "tiny", "layers": 2, "batch_size": 2, "seq_len": 8, "n_calib": 1, "rank": 4,
             "threads": 1, "lib": "ours", "name": "lora"}
@@ -109,7 +144,8 @@ def test_peak_memory_is_measured_in_a_fresh_process():
 
 def test_quality_smoke_run_and_report(tmp_path):
     args = ["--rows", "head,peft:lora,lora", "--seeds", "0", "--steps", "2", "--n-train", "64",
-            "--n-test", "32", "--calib-batches", "1", "--batch-size", "8", "--out", str(tmp_path)]
+            "--n-test", "32", "--calib-batches", "1", "--batch-size", "8", "--eval-every", "1",
+            "--eval-n", "16", "--out", str(tmp_path)]
     assert quality.main(args) == 0
     data = json.loads((tmp_path / "quality.json").read_text())
     assert [r["row"] for r in data["runs"]] == ["head", "peft:lora", "lora"]
@@ -117,11 +153,102 @@ def test_quality_smoke_run_and_report(tmp_path):
     assert head["params"] == 0 and peft_lora["params"] == lora["params"] > 0
     assert peft_lora["acc"] == lora["acc"]  # same initial tensors, same math: same training
     assert all(0 <= r["acc"] <= 1 and r["finite"] for r in data["runs"])
+    assert all(len(r["curve"]["loss"]) == 2 and r["curve"]["eval_steps"] == [0, 1] for r in data["runs"])
     assert (tmp_path / "quality.png").stat().st_size > 0
+    assert (tmp_path / "quality_curves.png").stat().st_size > 0
     assert "PEFT LoRA" in (tmp_path / "quality.md").read_text()
     # a second call resumes: nothing left to run, the JSON is unchanged
     assert quality.main(args) == 0
     assert json.loads((tmp_path / "quality.json").read_text())["runs"] == data["runs"]
+
+
+def test_knob_sweeps_and_lrs_are_separate_arms_that_resume_by_run_id(tmp_path):
+    """--set gives the cartesian product of knob values for the rows that have the field (the
+    others run once), --lr ROW=... overrides one row's lr, every arm gets its own id, the
+    diagnostics are saved, and a rerun with more seeds only adds the missing runs."""
+    args = ["--rows", "head,delora", "--set", "lambda0=0.5,2", "--lr", "delora=1e-3,3e-3", "--seeds", "0",
+            "--steps", "2", "--n-train", "32", "--n-test", "16", "--calib-batches", "1", "--batch-size", "4",
+            "--eval-every", "1", "--eval-n", "8", "--diagnose", "--schedule", "cosine",
+            "--name", "arms", "--out", str(tmp_path)]
+    assert quality.main(args) == 0
+    runs = json.loads((tmp_path / "arms.json").read_text())["runs"]
+    assert [(r["row"], r["knobs"], r["lr"]) for r in runs] == [
+        ("head", {}, 3e-3), ("delora", {"lambda0": 0.5}, 1e-3), ("delora", {"lambda0": 0.5}, 3e-3),
+        ("delora", {"lambda0": 2.0}, 1e-3), ("delora", {"lambda0": 2.0}, 3e-3)]
+    assert len({r["id"] for r in runs}) == 5 and all("cosine" in r["id"] and "seed=0" in r["id"] for r in runs)
+    delora = runs[1]["diag"]
+    assert delora["steps"] == [0, 1] and set(delora["grad"]) == {"lora_A", "lora_B", "lora_lambda"}
+    assert delora["scalars"]["lambda"][0] == pytest.approx(0.5)
+    assert delora["dw"] and all(v[0] == 0 for v in delora["dw"].values())  # B = 0 before the first step
+    assert (tmp_path / "arms_curves.png").exists()
+    assert quality.main([*args[:-6], "--seeds", "0,1", *args[-6:]]) == 0
+    runs2 = json.loads((tmp_path / "arms.json").read_text())["runs"]
+    assert runs2[:5] == runs and len(runs2) == 10
+    with pytest.raises(ValueError, match="no requested row has a config field 'lamda0'"):
+        quality.main([*args[:4], "--set", "lamda0=1", *args[6:]])
+
+
+def test_lr_schedules():
+    f = quality.lr_factor
+    assert [f(s, 10, "constant", 0) for s in (0, 9)] == [1.0, 1.0]
+    assert f(0, 10, "cosine", 0) == 1.0 and f(5, 10, "cosine", 0) == pytest.approx(0.5)
+    assert f(10, 10, "cosine", 0) == pytest.approx(0.0)
+    assert [f(s, 12, "warmup_cosine", 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8, 12, "warmup_cosine", 4) == pytest.approx(0.5)
+
+
+def test_training_loop_matches_the_demo_loop(minilm):
+    """quality.train with the constant schedule is demo.train (same data order, same updates),
+    so runs made before schedules existed stay comparable."""
+    from lora_lite.bench.tasks import make_split
+    from lora_lite.demo import Classifier, load_minilm, train
+
+    _, tok = load_minilm()
+    data = make_split("comparison", "train", 16, seed=0)
+    heads = []
+    for loop in ("demo", "quality"):
+        torch.manual_seed(0)
+        encoder = minilm.fresh()
+        ll.attach(encoder, ll.LoRAConfig(r=2, target_names=(r"layer\.0\.attention\.self\.query$",)))
+        clf = Classifier(encoder)
+        kw = dict(steps=2, batch_size=4, lr=1e-3, seed=0, head_lr=1e-2)
+        train(clf, tok, data, **kw) if loop == "demo" else quality.train(clf, tok, data, **kw)
+        heads.append([t.detach().clone() for t in clf.parameters() if t.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*heads))
+
+
+def test_probe_measures_the_relative_weight_change():
+    """‖W_eff − W‖/‖W‖ per layer against s·B A computed here, and the gradient norm per family."""
+    from lora_lite.bench.diagnose import Probe
+
+    base = models.qwen_like(layers=1, vocab=64, tiny=True)
+    model = models.qwen_like(layers=1, vocab=64, tiny=True)
+    cfg = ll.LoRAConfig(r=2, alpha=4, target_names=(r"q_proj$",))
+    ll.attach(model, cfg)
+    (name, layer), = state_of(model).targets.items()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    model(input_ids=torch.zeros(1, 3, dtype=torch.long)).logits.square().mean().backward()
+    probe = Probe(model, base, rank=2)
+    probe.log(0)
+    W = base.get_submodule(name).weight
+    expected = float((2.0 * layer.lora_B @ layer.lora_A).detach().norm() / W.norm())
+    assert probe.record["dw"][name] == [pytest.approx(expected, rel=1e-3)]
+    assert probe.record["grad"]["lora_B"] == [pytest.approx(float(layer.lora_B.grad.norm()), rel=1e-3)]
+
+
+def test_ablation_report_pairs_arms_by_seed():
+    runs = [{"row": "antipasto_rot", "knobs": {"rotate_basis": b}, "seed": s, "lr": 1e-2, "steps": 5,
+             "acc": acc, "family": "svd", "params": 1, "head_params": 1, "train_s": 1.0, "init_s": 0.5}
+            for b, accs in (("V", (0.6, 0.7, 0.8)), ("U", (0.7, 0.7, 0.9))) for s, acc in zip((0, 1, 2), accs)]
+    data = {"protocol": {"batch_size": 4, "rank": 16, "task": "comparison"}, "env": {"cpu": "x", "cuda": None},
+            "runs": runs, "arms": []}
+    md = report.ablation_markdown("rot", data)
+    diffs = [0.1, 0.0, 0.1]  # U − V per seed
+    m, sd = sum(diffs) / 3, torch.tensor(diffs).std().item()
+    assert f"{m:+.3f} ± {sd:.3f} (n=3)" in md
+    assert "| `antipasto_rot` (rotate_basis=V) | 0.700 ± 0.100 | 3 | (reference)" in md
+    assert "57.2" in md and "56.5" in md  # the seed's GSM8K numbers for the same arms
 
 
 def test_best_lr_is_chosen_per_family_by_mean_accuracy():
@@ -139,6 +266,8 @@ def test_readme_tables_are_generated_from_the_committed_results():
     readme = (ROOT / "README.md").read_text()
     generated = report.blocks(ROOT / "results")
     assert {"cost", "quality", "quality-sweep"} <= set(generated), "results JSON missing"
+    if list((ROOT / "results").glob("ablation_*.json")):
+        assert "ablations" in generated
     assert report.render_readme(readme, generated) == readme, "run `lora-lite bench report`"
 
 

@@ -57,9 +57,10 @@ SETTINGS: dict[str, Setting] = {
     # DoRA recomputes the row norms of W + sBA every call: r·d_in·d_out + d_in·d_out.
     "dora": Setting("lora", _low_rank(2.0),
                     lambda i, o, c: (_ab(i, o, c) + 2 * o, c.r * i * o + i * o), "dora"),
-    # λ0 bounds ‖ΔW‖ (≈ λ·max column norm of W). On MiniLM the library default 15 collapsed
-    # the model to chance at every swept lr (1e-3 .. 1e-2) and the seed benchmark's 0.1 did
-    # not move it off chance in 100 steps; 1 sits between the two.
+    # λ0 bounds ‖ΔW‖: with B = 0 and the 1e-4 norm clamp the update reaches its bound at the
+    # first step, ‖ΔW‖/‖W‖ ≈ λ/(√r·√d_in) (MiniLM, r = 16: 0.013 for λ0 = 1, 0.052 for 4, ~0.19
+    # for the library's 15, which collapsed to chance at every lr), and λ hardly moves at the
+    # adapter's lr (results/diagnosis.md §3). 1 keeps the jump within LoRA's range.
     "delora": Setting("delora", lambda r, g: {"r": r, "lambda0": 1.0},
                       lambda i, o, c: (_ab(i, o, c) + i + c.r, 0), "delora"),
     # compact-WY: per token x Ûᵀ, · T⁻ᵀ, · Û (2r·d_in + r²); per call Û Ûᵀ and an r x r inverse.
@@ -81,8 +82,11 @@ SETTINGS: dict[str, Setting] = {
     ),
     "antipasto_corda": Setting("svd", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r, 0), "corda"),
     "antipasto_asvd": Setting("svd", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r, 0)),
+    # The ablation strength α is clamped to [0, 1] with a zero gradient below 0, so the svd
+    # family's large steps (2e-2) drive it under 0 in a few steps and the layer stops learning for
+    # good (78% of layers by step 150; 6% at 2e-3): its own, smaller lr family.
     "antipasto_ablate": Setting(
-        "svd", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r + 2 * c.r * getattr(c, "k", 1), 0)),
+        "ablate", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r + 2 * c.r * getattr(c, "k", 1), 0)),
     # dplr's rank-k core trains like a LoRA (156K params on MiniLM): its own lr family, since
     # the gain-only members want 10-50x larger steps (sweep: dplr collapses at 5e-3 and above).
     "antipasto_dplr": Setting(
@@ -127,9 +131,12 @@ def geometry(model: nn.Module, targets: tuple[str, ...]) -> Geometry:
     )
 
 
-def make_config(name: str, rank: int, target_names: tuple[str, ...], geom: Geometry) -> ll.AdapterConfig:
-    """Our config for `name`, built through the registry so unmerged variants need no import."""
-    fields = {"variant": name, "target_names": list(target_names), **SETTINGS[name].knobs(rank, geom)}
+def make_config(name: str, rank: int, target_names: tuple[str, ...], geom: Geometry,
+                knobs: dict | None = None) -> ll.AdapterConfig:
+    """Our config for `name`, built through the registry so unmerged variants need no import;
+    `knobs` (config fields) override the setting's."""
+    fields = {"variant": name, "target_names": list(target_names), **SETTINGS[name].knobs(rank, geom),
+              **(knobs or {})}
     return ll.AdapterConfig.from_dict(fields)
 
 

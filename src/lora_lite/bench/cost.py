@@ -25,12 +25,23 @@ bytes and save / load ms (median of 3; ours `ll.save` / `ll.load` onto a pristin
 `save_pretrained` / `PeftModel.from_pretrained`, counting adapter_model.safetensors and
 adapter_config.json). After the checkpoint rows every trainable is perturbed and the reload
 error is measured relative to the adapter's effect on the output.
+
+Activation memory: the bytes of the unique storages autograd saves for backward during one
+training forward (`torch.autograd.graph.saved_tensors_hooks`, deduplicated by storage, model
+parameters and buffers left out), and that minus the frozen base step's: what the adapter keeps
+alive for backward. Deterministic, unlike a resident-memory peak.
+
+`--device cuda --dtype bfloat16` runs the same rows on a GPU with the base in bf16 (adapter
+tensors stay in their config dtype); times are then CUDA-synchronised and the peak memory is
+`torch.cuda.max_memory_allocated` over one training step (forward, backward, AdamW step), reset
+before each row's step, in the same process: the row's peak minus what was allocated before.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -48,6 +59,7 @@ import lora_lite as ll
 from . import adapters, models
 from .common import environment, parse_list, read_json, write_json
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULTS = {
     "minilm": {"layers": 6, "batch_size": 16, "seq_len": 64},
     "qwen": {"layers": 2, "batch_size": 2, "seq_len": 128},
@@ -64,13 +76,18 @@ QUICK = {
 class Setup:
     """A base model with its batch, calibration batches and target geometry."""
 
-    def __init__(self, kind: str, layers: int, batch_size: int, seq_len: int, n_calib: int, rank: int):
-        self.kind, self.rank = kind, rank
+    def __init__(self, kind: str, layers: int, batch_size: int, seq_len: int, n_calib: int, rank: int,
+                 device: str = "cpu", dtype: str = "float32"):
+        self.kind, self.rank, self.device = kind, rank, device
         self.base, _ = models.build(kind, layers)
-        self.base.train()
+        self.base.to(device=device, dtype=DTYPES[dtype]).train()
         self.targets = models.TARGETS[kind]
-        self.batch = models.random_batch(self.base, batch_size, seq_len, seed=1)
-        self.calibration = [models.random_batch(self.base, batch_size, seq_len, seed=10 + i)
+
+        def on_device(batch):
+            return {k: v.to(device) for k, v in batch.items()}
+
+        self.batch = on_device(models.random_batch(self.base, batch_size, seq_len, seed=1))
+        self.calibration = [on_device(models.random_batch(self.base, batch_size, seq_len, seed=10 + i))
                             for i in range(n_calib)]
         self.geom = adapters.geometry(self.base, self.targets)
 
@@ -110,15 +127,69 @@ def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _sync(batch: dict) -> None:
+    if batch["input_ids"].is_cuda:
+        torch.cuda.synchronize()
+
+
 def step(model: nn.Module, batch: dict) -> tuple[float, float]:
     """(forward s, forward+backward s) of one training step; grads are cleared first."""
     for p in model.parameters():
         p.grad = None
+    _sync(batch)
     t0 = time.perf_counter()
     loss = models.main_output(model, batch).float().square().mean()
+    _sync(batch)
     t1 = time.perf_counter()
     loss.backward()
+    _sync(batch)
     return t1 - t0, time.perf_counter() - t0
+
+
+def saved_activation_bytes(model: nn.Module, batch: dict) -> int:
+    """Bytes of the unique storages autograd saves for backward in one training forward of
+    `model` (the fixed loss of `step`), model parameters and buffers excluded. Storages are
+    deduplicated by data pointer: every saved tensor stays alive until backward, so two live
+    storages never share one."""
+    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    for p in model.parameters():
+        p.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = models.main_output(model, batch).float().square().mean()
+    loss.backward()  # frees what was saved
+    for p in model.parameters():
+        p.grad = None
+    return sum(seen.values())
+
+
+def cuda_peak(model: nn.Module, batch: dict) -> dict:
+    """Peak CUDA memory of one training step (forward, backward, AdamW step) from a reset, and
+    that minus what was allocated before the step (the row's activations, grads, optimizer state)."""
+    for p in model.parameters():
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(model, batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    if opt is not None:
+        opt.step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del opt
+    for p in model.parameters():
+        p.grad = None
+    return {"peak_cuda_mb": peak / 2**20, "peak_over_model_mb": (peak - before) / 2**20,
+            "memory_method": "cuda max_memory_allocated"}
 
 
 def time_group(members: dict[str, nn.Module], batch: dict, repeats: int, warmup: int) -> dict:
@@ -148,7 +219,8 @@ def _perturb(model: nn.Module, scale: float = 0.02) -> None:
     g = torch.Generator().manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype) * (p.abs().mean() + 1e-3))
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
+            p.add_(scale * noise * (p.abs().mean() + 1e-3))
 
 
 def checkpoint(setup: Setup, lib: str, model: nn.Module, repeats: int = 3) -> dict:
@@ -176,7 +248,8 @@ def checkpoint(setup: Setup, lib: str, model: nn.Module, repeats: int = 3) -> di
             else:  # full fine-tune: the whole state dict
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path + ".safetensors")
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                          path + ".safetensors")
                 files = [path + ".safetensors"]
             saves.append(time.perf_counter() - t0)
             out["bytes"] = sum(os.path.getsize(f) for f in files)
@@ -223,7 +296,7 @@ def memory_child(spec: dict) -> dict:
     loading out of the number; without it the number is the process's lifetime VmHWM."""
     torch.set_num_threads(spec["threads"])
     setup = Setup(spec["kind"], spec["layers"], spec["batch_size"], spec["seq_len"],
-                  spec["n_calib"], spec["rank"])
+                  spec["n_calib"], spec["rank"], dtype=spec.get("dtype", "float32"))
     rss_model = _status_mb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -273,7 +346,8 @@ def groups(names: list[str], with_peft: bool, skip_peft: tuple[str, ...] = ()
 def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: None) -> dict:
     """All groups on one model; `save(partial)` is called after every row."""
     torch.manual_seed(0)
-    setup = Setup(kind, shape["layers"], shape["batch_size"], shape["seq_len"], p["n_calib"], p["rank"])
+    setup = Setup(kind, shape["layers"], shape["batch_size"], shape["seq_len"], p["n_calib"], p["rank"],
+                  p.get("device", "cpu"), p.get("dtype", "float32"))
     tokens = shape["batch_size"] * shape["seq_len"]
     base_macs = models.linear_macs_per_token(setup.base, shape["seq_len"])
     registered = adapters.available(p["variants"], log=log)
@@ -292,6 +366,7 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
             built[key] = setup.build(lib, name)
             info[key] = {"attach_s": time.perf_counter() - t0 if lib in ("ours", "peft") else None}
         times = time_group(built, setup.batch, p["repeats"], p["warmup"])
+        saved = {key: saved_activation_bytes(model, setup.batch) for key, model in built.items()}
         base_fwd = [f for f, _ in times["base"]]
         base_step = [s for _, s in times["base"]]
         for (lib, name), key in zip(members, built):
@@ -306,7 +381,9 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
                 "fwd_ms": 1e3 * statistics.median(fwd), "step_ms": 1e3 * statistics.median(stp),
                 **info[key],
             }
+            row["saved_mb"] = saved[key] / 2**20
             if lib != "base":
+                row["saved_over_base_mb"] = (saved[key] - saved["base"]) / 2**20
                 row["fwd_overhead_pct"] = 100 * (_median_ratio(fwd, base_fwd)[0] - 1)
                 row["step_overhead_pct"] = 100 * (_median_ratio(stp, base_step)[0] - 1)
             if lib in ("ours", "peft"):
@@ -318,11 +395,17 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
                 ratio, q1, q3 = _median_ratio(stp, [s for _, s in times["peft:" + name]])
                 row.update(ratio_vs_peft=ratio, ratio_q1=q1, ratio_q3=q3,
                            fwd_ratio_vs_peft=_median_ratio(fwd, [f for f, _ in times["peft:" + name]])[0])
+                peft_extra = saved["peft:" + name] - saved["base"]
+                if peft_extra > 0:
+                    row["saved_ratio_vs_peft"] = (saved[key] - saved["base"]) / peft_extra
             if lib != "base":
                 row.update(checkpoint(setup, lib, built[key]))
-            if p["memory"]:
+            if p["memory"] and setup.device.startswith("cuda"):
+                row.update(cuda_peak(built[key], setup.batch))
+            elif p["memory"]:
                 row.update(peak_memory({"kind": kind, **shape, "n_calib": p["n_calib"], "rank": p["rank"],
-                                        "threads": p["threads"], "lib": lib, "name": name}))
+                                        "threads": p["threads"], "lib": lib, "name": name,
+                                        "dtype": p.get("dtype", "float32")}))
             rows.append(row)
             save(out)
             log(_summary(kind, row))
@@ -333,7 +416,8 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
 def _summary(kind: str, row: dict) -> str:
     ratio = f" ours/PEFT {row['ratio_vs_peft']:.2f}" if "ratio_vs_peft" in row else ""
     over = f" +{row['step_overhead_pct']:.0f}%" if "step_overhead_pct" in row else ""
-    mem = f" peak +{row['peak_over_model_mb']:.0f} MB" if "peak_rss_mb" in row else ""
+    mem = f" peak +{row['peak_over_model_mb']:.0f} MB" if "peak_over_model_mb" in row else ""
+    mem += f" saved +{row['saved_over_base_mb']:.1f} MiB" if "saved_over_base_mb" in row else ""
     return (f"{kind:6s} {row['lib']:5s} {row['variant'] or '':16s} step {row['step_ms']:8.1f} ms"
             f"{over}{ratio}{mem}")
 
@@ -347,7 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--n-calib", type=int, default=4, help="calibration batches (the timing batch shape)")
-    ap.add_argument("--layers", type=int, help="decoder blocks of the qwen model (default 2)")
+    ap.add_argument("--layers", type=int, help="decoder blocks of the qwen model (default 2; "
+                    "Qwen3-0.6B has 28)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                    help="dtype of the base model (adapter tensors keep their config dtype)")
+    ap.add_argument("--name", help="JSON file stem under --out (default cost, --quick: cost_quick)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--threads", type=int, default=1,
@@ -367,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(a.threads)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
     shapes = QUICK if a.quick else DEFAULTS
     a.models = a.models or ("tiny,minilm" if a.quick else "minilm,qwen")
     if a.quick:
@@ -375,13 +466,17 @@ def main(argv: list[str] | None = None) -> int:
     p = {"rank": a.rank, "repeats": a.repeats, "warmup": a.warmup, "n_calib": a.n_calib,
          "threads": a.threads, "memory": not a.no_memory, "peft": not a.no_peft,
          "skip_peft": parse_list(a.skip_peft),
-         "variants": parse_list(a.variants), "quick": a.quick,
+         "variants": parse_list(a.variants), "quick": a.quick, "device": a.device, "dtype": a.dtype,
          "timing": "training forward (grad on, train mode) and forward+backward of mean(out²); "
                    "medians over interleaved repeats; ratios = medians of paired per-repeat ratios",
-         "memory_method": "fresh process per row: resident high-water mark (reset after loading the "
-                          "base) over attach + one training step with AdamW; +MB = peak minus the "
-                          "resident size with the base loaded"}
-    path = Path(a.out) / ("cost_quick.json" if a.quick else "cost.json")
+         "memory_method": ("in process: torch.cuda.max_memory_allocated over one training step with "
+                           "AdamW, reset before each row's step; +MB = peak minus what was allocated "
+                           "before the step" if a.device.startswith("cuda") else
+                           "fresh process per row: resident high-water mark (reset after loading the "
+                           "base) over attach + one training step with AdamW; +MB = peak minus the "
+                           "resident size with the base loaded")}
+    name = a.name or ("cost_quick" if a.quick else "cost")
+    path = Path(a.out) / f"{name}.json"
     kinds = parse_list(a.models)
     kept = [m for m in (read_json(path) or {}).get("models", []) if m["kind"] not in kinds] if a.update else []
     results = {"env": environment(), "protocol": p, "models": kept}
@@ -395,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         results = read_json(path)
     from . import report
 
-    report.write_cost(Path(a.out), suffix="_quick" if a.quick else "")
+    report.write_cost_file(Path(a.out), name)
     print(f"wrote {path}")
     return 0
 

@@ -48,30 +48,60 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
 
 # ---- C2 quality -------------------------------------------------------------------------------
 
-def _runs_by_row(data: dict) -> dict[str, list[dict]]:
-    """{row: its runs}, rows in the benchmark's canonical order (anchors, then the variant
-    table), whatever order the runs were appended in; unknown rows last."""
+def _knob_text(knobs: dict | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (knobs or {}).items())
+
+
+def _runs_by_arm(data: dict, requested_first: bool = False) -> dict[str, list[dict]]:
+    """{arm id: its runs (one per seed)}, arms in the benchmark's canonical row order (anchors,
+    then the variant table; arms of one row in the order they were requested), or with
+    `requested_first` in the order the arms were requested, whatever order the runs were
+    appended in; unknown rows last."""
     from .adapters import SETTINGS
-    from .quality import ANCHORS
+    from .quality import ANCHORS, arm_id
 
     order = {row: i for i, row in enumerate([*ANCHORS, *SETTINGS])}
-    by_row: dict[str, list[dict]] = {}
+    requested = {a: i for i, a in enumerate(data.get("arms", []))}
+    by_arm: dict[str, list[dict]] = {}
     for r in data["runs"]:
-        by_row.setdefault(r["row"], []).append(r)
-    return dict(sorted(by_row.items(), key=lambda kv: order.get(kv[0], len(order))))
+        key = arm_id(r["row"], r.get("knobs") or {}, r["lr"], r["steps"], r.get("schedule", "constant"),
+                     r.get("warmup_steps", 0))
+        by_arm.setdefault(key, []).append(r)
+    def key(kv):
+        row, req = order.get(kv[1][0]["row"], len(order)), requested.get(kv[0], len(requested))
+        return (req, row) if requested_first else (row, req)
+
+    return dict(sorted(by_arm.items(), key=key))
 
 
-def quality_rows(data: dict) -> list[dict]:
-    """One summary per row, in canonical order: mean/std accuracy over seeds, params, time."""
-    by_row = _runs_by_row(data)
+def _runs_by_row(data: dict) -> dict[str, list[dict]]:
+    """{row: its runs}, rows in canonical order (the sweep table: one row, many lrs)."""
+    by_row: dict[str, list[dict]] = {}
+    for runs in _runs_by_arm(data).values():
+        by_row.setdefault(runs[0]["row"], []).extend(runs)
+    return by_row
+
+
+def _schedule(r: dict) -> str:
+    from .quality import schedule_label
+
+    return schedule_label(r.get("schedule", "constant"), r.get("warmup_steps", 0))
+
+
+def quality_rows(data: dict, requested_first: bool = False) -> list[dict]:
+    """One summary per arm, in canonical order: mean/std accuracy over seeds, params, time."""
     out = []
-    for row, runs in by_row.items():
+    for arm, runs in _runs_by_arm(data, requested_first).items():
         accs = [r["acc"] for r in runs]
+        row = runs[0]["row"]
         out.append({
-            "row": row, "family": runs[0]["family"], "lr": runs[0]["lr"], "n": len(runs),
+            "row": row, "arm": arm, "knobs": runs[0].get("knobs") or {}, "family": runs[0]["family"],
+            "lr": runs[0]["lr"], "steps": runs[0]["steps"], "schedule": _schedule(runs[0]), "n": len(runs),
+            "seeds": [r["seed"] for r in runs], "accs": accs,
             "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "params": runs[0]["params"], "head_params": runs[0]["head_params"],
             "train_s": statistics.fmean(r["train_s"] for r in runs),
+            "init_s": statistics.fmean(r["init_s"] for r in runs),
             "lib": "PEFT" if row.startswith("peft:") else ("anchor" if row in ("head", "full") else "lora-lite"),
         })
     head = next((s for s in out if s["row"] == "head"), None)
@@ -82,25 +112,42 @@ def quality_rows(data: dict) -> list[dict]:
     return out
 
 
+def _arm_label(s: dict, many: set[str]) -> str:
+    """Row name (code-formatted for our variants) plus what distinguishes its arm in this file."""
+    label = f"`{s['row']}`" if s["lib"] == "lora-lite" else _label(s["row"])
+    extra = [_knob_text(s["knobs"])] if s["knobs"] else []
+    extra += [f"{s['steps']} steps"] if "steps" in many else []
+    extra += [s["schedule"]] if "schedule" in many else []
+    return label + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def _varying(summary: list[dict]) -> set[str]:
+    return {k for k in ("steps", "schedule") if len({s[k] for s in summary}) > 1}
+
+
 def quality_markdown(data: dict) -> str:
     p = data["protocol"]
     rows, summary = [], quality_rows(data)
+    many = _varying(summary)
     for s in summary:
         beats = {None: "", True: "yes", False: "**no**"}[s["beats_head"]]
-        rows.append([f"`{s['row']}`" if s["lib"] == "lora-lite" else _label(s["row"]), s["lib"],
+        rows.append([_arm_label(s, many), s["lib"],
                      _sci(s["lr"]), _count(s["params"] + s["head_params"]),
                      f"{s['mean']:.3f} ± {s['std']:.3f}", f"{s['train_s']:.0f}", beats])
     seeds = "/".join(sorted({str(s["n"]) for s in summary}))
     head = ["row", "library", "lr", "trainable params", f"accuracy (mean ± std, {seeds} seeds)",
             "train s", "beats head-only"]
-    note = (f"MiniLM-L6, task `{p['task']}`, {p['steps']} steps × batch {p['batch_size']}, "
+    steps = "/".join(str(x) for x in sorted({s["steps"] for s in summary}))
+    sched = "/".join(sorted({s["schedule"] for s in summary}))
+    sched = "" if sched == "constant" else f" ({sched} lr schedule)"
+    note = (f"MiniLM-L6, task `{p['task']}`, {steps} steps{sched} × batch {p['batch_size']}, "
             f"{p['n_train']} train / {p['n_test']} held-out sentences, rank {p['rank']} "
             f"(SVD-steering family: larger r, see `bench/adapters.py`), head lr {_sci(p['head_lr'])}; "
             f"trainable params include the {summary[0]['head_params']}-parameter head. "
             f"\"beats head-only\": mean gain larger than the larger of the two seed std devs. Train "
             f"seconds are wall time on a shared machine (noise; C1 has the cost ratios). "
             f"{data['env']['cpu_count']}-core {data['env']['cpu']}, torch {data['env']['torch']}.\n\n")
-    return note + _table(head, rows, "llrrrrl")
+    return note + _table(head, rows, "llrrrrl") + diagnosis_markdown(data)
 
 
 def sweep_markdown(data: dict) -> str:
@@ -116,7 +163,7 @@ def sweep_markdown(data: dict) -> str:
             cells.append(f"**{cell}**" if r["lr"] == best.get(family(row)) else cell)
         rows.append([_label(row), family(row), ", ".join(cells)])
     p = data["protocol"]
-    note = (f"One seed ({data['runs'][0]['seed']}), {p['steps']} steps × batch {p['batch_size']}, "
+    note = (f"One seed ({data['runs'][0]['seed']}), {data['runs'][0]['steps']} steps × batch {p['batch_size']}, "
             f"accuracy on a held-out set re-sampled with that seed. Bold = the lr chosen for the "
             f"row's family: best mean accuracy over the family's rows (ties to the smaller lr).\n\n")
     return note + _table(["row", "lr family", "lr: accuracy"], rows, "lll")
@@ -164,21 +211,158 @@ def quality_plot(data: dict, path: Path) -> None:
                   "rows with equal counts are spread sideways")
     ax.set_ylabel(f"held-out accuracy (mean ± std over {rows[0]['n']} seeds)")
     p = data["protocol"]
-    ax.set_title(f"MiniLM-L6 on '{p['task']}': {p['steps']} steps × {p['batch_size']}; dashed = head-only")
+    steps = "/".join(str(x) for x in sorted({s["steps"] for s in rows}))
+    ax.set_title(f"MiniLM-L6 on '{p['task']}': {steps} steps × {p['batch_size']}; dashed = head-only")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_quality(out: Path, *, sweep: bool = False, suffix: str = "") -> None:
-    name = f"quality{'_sweep' if sweep else ''}{suffix}"
+def diagnosis_markdown(data: dict) -> str:
+    """Last-logged diagnostics per arm (means over seeds), for runs made with --diagnose."""
+    from .diagnose import summary
+
+    lines = []
+    for arm, runs in _runs_by_arm(data).items():
+        diags = [summary(r["diag"]) for r in runs if r.get("diag") and r["diag"]["steps"]]
+        if not diags:
+            continue
+
+        def mean(key, sub=None):
+            vals = [(d.get(sub) or {}).get(key) if sub else d.get(key) for d in diags]
+            vals = [v for v in vals if v is not None]
+            return statistics.fmean(vals) if vals else None
+
+        grads = sorted({k for d in diags for k in d["grad"]})
+        scalars = sorted({k for d in diags for k in d if k not in ("step", "grad", "dw_mean", "dw_max", "topr")})
+        lines.append([f"`{arm}`", str(diags[0]["step"]), _opt(mean("dw_mean"), ".2e"), _opt(mean("dw_max"), ".2e"),
+                      _opt(mean("topr"), ".2f"),
+                      ", ".join(f"{g} {mean(g, 'grad'):.2e}" for g in grads),
+                      ", ".join(f"{k} {mean(k):.3g}" for k in scalars if mean(k) is not None)])
+    if not lines:
+        return ""
+    note = ("\n**Diagnostics at the last logged step** (means over seeds; bench/diagnose.py): ‖ΔW‖_F/‖W‖_F "
+            "mean and max over target layers, the share of ‖ΔW‖ inside W's own top-r singular subspaces, "
+            "gradient norms per trainable family, variant state.\n\n")
+    return note + _table(["arm", "step", "ΔW/W mean", "ΔW/W max", "top-r share", "‖grad‖", "state"], lines,
+                         "lrrrrll")
+
+
+def curves_plot(data: dict, path: Path) -> bool:
+    """Training loss (moving average over 10 steps) and held-out accuracy against the step, one
+    line per arm (mean over seeds). False when no run has a curve."""
+    arms = {arm: [r for r in runs if r.get("curve")] for arm, runs in _runs_by_arm(data).items()}
+    arms = {a: runs for a, runs in arms.items() if runs}
+    if not arms:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5.5))
+    cmap = plt.get_cmap("tab20")
+    for i, (arm, runs) in enumerate(arms.items()):
+        color = cmap(i % 20)
+        n = min(len(r["curve"]["loss"]) for r in runs)
+        loss = [statistics.fmean(r["curve"]["loss"][t] for r in runs) for t in range(n)]
+        w = 10
+        smooth = [statistics.fmean(loss[max(0, t - w + 1): t + 1]) for t in range(n)]
+        label = arm.replace(" constant", "") + f" ({len(runs)} seeds)"
+        ax_loss.plot(range(n), smooth, color=color, lw=1, label=label)
+        steps = runs[0]["curve"].get("eval_steps") or []
+        if steps and all(r["curve"].get("eval_steps") == steps for r in runs):
+            acc = [statistics.fmean(r["curve"]["eval_acc"][k] for r in runs) for k in range(len(steps))]
+            ax_acc.plot(steps, acc, "o-", ms=3, color=color, lw=1, label=label)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss (mean over seeds, 10-step moving average)")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel(f"held-out accuracy on the first {data.get('eval_n', 250)} test sentences")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, alpha=0.3)
+    ax_acc.axhline(0.5, color="tab:gray", ls="--", lw=0.8)
+    ax_acc.legend(fontsize=6, loc="upper left", ncol=1 + len(arms) // 12)
+    fig.suptitle(f"MiniLM-L6 on '{data['protocol']['task']}': training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---- ablations ----------------------------------------------------------------------------------
+
+# The seed's single-seed GSM8K results (SPEC B6.2) for the arms it ablated, to compare orderings.
+SEED_GSM8K = {
+    ("antipasto_rot", "rotate_basis=V"): 57.2, ("antipasto_rot", "rotate_basis=U"): 56.5,
+    ("antipasto_rot", "rotate_basis=both"): 55.6,
+    ("antipasto", ""): 56.0, ("antipasto_asvd", ""): 55.6, ("antipasto_corda", ""): 54.7,
+}
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # df -> t
+
+
+def ablation_markdown(name: str, data: dict) -> str:
+    """One ablation: per arm mean ± std over seeds, the paired difference to the first arm
+    (mean ± std of per-seed differences, t = mean / (std/√n)) and init time."""
+    summary = quality_rows(data, requested_first=True)  # the first requested arm is the reference
+    if not summary:
+        return ""
+    ref = summary[0]
+    rows = []
+    for s in summary:
+        seed = SEED_GSM8K.get((s["row"], _knob_text(s["knobs"])))
+        if s is ref:
+            diff, t, sig = "(reference)", "", ""
+        else:
+            pairs = dict(zip(ref["seeds"], ref["accs"]))
+            d = [acc - pairs[seed_] for seed_, acc in zip(s["seeds"], s["accs"]) if seed_ in pairs]
+            if len(d) > 1:
+                m, sd = statistics.fmean(d), statistics.stdev(d)
+                tval = m / (sd / math.sqrt(len(d))) if sd > 0 else math.inf * (1 if m >= 0 else -1)
+                diff, t = f"{m:+.3f} ± {sd:.3f} (n={len(d)})", f"{tval:+.2f}"
+                sig = "yes" if abs(tval) > T_975.get(len(d) - 1, 1.96) else "no"
+            else:
+                diff, t, sig = "—", "", ""
+        rows.append([_arm_label(s, _varying(summary)), f"{s['mean']:.3f} ± {s['std']:.3f}", str(s["n"]), diff, t, sig,
+                     f"{s['init_s']:.2f}", f"{s['train_s']:.0f}", _opt(seed, ".1f")])
+    p, r0 = data["protocol"], data["runs"][0]
+    env = data["env"]
+    note = (f"**{name}**: {r0['steps']} steps ({_schedule(r0)}, lr {_sci(ref['lr'])}) × batch {p['batch_size']}, "
+            f"rank {p['rank']} setting, seeds {','.join(str(x) for x in ref['seeds'])} (paired: same data order "
+            f"and init RNG per seed), device {r0.get('device', 'cpu')}, {env.get('cuda') or env['cpu']}. "
+            f"Difference = this arm − the first arm, per seed; \"beyond noise\" = |t| above the two-sided 95% "
+            f"t quantile for n−1 degrees of freedom. Init s = attach time (SVDs, calibration). Seed GSM8K % = "
+            f"the seed's single-seed result for the same arm on Qwen3.5-0.8B / GSM8K.\n\n")
+    head = ["arm", "accuracy (mean ± std)", "seeds", "paired difference (mean ± std)", "t", "beyond noise",
+            "init s", "train s", "seed GSM8K %"]
+    return note + _table(head, rows, "lrrrrlrrr")
+
+
+def ablations(results: Path) -> str | None:
+    files = sorted(results.glob("ablation_*.json"))
+    parts = [ablation_markdown(f.stem.removeprefix("ablation_"), read_json(f)) for f in files]
+    parts = [x for x in parts if x]
+    return "\n".join(parts) if parts else None
+
+
+def write_quality_file(out: Path, name: str, *, sweep: bool = False) -> None:
+    """name.md (table, diagnostics) and its plots; ablation files also rewrite ablations.md."""
     data = read_json(out / f"{name}.json")
     if not data or not data["runs"]:
         return
-    (out / f"{name}.md").write_text((sweep_markdown if sweep else quality_markdown)(data))
-    if not sweep:
-        quality_plot(data, out / f"{name}.png")
+    if name.startswith("ablation_"):
+        text = ablations(out)
+        if text:
+            (out / "ablations.md").write_text(text)
+    else:
+        (out / f"{name}.md").write_text((sweep_markdown if sweep else quality_markdown)(data))
+        if not sweep:
+            quality_plot(data, out / f"{name}.png")
+    curves_plot(data, out / f"{name}_curves.png")
+
+
+def write_quality(out: Path, *, sweep: bool = False, suffix: str = "") -> None:
+    write_quality_file(out, f"quality{'_sweep' if sweep else ''}{suffix}", sweep=sweep)
 
 
 # ---- C1 cost ----------------------------------------------------------------------------------
@@ -204,15 +388,28 @@ def _bytes(n: int | None) -> str:
 
 def cost_markdown(data: dict) -> str:
     p, env = data["protocol"], data["env"]
+    device = p.get("device", "cpu")
+    where = (f"{env.get('cuda') or device}, base in {p.get('dtype', 'float32')}" if device != "cpu"
+             else f"{env['cpu_count']}-core {env['cpu']}")
+    if p.get("dtype", "float32") != "float32" and device == "cpu":
+        where += f", base in {p['dtype']}"
     out = [f"Rank {p['rank']} (SVD-steering family: larger r), targets q/k/v/o + MLP projections of "
            f"every block, {p['repeats']} interleaved repeats after {p['warmup']} warmups, "
-           f"{p['threads']} torch thread(s), {env['cpu_count']}-core {env['cpu']}, torch {env['torch']}, "
+           f"{p['threads']} torch thread(s), {where}, torch {env['torch']}, "
            f"PEFT {env['peft']}. Timing: {p['timing']}. Peak memory: "
            f"{p['memory_method']}. \"+MACs\" is analytic (SPEC B2) per token, with its share of the "
            f"base's forward MACs. \"step +%\" is the forward+backward overhead over the frozen base "
            f"step measured in the same loop.\n"]
+    saved = any("saved_mb" in r for m in data["models"] for r in m["rows"])
+    cuda = p.get("device", "cpu") != "cpu"
     head = ["method", "library", "trainable params", "+MACs/token", "fwd ms", "fwd+bwd ms", "step +%",
-            "ours / PEFT", "attach s", "peak RSS MB (+ over base)", "checkpoint", "save ms", "load ms"]
+            "ours / PEFT", "attach s", "peak CUDA MB (+ over resident)" if cuda else "peak RSS MB (+ over base)",
+            "checkpoint", "save ms", "load ms"]
+    if saved:
+        out.append("\"saved MiB\": activation memory, the unique storages autograd saves for backward "
+                   "in one training forward (parameters excluded), and in brackets that minus the "
+                   "frozen base step's; \"ours / PEFT\" of the bracketed amounts.\n")
+        head += ["saved MiB (+ over base)", "saved ours / PEFT"]
     for m in data["models"]:
         rows = []
         for r in m["rows"]:
@@ -225,13 +422,15 @@ def cost_markdown(data: dict) -> str:
                 {"base": "", "full": "", "ours": "lora-lite", "peft": "PEFT"}[r["lib"]],
                 _count(r["params"]), macs, f"{r['fwd_ms']:.1f}", f"{r['step_ms']:.1f}",
                 _opt(r.get("step_overhead_pct"), "+.0f"), ratio, _opt(r.get("attach_s"), ".2f"),
-                (f"{r['peak_rss_mb']:.0f} (+{r['peak_over_model_mb']:.0f})" if "peak_rss_mb" in r else "—"),
+                (f"{r['peak_rss_mb']:.0f} (+{r['peak_over_model_mb']:.0f})" if "peak_rss_mb" in r else
+                 f"{r['peak_cuda_mb']:.0f} (+{r['peak_over_model_mb']:.0f})" if "peak_cuda_mb" in r else "—"),
                 _bytes(r.get("bytes")),
                 _opt(r.get("save_ms"), ".1f"), load,
-            ])
+            ] + ([f"{r['saved_mb']:.1f}" + (f" (+{r['saved_over_base_mb']:.1f})" if "saved_over_base_mb" in r else ""),
+                  _opt(r.get("saved_ratio_vs_peft"), ".2f", "")] if saved else []))
         chosen = "every known variant" if not m.get("variants") else ", ".join(m["variants"])
         out.append(f"\n**{_model_title(m)}**, measured {m.get('date', env['date'])}; variants requested: "
-                   f"{chosen}\n\n" + _table(head, rows, "llrrrrrrrrrrr"))
+                   f"{chosen}\n\n" + _table(head, rows, "ll" + "r" * (len(head) - 2)))
     notes = sorted({f"{r['method']}: {r['load_error']}" for m in data["models"] for r in m["rows"]
                     if "load_error" in r})
     if notes:
@@ -247,10 +446,12 @@ def ratio_markdown(data: dict) -> str:
         for r in m["rows"]:
             if r["lib"] in ("ours", "peft"):
                 methods.setdefault(r["group"], {}).setdefault(m["kind"], {})[r["lib"]] = r
+    saved = any("saved_over_base_mb" in r for m in models for r in m["rows"])
     head = ["method"]
     for m in models:
         t = MODEL_LABELS.get(m["kind"], m["kind"])
         head += [f"{t}: ours / PEFT step", f"{t}: step +% ours / PEFT"]
+        head += [f"{t}: saved for backward +MiB ours / PEFT"] if saved else []
     rows = []
     for group, per_model in methods.items():
         peft_rows = [p["peft"] for p in per_model.values() if "peft" in p]
@@ -265,16 +466,22 @@ def ratio_markdown(data: dict) -> str:
                          "variant not in this build" if peft else "not measured")
             over = " / ".join(_opt(x and x.get("step_overhead_pct"), "+.0f") for x in (ours, peft))
             cells += [ratio, over]
+            if saved:
+                cells.append(" / ".join(_opt(x and x.get("saved_over_base_mb"), ".1f") for x in (ours, peft)))
         rows.append(cells)
     note = ("Median of paired per-repeat ratios (interquartile range in brackets); < 1 means lora-lite's "
             "training step is faster. Full tables: `results/cost.md`.\n\n")
     return note + _table(head, rows, "l" + "r" * (len(head) - 1))
 
 
-def write_cost(out: Path, suffix: str = "") -> None:
-    data = read_json(out / f"cost{suffix}.json")
+def write_cost_file(out: Path, name: str) -> None:
+    data = read_json(out / f"{name}.json")
     if data and data["models"]:
-        (out / f"cost{suffix}.md").write_text(ratio_markdown(data) + "\n" + cost_markdown(data))
+        (out / f"{name}.md").write_text(ratio_markdown(data) + "\n" + cost_markdown(data))
+
+
+def write_cost(out: Path, suffix: str = "") -> None:
+    write_cost_file(out, f"cost{suffix}")
 
 
 # ---- README blocks ----------------------------------------------------------------------------
@@ -291,6 +498,9 @@ def blocks(results: Path) -> dict[str, str]:
     sweep = read_json(results / "quality_sweep.json")
     if sweep and sweep["runs"]:
         out["quality-sweep"] = sweep_markdown(sweep)
+    abl = ablations(results)
+    if abl:
+        out["ablations"] = abl
     return out
 
 
@@ -308,18 +518,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(ROOT / "results"))
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
+    ap.add_argument("--no-readme", action="store_true", help="only the files under --results")
     a = ap.parse_args(argv)
     results, readme = Path(a.results), Path(a.readme)
-    text = readme.read_text()
-    new = render_readme(text, blocks(results))
+    text = "" if a.no_readme else readme.read_text()
+    new = text if a.no_readme else render_readme(text, blocks(results))
     if a.check:
         if new != text:
             print(f"{readme}: generated blocks are stale; run `lora-lite bench report`")
             return 1
         return 0
-    write_cost(results)
-    write_quality(results)
-    write_quality(results, sweep=True)
+    for f in sorted(results.glob("*.json")):
+        data = read_json(f)
+        if f.stem.startswith("cost"):
+            write_cost_file(results, f.stem)
+        elif f.stem in ("quality", "quality_sweep") or data.get("bench") == "quality":
+            write_quality_file(results, f.stem, sweep=f.stem == "quality_sweep")
+    if a.no_readme:
+        print(f"rewrote the markdown/plots under {results}")
+        return 0
     readme.write_text(new)
     print(f"rewrote {readme} blocks and the markdown/plots under {results}")
     return 0
