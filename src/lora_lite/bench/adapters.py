@@ -53,7 +53,8 @@ def _ab(i, o, c):
 SETTINGS: dict[str, Setting] = {
     "lora": Setting("lora", _low_rank(2.0), lambda i, o, c: (_ab(i, o, c), 0), "lora"),
     # PiSSA folds the scale into its init; the seed benchmark uses alpha = r.
-    "pissa": Setting("pissa", _low_rank(1.0), lambda i, o, c: (_ab(i, o, c), 0), "pissa"),
+    # PiSSA adds s·(x Aᵀ)Bᵀ − s·(x A0ᵀ)B0ᵀ: two rank-r products (W is never rewritten).
+    "pissa": Setting("pissa", _low_rank(1.0), lambda i, o, c: (2 * _ab(i, o, c), 0), "pissa"),
     # DoRA recomputes the row norms of W + sBA every call: r·d_in·d_out + d_in·d_out.
     "dora": Setting("lora", _low_rank(2.0),
                     lambda i, o, c: (_ab(i, o, c) + 2 * o, c.r * i * o + i * o), "dora"),
