@@ -76,7 +76,8 @@ class AdapterConfig:
                     )
                 value = DTYPES[value]
                 object.__setattr__(self, f.name, value)
-            if isinstance(value, int) and not isinstance(value, bool) and hints[f.name] is float:
+            takes_float = hints[f.name] is float or float in typing.get_args(hints[f.name])
+            if isinstance(value, int) and not isinstance(value, bool) and takes_float:
                 value = float(value)
                 object.__setattr__(self, f.name, value)
             if not _matches(value, hints[f.name]):

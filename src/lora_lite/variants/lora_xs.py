@@ -8,8 +8,9 @@
 
 R = 0 would be an exact identity that still trains (grad R ≠ 0 there); the small random init
 follows the paper. The deviation from the base is exactly s·B R A, which vanishes with R = 0.
-The paper's reference uses alpha = r (s = 1) and lr ≈ 4e-3; our default alpha = 16, r = 8
-gives s = 2. Our R is the transpose of the paper's row-vector R. No PEFT equivalent.
+alpha defaults to r (s = 1), the paper's reference setting (with lr ≈ 4e-3); the shared LoRA
+default alpha = 16 would silently double the scale at r = 8. Our R is the transpose of the
+paper's row-vector R. No PEFT equivalent.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from ._svd import top_r_svd
 @dataclass(frozen=True, kw_only=True)
 class LoRAXSConfig(AdapterConfig):
     variant: str = field(default="lora_xs", init=False)
+    alpha: float | None = None  # None: alpha = r, so s = 1
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.r
 
 
 @register
