@@ -438,7 +438,7 @@ def cost_markdown(data: dict) -> str:
     return "".join(out)
 
 
-def ratio_markdown(data: dict) -> str:
+def ratio_markdown(data: dict, name: str = "cost") -> str:
     """Our step / PEFT step per method, one column pair per model."""
     models = data["models"]
     methods: dict[str, dict] = {}
@@ -470,14 +470,14 @@ def ratio_markdown(data: dict) -> str:
                 cells.append(" / ".join(_opt(x and x.get("saved_over_base_mb"), ".1f") for x in (ours, peft)))
         rows.append(cells)
     note = ("Median of paired per-repeat ratios (interquartile range in brackets); < 1 means lora-lite's "
-            "training step is faster. Full tables: `results/cost.md`.\n\n")
+            f"training step is faster. Full tables: `results/{name}.md`.\n\n")
     return note + _table(head, rows, "l" + "r" * (len(head) - 1))
 
 
 def write_cost_file(out: Path, name: str) -> None:
     data = read_json(out / f"{name}.json")
     if data and data["models"]:
-        (out / f"{name}.md").write_text(ratio_markdown(data) + "\n" + cost_markdown(data))
+        (out / f"{name}.md").write_text(ratio_markdown(data, name) + "\n" + cost_markdown(data))
 
 
 def write_cost(out: Path, suffix: str = "") -> None:
@@ -492,6 +492,9 @@ def blocks(results: Path) -> dict[str, str]:
     cost = read_json(results / "cost.json")
     if cost and cost["models"]:
         out["cost"] = ratio_markdown(cost)
+    gpu = read_json(results / "cost_gpu.json")
+    if gpu and gpu["models"]:
+        out["cost-gpu"] = ratio_markdown(gpu, "cost_gpu")
     quality = read_json(results / "quality.json")
     if quality and quality["runs"]:
         out["quality"] = quality_markdown(quality)
