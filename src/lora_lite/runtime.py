@@ -26,6 +26,7 @@ from torch import nn
 from .calibration import collect_stats
 from .config import AdapterConfig
 from .fingerprint import fingerprint
+from .quant import weight_storage
 from .targets import find_targets
 from .variant import REGISTRY, ParamSpec, Variant, init_tensor
 
@@ -149,11 +150,14 @@ def validate(
         leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(PREFIX)]
         if leftover:
             raise RuntimeError(f"{name} already holds adapter tensors {leftover}; use a pristine model")
-        if variant.needs_dense_weight and not isinstance(layer, nn.Linear):
+        if variant.needs_dense_weight and weight_storage(layer) is None:
+            w = getattr(layer, "weight", None)
             raise TypeError(
-                f"{name}: variant {cfg.variant!r} reads or rewrites the dense weight and needs "
-                f"torch.nn.Linear, got {type(layer).__name__}; hook-only variants "
-                f"(lora, ia3, ia3_ff, hra, road) work on quantised layers"
+                f"{name}: variant {cfg.variant!r} reads the weight W and needs torch.nn.Linear, "
+                f"got {type(layer).__name__} (weight {type(w).__name__}, {getattr(w, 'dtype', None)}), "
+                f"or a quantized linear it can dequantize (bitsandbytes Linear4bit / Linear8bitLt, "
+                f"torchao quantize_); hook-only variants (lora, ia3, ia3_ff, hra, road) work on "
+                f"any linear-like layer"
             )
         if variant.uses_rank and cfg.r > min(layer.in_features, layer.out_features):
             raise ValueError(
