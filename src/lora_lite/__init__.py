@@ -3,7 +3,7 @@
 from ._version import __version__
 from .checkpoint import CheckpointError, load, save
 from .config import AdapterConfig
-from .runtime import attach, detach, reconfigure
+from .runtime import attach, describe, detach, reconfigure
 from .variant import REGISTRY, ParamSpec, Variant, register
 from . import variants as _variants  # noqa: F401  (registers the built-in variants)
 from .variants.antipasto import AntiPaSTOConfig
@@ -24,7 +24,7 @@ from .variants.pissa import PiSSAConfig
 from .variants.road import RoadConfig
 
 __all__ = [
-    "__version__", "attach", "detach", "reconfigure", "save", "load", "CheckpointError",
+    "__version__", "attach", "detach", "describe", "reconfigure", "save", "load", "CheckpointError",
     "AdapterConfig", "REGISTRY", "ParamSpec", "Variant", "register",
     "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "HRAConfig",
     "IA3Config", "IA3FFConfig", "RoadConfig", "LoRAXSConfig", "EVAConfig",
