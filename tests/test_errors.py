@@ -68,6 +68,38 @@ def test_from_dict_validates_untrusted_input():
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_constructor_names_an_unknown_field(name):
+    cls = CONFIGS[name]
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: unknown field 'lora_alpha'; valid fields: \[.*'alpha'"):
+        cls(lora_alpha=16)
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: unknown field 'variant'"):
+        cls(variant="lora")  # set by the class, not a knob
+    with pytest.raises(ValueError, match=rf"{cls.__name__} takes keyword arguments only"):
+        cls(8)
+
+
+def test_dtype_accepts_a_torch_dtype_or_its_name():
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        assert ll.LoRAConfig(dtype=name) == ll.LoRAConfig(dtype=dtype)
+
+
+def test_describe_reports_what_is_attached(tmp_path):
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    assert str(ll.describe(net)) == "no lora-lite adapter is attached to this model"
+    ll.attach(net, ll.DoRAConfig(r=2, alpha=4, dtype="bfloat16", target_names=(r"^0$",), trainable_modules=(r"^2$",)))
+    d = ll.describe(net)
+    assert (d.variant, d.targets, d.adapter_params, d.base_params) == ("dora", ["0"], 2 * 16 + 8, {"2.weight": 32, "2.bias": 4})
+    assert d.adapter_dtypes == ["bfloat16"] and d.hook == "output" and d.enabled and d.scale == 1.0
+    text = str(d)
+    for part in ("lora-lite adapter: dora (DoRAConfig)", "r=2, alpha=4.0, dtype='bfloat16'", "targets: 1 layers (0)",
+                 "40 adapter parameters + 36 in trainable_modules (2.weight, 2.bias)",
+                 "compute in the activation's dtype", "hooks: output, enabled, scale 1"):
+        assert part in text, part
+    net.float()  # the adapter dtype follows .to()
+    assert ll.describe(net).adapter_dtypes == ["float32"]
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_config_roundtrip_every_variant(name):
     cfg = CONFIGS[name](dtype=torch.bfloat16, target_names=("a", "b"), layers=(0, 2))
     d = json.loads(json.dumps(cfg.to_dict()))

@@ -4,7 +4,7 @@ from ._version import __version__
 from .checkpoint import CheckpointError, load, save
 from .config import AdapterConfig
 from .merge import disabled, merge, scaled
-from .runtime import attach, detach, reconfigure
+from .runtime import attach, describe, detach, reconfigure
 from .variant import REGISTRY, ParamSpec, Variant, register
 from . import variants as _variants  # noqa: F401  (registers the built-in variants)
 from .variants.antipasto import AntiPaSTOConfig
@@ -26,7 +26,7 @@ from .variants.road import RoadConfig
 from .interop.peft import export_peft, import_peft
 
 __all__ = [
-    "__version__", "attach", "detach", "reconfigure", "save", "load", "CheckpointError",
+    "__version__", "attach", "detach", "describe", "reconfigure", "save", "load", "CheckpointError",
     "merge", "disabled", "scaled", "export_peft", "import_peft",
     "AdapterConfig", "REGISTRY", "ParamSpec", "Variant", "register",
     "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "HRAConfig",

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .quant import repacks_in_eval
+
 
 def collect_stats(
     model: nn.Module,
@@ -77,6 +79,9 @@ def collect_stats(
     handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in targets]
     try:
         model.eval()
+        for m, mode in modes.items():
+            if repacks_in_eval(m):  # keep bitsandbytes' 4-bit CPU weights as they are
+                m.train(mode)
         with torch.no_grad():
             for batch in _progress(batches, progress):
                 current["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None

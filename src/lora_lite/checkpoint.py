@@ -1,9 +1,10 @@
 """save / load: adapter tensors + metadata in one safetensors file.
 
-File layout: tensors named "<target module>.<lora_name>" (never a base weight) and string
+File layout: tensors named "<target module>.<lora_name>" (never a frozen base weight) and string
 metadata: format, format_version, library_version, variant, config (JSON of cfg.to_dict()),
 targets (JSON list) and fingerprints (JSON {target: sketch of the pristine base layer, see
-fingerprint.py}).
+fingerprint.py}). With `trainable_modules`, their parameters are stored as "base.<parameter
+name>" and listed in the metadata "trainable" (JSON list; absent = none).
 
 load() rebuilds the adapted model on a pristine base from the file alone: no calibration
 data, no data-dependent init (frozen SVD factors and initial factors are in the file). Everything is checked before the model is touched; metadata is parsed as
@@ -26,7 +27,7 @@ from torch import nn
 from ._version import __version__
 from .config import AdapterConfig
 from .fingerprint import fingerprint, same_base
-from .runtime import ensure_free, install, state_of, validate, variant_of
+from .runtime import ensure_free, install, state_of, trainable_params, validate, variant_of
 from .targets import is_linear_like
 
 try:
@@ -36,6 +37,7 @@ except ImportError:  # torch built without distributed support: nothing can be s
 
 FORMAT = "lora-lite"
 FORMAT_VERSION = "1"
+BASE = "base."  # key prefix of trained base parameters; adapter keys end in ".lora_*"
 
 
 class CheckpointError(ValueError):
@@ -64,6 +66,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "targets": json.dumps(list(state.targets)),
         "fingerprints": json.dumps(state.fingerprints),
     }
+    tensors.update(_trainable_tensors(model, state))
+    if state.originals:
+        metadata["trainable"] = json.dumps(list(state.originals))
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     os.close(fd)
@@ -130,8 +135,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
     for name, layer in targets:
         for pname, spec in variant.param_specs(layer.in_features, layer.out_features, cfg).items():
             expected[f"{name}.{pname}"] = tuple(spec.shape)
+    trainable = _check_trainable(path, model, meta, shapes, cfg, targets)
     missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
+    unexpected = sorted(set(shapes) - set(expected) - {BASE + n for n in trainable})
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: tensors do not match a {cfg.variant!r} adapter on these targets: "
@@ -161,7 +167,38 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
             for pname in specs:
                 getattr(layer, pname).copy_(f.get_tensor(f"{name}.{pname}"))
 
-        install(model, cfg, variant, targets, fill, fingerprints=now)
+        values = {n: f.get_tensor(BASE + n) for n in trainable}
+        install(model, cfg, variant, targets, fill, fingerprints=now, trainable_values=values)
+
+
+def _trainable_tensors(model: nn.Module, state) -> dict[str, torch.Tensor]:
+    """The trained parameters of `trainable_modules`, keyed "base.<parameter name>"."""
+    return {BASE + n: model.get_parameter(n).detach().to("cpu").contiguous() for n in state.originals}
+
+
+def _check_trainable(path, model, meta, shapes, cfg, targets) -> list[str]:
+    """Names of the stored trainable base parameters, checked against what `trainable_modules`
+    selects on this model (same names, shapes and dtypes); CheckpointError otherwise."""
+    names = _parse_json(path, meta, "trainable", list) if "trainable" in meta else []
+    if not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: metadata 'trainable' must be a JSON list of strings")
+    params = trainable_params(model, cfg, targets)
+    if set(names) != set(params):
+        raise CheckpointError(
+            f"{path}: trainable_modules={cfg.trainable_modules} select {sorted(params)[:5]} on this "
+            f"model, the file holds {sorted(names)[:5]}"
+        )
+    for n in names:
+        if BASE + n not in shapes:
+            raise CheckpointError(f"{path}: the trained base parameter {BASE + n} is missing")
+        file_shape, file_dtype = shapes[BASE + n]
+        p = params[n]
+        if file_shape != tuple(p.shape) or file_dtype != p.dtype:
+            raise CheckpointError(
+                f"{path}: {BASE + n} is {file_dtype} {file_shape}, this model's {n} is "
+                f"{p.dtype} {tuple(p.shape)}"
+            )
+    return names
 
 
 def _read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], torch.dtype]]]:

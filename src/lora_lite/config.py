@@ -3,7 +3,8 @@
 `AdapterConfig` holds the fields every variant shares; a variant file subclasses it and adds its
 own knobs. Configs travel through checkpoints as JSON, so `to_dict`/`from_dict` are exact
 inverses and `from_dict` treats its input as untrusted data: unknown fields, wrong types and
-dtype strings outside the allow-list raise `ValueError` naming the field.
+dtype strings outside the allow-list raise `ValueError` naming the field, and so does the
+constructor (`LoRAConfig(lora_alpha=16)`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class AdapterConfig:
     target_roles subset of {"reader", "writer", "inner"} (see targets.py); empty = no role filter.
     exclude_names regexes that remove candidates (default: the LM head).
     layers       block indices (the first integer in the module path) to keep; None = all.
+    trainable_modules  regexes naming base modules (a classifier head, an embedding) whose
+                 parameters train with the adapter (PEFT's modules_to_save): save stores them,
+                 load restores them, detach puts the attach-time values back.
     """
 
     variant: str = field(default="", init=False)
@@ -56,6 +60,18 @@ class AdapterConfig:
     target_roles: tuple[Literal["reader", "writer", "inner"], ...] = ()
     exclude_names: tuple[str, ...] = (r"(^|\.)lm_head$",)
     layers: tuple[int, ...] | None = None
+    trainable_modules: tuple[str, ...] = ()
+
+    def __new__(cls, *args, **kwargs):
+        # Runs before the dataclass __init__, which would raise TypeError for an unknown keyword:
+        # configs are often written from memory (PEFT's lora_alpha), so name it and the valid ones.
+        if args:
+            raise ValueError(f"{cls.__name__} takes keyword arguments only, got {len(args)} positional")
+        settable = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        for key in kwargs:
+            if key not in settable:
+                raise ValueError(f"{cls.__name__}: unknown field {key!r}; valid fields: {settable}")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if type(self) is AdapterConfig or self.variant not in CONFIGS:
@@ -87,7 +103,7 @@ class AdapterConfig:
                 )
         if self.r < 1:
             raise ValueError(f"{type(self).__name__}.r: must be >= 1, got {self.r}")
-        for fname in ("target_names", "exclude_names"):
+        for fname in ("target_names", "exclude_names", "trainable_modules"):
             for pattern in getattr(self, fname):
                 try:
                     re.compile(pattern)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .quant import dense_weight, is_quantized
+
 PROBES = 4
 _SLACK = 8.0  # rounding noise of a ±1-ulp restore is ~0.6·eps·‖W‖_F; 8 gives > 10 sigma
 
@@ -31,13 +33,15 @@ def _sketch(t: torch.Tensor) -> dict:
 
 
 def fingerprint(layer: nn.Module) -> dict:
-    """JSON-ready sketch of a layer's weight and bias."""
+    """JSON-ready sketch of a layer's weight and bias. A quantized weight is sketched as the
+    fp32 matrix it dequantizes to (the same stored bytes give the same sketch)."""
     bias = getattr(layer, "bias", None)
-    dtype = layer.weight.dtype
+    weight = dense_weight(layer) if is_quantized(layer) else layer.weight
+    dtype = weight.dtype
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "eps": torch.finfo(dtype).eps if dtype.is_floating_point else 0.0,
-        "weight": _sketch(layer.weight),
+        "weight": _sketch(weight),
         "bias": None if bias is None else _sketch(bias),
     }
 

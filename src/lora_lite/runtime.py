@@ -17,6 +17,7 @@ the activation is cast to the adapter tensors' dtype first and Δ back (the earl
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from torch import nn
 from .calibration import collect_stats
 from .config import AdapterConfig
 from .fingerprint import fingerprint
+from .quant import weight_storage
 from .targets import find_targets
 from .variant import REGISTRY, ParamSpec, Variant, init_tensor
 
@@ -40,6 +42,7 @@ class AttachState:
     targets: dict[str, nn.Module]                # name -> layer, in model order
     specs: dict[str, dict[str, ParamSpec]]      # name -> tensor specs
     requires_grad: dict[str, bool]              # base parameter -> flag before attach
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable base params at attach
     fingerprints: dict[str, dict] = field(default_factory=dict)  # base sketches at attach/load
     handles: list = field(default_factory=list)
     scale: float = 1.0                          # ll.scaled: y + scale·Δy at every target
@@ -90,13 +93,15 @@ def attach(
 
 def detach(model: nn.Module) -> None:
     """Remove the adapter: hooks, `lora_*` tensors and the attach state; grad flags back.
-    The base weights were never written, so the model is the pristine base bit for bit."""
+    The base weights were never written, and the parameters of `trainable_modules` get their
+    values from attach time back, so the model is the pristine base bit for bit."""
     state = state_of(model)
     for h in state.handles:
         h.remove()
     for name, layer in state.targets.items():
         for pname in state.specs[name]:
             _delete(layer, pname)
+    _restore_values(model, state.originals)
     _restore_flags(model, state.requires_grad)
     delattr(model, STATE_ATTR)
 
@@ -114,6 +119,67 @@ def reconfigure(model: nn.Module, **changes) -> AdapterConfig:
         )
     state.cfg = dataclasses.replace(state.cfg, **changes)  # validates like a new config
     return state.cfg
+
+
+@dataclass
+class Description:
+    """What `describe(model)` found; prints as a short report (`print(model)` cannot show hooks)."""
+
+    variant: str
+    config: AdapterConfig
+    targets: list[str]
+    adapter_params: int                         # trainable adapter parameters
+    base_params: dict[str, int]                 # trainable_modules parameter -> numel
+    adapter_dtypes: list[str]                   # dtypes the adapter tensors are in now
+    hook: str                                   # "output" or "input (pre-hook)"
+    scale: float
+    enabled: bool
+
+    def __str__(self) -> str:
+        cfg = self.config
+        default = type(cfg)()
+        fields = [f"{k}={v!r}" for k, v in cfg.to_dict().items()
+                  if k not in ("variant", "target_names", "target_roles", "exclude_names", "layers",
+                               "trainable_modules") and (k in ("r", "alpha", "dtype") or v != default.to_dict()[k])]
+        some = self.targets if len(self.targets) <= 3 else [*self.targets[:2], "...", self.targets[-1]]
+        compute = ("in the activation's dtype (AMP-style)" if cfg.compute == "input"
+                   else "in the adapter dtype (activations cast)")
+        lines = [
+            f"lora-lite adapter: {self.variant} ({type(cfg).__name__})",
+            f"  config: {', '.join(fields)}",
+            f"  targets: {len(self.targets)} layers ({', '.join(some)}); selected by "
+            f"target_names={cfg.target_names}, target_roles={cfg.target_roles}, layers={cfg.layers}",
+            f"  trainable: {self.adapter_params:,} adapter parameters"
+            + (f" + {sum(self.base_params.values()):,} in trainable_modules ({', '.join(self.base_params)})"
+               if self.base_params else ""),
+            f"  adapter tensors: {'/'.join(self.adapter_dtypes)}; compute {compute}",
+            f"  hooks: {self.hook}, {'enabled' if self.enabled else 'disabled'}, scale {self.scale:g}",
+        ]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def describe(model: nn.Module) -> Description | str:
+    """What is attached to `model`: variant, key config fields, targets, trainable parameter
+    counts, adapter dtype, compute policy, hook state. `print(ll.describe(model))`."""
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        return "no lora-lite adapter is attached to this model"
+    tensors = [getattr(layer, p) for n, layer in state.targets.items() for p in state.specs[n]]
+    trainable = [t for n, layer in state.targets.items() for p, spec in state.specs[n].items()
+                 if spec.trainable for t in (getattr(layer, p),)]
+    return Description(
+        variant=state.cfg.variant,
+        config=state.cfg,
+        targets=list(state.targets),
+        adapter_params=sum(t.numel() for t in trainable),
+        base_params={n: model.get_parameter(n).numel() for n in state.originals},
+        adapter_dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
+        hook="input (pre-hook)" if state.variant.delta_input is not None else "output",
+        scale=state.scale,
+        enabled=state.enabled,
+    )
 
 
 def variant_of(cfg: AdapterConfig) -> type[Variant]:
@@ -149,11 +215,14 @@ def validate(
         leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(PREFIX)]
         if leftover:
             raise RuntimeError(f"{name} already holds adapter tensors {leftover}; use a pristine model")
-        if variant.needs_dense_weight and not isinstance(layer, nn.Linear):
+        if variant.needs_dense_weight and weight_storage(layer) is None:
+            w = getattr(layer, "weight", None)
             raise TypeError(
-                f"{name}: variant {cfg.variant!r} reads or rewrites the dense weight and needs "
-                f"torch.nn.Linear, got {type(layer).__name__}; hook-only variants "
-                f"(lora, ia3, ia3_ff, hra, road) work on quantised layers"
+                f"{name}: variant {cfg.variant!r} reads the weight W and needs torch.nn.Linear, "
+                f"got {type(layer).__name__} (weight {type(w).__name__}, {getattr(w, 'dtype', None)}), "
+                f"or a quantized linear it can dequantize (bitsandbytes Linear4bit / Linear8bitLt, "
+                f"torchao quantize_); hook-only variants (lora, ia3, ia3_ff, hra, road) work on "
+                f"any linear-like layer"
             )
         if variant.uses_rank and cfg.r > min(layer.in_features, layer.out_features):
             raise ValueError(
@@ -164,6 +233,58 @@ def validate(
             variant.validate(layer, cfg)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
+    trainable_params(model, cfg, targets)
+
+
+def trainable_params(
+    model: nn.Module, cfg: AdapterConfig, targets: list[tuple[str, nn.Module]]
+) -> dict[str, nn.Parameter]:
+    """{full name: parameter} of the base modules `cfg.trainable_modules` names (by regex, then
+    in model order; a parameter reached twice is listed once).
+
+    Refuses a regex that matches no module, a module without parameters, one that overlaps an
+    adapter target or shares a parameter with one (a layer is either adapted or trained in
+    full) and non-floating parameters (a quantized layer cannot be trained in full)."""
+    if not cfg.trainable_modules:
+        return {}
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    target_names = [n for n, _ in targets]
+    target_params = {id(p): n for n, t in targets for p in t.parameters()}
+    found: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for pattern in cfg.trainable_modules:
+        hits = [(n, m) for n, m in modules if re.search(pattern, n)]
+        if not hits:
+            some = ", ".join(n for n, _ in modules if "." not in n) or "(none)"
+            raise ValueError(
+                f"trainable_modules: {pattern!r} matches no module of this model; top-level modules: {some}"
+            )
+        for mname, module in hits:
+            overlap = [t for t in target_names if t == mname or t.startswith(mname + ".") or mname.startswith(t + ".")]
+            if overlap:
+                raise ValueError(
+                    f"trainable_modules: {mname!r} overlaps the adapter target {overlap[0]!r}; a layer "
+                    f"is either adapted or trained in full: narrow the regex or exclude the target "
+                    f"with exclude_names"
+                )
+            params = list(module.named_parameters())
+            if not params:
+                raise ValueError(f"trainable_modules: {mname!r} ({type(module).__name__}) has no parameters")
+            for pname, p in params:
+                if not p.dtype.is_floating_point:
+                    raise TypeError(
+                        f"trainable_modules: {mname}.{pname} is {p.dtype} ({type(module).__name__}); only "
+                        f"floating-point parameters can train"
+                    )
+                if id(p) in target_params:
+                    raise ValueError(
+                        f"trainable_modules: {mname}.{pname} is also a parameter of the adapter target "
+                        f"{target_params[id(p)]!r} (tied weights); a layer is either adapted or trained in full"
+                    )
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    found[f"{mname}.{pname}"] = p
+    return found
 
 
 def install(
@@ -173,8 +294,11 @@ def install(
     targets: list[tuple[str, nn.Module]],
     fill: Callable[[str, nn.Module, dict[str, ParamSpec]], None],
     fingerprints: dict[str, dict] | None = None,
+    trainable_values: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Create tensors, fill them, freeze the base, add hooks; roll back on any error."""
+    """Create tensors, fill them, freeze the base, unfreeze `trainable_modules` (keeping their
+    values for detach; `trainable_values` sets them, as load does), add hooks; roll back on
+    any error."""
     state = AttachState(
         cfg=cfg,
         variant=variant,
@@ -198,6 +322,12 @@ def install(
             for pname, spec in state.specs[name].items():
                 if spec.trainable:
                     getattr(layer, pname).requires_grad_(True)
+        for pname, p in trainable_params(model, cfg, targets).items():
+            state.originals[pname] = p.detach().clone()
+            if trainable_values is not None:
+                with torch.no_grad():
+                    p.copy_(trainable_values[pname])
+            p.requires_grad_(True)
         for name, layer in targets:
             state.handles.append(_hook(layer, variant, state, next(iter(state.specs[name]))))
         setattr(model, STATE_ATTR, state)
@@ -206,6 +336,7 @@ def install(
             h.remove()
         for layer, pname in created:
             _delete(layer, pname)
+        _restore_values(model, state.originals)
         _restore_flags(model, state.requires_grad)
         raise
 
@@ -262,6 +393,12 @@ def _delete(layer: nn.Module, pname: str) -> None:
     layer._parameters.pop(pname, None)
     layer._buffers.pop(pname, None)
     layer._non_persistent_buffers_set.discard(pname)
+
+
+@torch.no_grad()
+def _restore_values(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    for name, value in originals.items():
+        model.get_parameter(name).copy_(value)
 
 
 def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:

@@ -21,7 +21,8 @@ near 1 written as g − 1) in fp32 before that cast.
 Class attributes say what the runtime must check or provide:
 
     uses_rank           r is a rank: runtime requires 1 <= r <= min(d_in, d_out)
-    needs_dense_weight  reads layer.weight (SVD, norms): torch.nn.Linear only
+    needs_dense_weight  reads W through quant.dense_weight (SVD, norms): nn.Linear or a
+                        quantized linear that dense_weight dequantizes
     calibration         None | "gram" | "diag": input statistics the runtime collects
     requires_calibration  attach refuses without calibration data
     (override `calibration_needs(cfg)` when a config knob decides both)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant import dense_weight
 from ..variant import ParamSpec, like, straight_through_clamp
 from ._svd import second_moment, top_r_svd, wanda_top_r
 
@@ -44,9 +45,9 @@ def init_top_r(layer, cfg, stats: dict | None) -> None:
     """Members on W's own singular directions: its top-r triplets, or with calibration data the
     Wanda-ranked r (score S_i·sqrt(v_iᵀ C v_i)), into lora_U, lora_S, lora_Vh."""
     if stats is None:
-        store_svd(layer, *top_r_svd(layer.weight, cfg.r))
+        store_svd(layer, *top_r_svd(dense_weight(layer), cfg.r))
     else:
-        store_svd(layer, *wanda_top_r(layer.weight, cfg.r, second_moment(stats)))
+        store_svd(layer, *wanda_top_r(dense_weight(layer), cfg.r, second_moment(stats)))
 
 
 def _gain_exponent(layer, cfg) -> torch.Tensor:
@@ -82,7 +83,7 @@ def gain_delta(layer, cfg, x, y):
 
 def core_effective_weight(layer, M: torch.Tensor):
     """W + U M P for an fp32 (r, r) change M of the frozen part."""
-    return layer.weight.float() + layer.lora_U.float() @ M @ basis_of(layer).float(), layer.bias
+    return dense_weight(layer) + layer.lora_U.float() @ M @ basis_of(layer).float(), layer.bias
 
 
 def core_low_rank_delta(layer, M: torch.Tensor):

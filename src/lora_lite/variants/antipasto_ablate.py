@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register, straight_through_clamp
 from ._antipasto import coordinates, core_effective_weight, core_low_rank_delta, store_svd, svd_specs
 from ._svd import oriented_top_r, second_moment, top_r_svd
@@ -94,9 +95,9 @@ class AntiPaSTOAblate(Variant):
     @staticmethod
     def init(layer, cfg, stats):
         if stats is None:
-            store_svd(layer, *top_r_svd(layer.weight, cfg.r))
+            store_svd(layer, *top_r_svd(dense_weight(layer), cfg.r))
         else:
-            store_svd(layer, *oriented_top_r(layer.weight, cfg.r, second_moment(stats), cfg.cov_eps))
+            store_svd(layer, *oriented_top_r(dense_weight(layer), cfg.r, second_moment(stats), cfg.cov_eps))
 
     @staticmethod
     def delta(layer, cfg, x, y):

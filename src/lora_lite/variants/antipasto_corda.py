@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, register
 from ._antipasto import core_effective_weight, core_low_rank_delta, gain_core, gain_delta, store_svd, svd_specs
 from ._svd import oriented_top_r, second_moment
@@ -54,7 +55,7 @@ class AntiPaSTOCorDA(Variant):
 
     @staticmethod
     def init(layer, cfg, stats):
-        U, S, P = oriented_top_r(layer.weight, cfg.r, second_moment(stats), cfg.cov_eps)
+        U, S, P = oriented_top_r(dense_weight(layer), cfg.r, second_moment(stats), cfg.cov_eps)
         store_svd(layer, U, S, P, "lora_P")
 
     delta = staticmethod(gain_delta)

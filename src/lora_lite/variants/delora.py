@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register
 from .lora import lora_specs
 
@@ -56,7 +57,7 @@ class DeLoRA(Variant):
 
     @staticmethod
     def init(layer, cfg, stats):
-        layer.lora_wnorm.copy_(layer.weight.float().norm(dim=0))
+        layer.lora_wnorm.copy_(dense_weight(layer).norm(dim=0))
 
     @staticmethod
     def delta(layer, cfg, x, y):
@@ -66,7 +67,7 @@ class DeLoRA(Variant):
     @staticmethod
     def effective_weight(layer, cfg):
         B, A = DeLoRA.low_rank_delta(layer, cfg)
-        return layer.weight.float() + B @ A, layer.bias
+        return dense_weight(layer) + B @ A, layer.bias
 
     @staticmethod
     def low_rank_delta(layer, cfg):

@@ -11,8 +11,9 @@ are computed in fp32 (W read in fp32) and only then cast to the activation dtype
 g − 1 = 0 and B = 0 give Δy = 0 exactly even on a bf16 base with a bias (forming y' from
 g ⊙ (y − b) would round y − b and g in bf16).
 
-Reads the dense W on every call, so torch.nn.Linear only. Matches HF PEFT
-`LoraConfig(use_dora=True, lora_dropout=0)` with lora_magnitude_vector = m.
+Reads W on every call: a quantized base (bitsandbytes, torchao) is dequantized per call, never
+written. Matches HF PEFT `LoraConfig(use_dora=True, lora_dropout=0)` with
+lora_magnitude_vector = m.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register
 from .lora import lora_specs, low_rank
 
@@ -32,7 +34,7 @@ class DoRAConfig(AdapterConfig):
 def _direction(layer, cfg):
     """V = W + s·sg(BA) and n = sg(row norms of V), fp32."""
     BA = (layer.lora_B.float() @ layer.lora_A.float()).detach()
-    V = layer.weight.float() + cfg.scale * BA
+    V = dense_weight(layer) + cfg.scale * BA
     return V, V.norm(dim=1).clamp_min(1e-12).detach()
 
 
@@ -49,7 +51,7 @@ class DoRA(Variant):
 
     @staticmethod
     def init(layer, cfg, stats):
-        layer.lora_m.copy_(layer.weight.float().norm(dim=1))
+        layer.lora_m.copy_(dense_weight(layer).norm(dim=1))
 
     @staticmethod
     def delta(layer, cfg, x, y):

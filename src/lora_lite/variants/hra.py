@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register
 
 
@@ -81,4 +82,4 @@ class HRA(Variant):
     def effective_weight(layer, cfg):
         U_hat, T_inv_t = _wy(layer)
         R = torch.eye(U_hat.shape[1], dtype=U_hat.dtype, device=U_hat.device) - U_hat.T @ T_inv_t.T @ U_hat
-        return layer.weight.float() @ R, layer.bias
+        return dense_weight(layer) @ R, layer.bias

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register
 
 
@@ -41,4 +42,4 @@ class IA3(Variant):
     def effective_weight(layer, cfg):
         g = layer.lora_g.float()
         b = layer.bias
-        return g[:, None] * layer.weight.float(), None if b is None else g * b.float()
+        return g[:, None] * dense_weight(layer), None if b is None else g * b.float()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register
 
 
@@ -37,4 +38,4 @@ class IA3FF(Variant):
 
     @staticmethod
     def effective_weight(layer, cfg):
-        return layer.weight.float() * layer.lora_g.float(), layer.bias
+        return dense_weight(layer) * layer.lora_g.float(), layer.bias

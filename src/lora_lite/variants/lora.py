@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register
 
 
@@ -45,7 +46,7 @@ def lora_delta(layer, cfg, x, y):
 
 
 def lora_effective_weight(layer, cfg):
-    W = layer.weight.float() + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
+    W = dense_weight(layer) + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
     return W, layer.bias
 
 

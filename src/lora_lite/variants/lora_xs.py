@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register
 from ._svd import top_r_svd
 
@@ -52,7 +53,7 @@ class LoRAXS(Variant):
 
     @staticmethod
     def init(layer, cfg, stats):
-        U, S, Vh = top_r_svd(layer.weight, cfg.r)
+        U, S, Vh = top_r_svd(dense_weight(layer), cfg.r)
         layer.lora_A.copy_(S[:, None] * Vh)
         layer.lora_B.copy_(U)
 
@@ -64,7 +65,7 @@ class LoRAXS(Variant):
     @staticmethod
     def effective_weight(layer, cfg):
         B, A = LoRAXS.low_rank_delta(layer, cfg)
-        return layer.weight.float() + B @ A, layer.bias
+        return dense_weight(layer) + B @ A, layer.bias
 
     @staticmethod
     def low_rank_delta(layer, cfg):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, register
 from ._svd import top_r_svd
 from .lora import low_rank
@@ -51,7 +52,7 @@ class PiSSA(Variant):
 
     @staticmethod
     def init(layer, cfg, stats):
-        U, S, Vh = top_r_svd(layer.weight, cfg.r)
+        U, S, Vh = top_r_svd(dense_weight(layer), cfg.r)
         root = (S / cfg.scale).sqrt()
         layer.lora_A0.copy_(root[:, None] * Vh)
         layer.lora_B0.copy_(U * root)
@@ -66,7 +67,7 @@ class PiSSA(Variant):
     @staticmethod
     def effective_weight(layer, cfg):
         B, A = PiSSA.low_rank_delta(layer, cfg)
-        return layer.weight.float() + B @ A, layer.bias
+        return dense_weight(layer) + B @ A, layer.bias
 
     @staticmethod
     def low_rank_delta(layer, cfg):

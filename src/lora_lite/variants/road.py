@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from ..config import AdapterConfig
+from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register
 
 _PARAMS_PER_OUTPUT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
@@ -100,4 +101,4 @@ class Road(Variant):
         eye = torch.eye(layer.out_features, dtype=f.dtype, device=f.device)
         R = f[:, None] * eye + s[:, None] * _swap_halves(eye, cfg.group_size)  # swap is symmetric
         b = layer.bias
-        return R @ layer.weight.float(), None if b is None else R @ b.float()
+        return R @ dense_weight(layer), None if b is None else R @ b.float()
