@@ -81,13 +81,17 @@ def gain_delta(layer, cfg, x, y):
     return F.linear(p * like(x, layer.lora_S.float() * gain_minus_one(layer, cfg)), U)
 
 
-def core_effective_weight(layer, M: torch.Tensor):
-    """W + U M P for an fp32 (r, r) change M of the frozen part."""
-    return dense_weight(layer) + layer.lora_U.float() @ M @ basis_of(layer).float(), layer.bias
+def closed_forms(core):
+    """(effective_weight, low_rank_delta) of a member whose change is U M P, M = core(layer, cfg)
+    an fp32 (r, r) matrix: W_eff = W + U M P, and the rank-r factors (U M, P)."""
 
+    def effective_weight(layer, cfg):
+        return dense_weight(layer) + layer.lora_U.float() @ core(layer, cfg) @ basis_of(layer).float(), layer.bias
 
-def core_low_rank_delta(layer, M: torch.Tensor):
-    return layer.lora_U.float() @ M, basis_of(layer).float()
+    def low_rank_delta(layer, cfg):
+        return layer.lora_U.float() @ core(layer, cfg), basis_of(layer).float()
+
+    return staticmethod(effective_weight), staticmethod(low_rank_delta)
 
 
 def gain_core(layer, cfg) -> torch.Tensor:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
 from ..variant import ParamSpec, Variant, register
-from ._antipasto import core_effective_weight, core_low_rank_delta, gain_core, gain_delta, init_top_r, svd_specs
+from ._antipasto import closed_forms, gain_core, gain_delta, init_top_r, svd_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,10 +61,4 @@ class AntiPaSTO(Variant):
     init = staticmethod(init_top_r)
     delta = staticmethod(gain_delta)
 
-    @staticmethod
-    def effective_weight(layer, cfg):
-        return core_effective_weight(layer, gain_core(layer, cfg))
-
-    @staticmethod
-    def low_rank_delta(layer, cfg):
-        return core_low_rank_delta(layer, gain_core(layer, cfg))
+    effective_weight, low_rank_delta = closed_forms(gain_core)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..config import AdapterConfig
 from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, like, register, straight_through_clamp
-from ._antipasto import coordinates, core_effective_weight, core_low_rank_delta, store_svd, svd_specs
+from ._antipasto import coordinates, closed_forms, store_svd, svd_specs
 from ._svd import oriented_top_r, second_moment, top_r_svd
 
 
@@ -106,10 +106,4 @@ class AntiPaSTOAblate(Variant):
         h = p * S
         return -cfg.coeff * F.linear(F.linear((h @ C_hat) * a, C_hat), U)
 
-    @staticmethod
-    def effective_weight(layer, cfg):
-        return core_effective_weight(layer, _core(layer, cfg))
-
-    @staticmethod
-    def low_rank_delta(layer, cfg):
-        return core_low_rank_delta(layer, _core(layer, cfg))
+    effective_weight, low_rank_delta = closed_forms(_core)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ..quant import dense_weight
 from ..variant import ParamSpec, Variant, register
-from ._antipasto import core_effective_weight, core_low_rank_delta, gain_core, gain_delta, store_svd, svd_specs
+from ._antipasto import closed_forms, gain_core, gain_delta, store_svd, svd_specs
 from ._svd import oriented_top_r, second_moment
 from .antipasto import AntiPaSTOConfig
 
@@ -60,10 +60,4 @@ class AntiPaSTOCorDA(Variant):
 
     delta = staticmethod(gain_delta)
 
-    @staticmethod
-    def effective_weight(layer, cfg):
-        return core_effective_weight(layer, gain_core(layer, cfg))
-
-    @staticmethod
-    def low_rank_delta(layer, cfg):
-        return core_low_rank_delta(layer, gain_core(layer, cfg))
+    effective_weight, low_rank_delta = closed_forms(gain_core)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..variant import ParamSpec, Variant, like, register
 from ._antipasto import (
-    coordinates, core_effective_weight, core_low_rank_delta, gain_core, gain_minus_one, init_top_r, svd_specs,
+    coordinates, closed_forms, gain_core, gain_minus_one, init_top_r, svd_specs,
 )
 from .antipasto import AntiPaSTOConfig
 
@@ -79,10 +79,4 @@ class AntiPaSTODPLR(Variant):
         A, B, S_change = like(x, layer.lora_A, layer.lora_B, layer.lora_S.float() * gain_minus_one(layer, cfg))
         return F.linear(p * S_change + cfg.coeff * F.linear(F.linear(p, A), B), U)
 
-    @staticmethod
-    def effective_weight(layer, cfg):
-        return core_effective_weight(layer, _core(layer, cfg))
-
-    @staticmethod
-    def low_rank_delta(layer, cfg):
-        return core_low_rank_delta(layer, _core(layer, cfg))
+    effective_weight, low_rank_delta = closed_forms(_core)

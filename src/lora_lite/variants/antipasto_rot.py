@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..variant import ParamSpec, Variant, like, register
-from ._antipasto import coordinates, core_effective_weight, core_low_rank_delta, init_top_r, svd_specs
+from ._antipasto import coordinates, closed_forms, init_top_r, svd_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +105,13 @@ def _full(blocks: torch.Tensor | None, r: int, device) -> torch.Tensor:
     return eye if blocks is None else eye + torch.block_diag(*blocks)
 
 
+def _core(layer, cfg):
+    """M = R_Uᵀ diag(S + δ_s) R_V − diag(S) (r, r), fp32."""
+    R_V, R_U = (_full(B, cfg.r, layer.lora_S.device) for B in _blocks(layer, cfg))
+    S = layer.lora_S.float()
+    return R_U.T @ torch.diag(S + layer.lora_delta_s.float()) @ R_V - torch.diag(S)
+
+
 @register
 class AntiPaSTORot(Variant):
     name = "antipasto_rot"
@@ -136,17 +143,4 @@ class AntiPaSTORot(Variant):
         a = q * (S + d_s)
         return F.linear(dq * S + q * d_s + _rotate(a, R_U, transpose=False), U)
 
-    @staticmethod
-    def effective_weight(layer, cfg):
-        return core_effective_weight(layer, _core(layer, cfg))
-
-    @staticmethod
-    def low_rank_delta(layer, cfg):
-        return core_low_rank_delta(layer, _core(layer, cfg))
-
-
-def _core(layer, cfg):
-    """M = R_Uᵀ diag(S + δ_s) R_V − diag(S) (r, r), fp32."""
-    R_V, R_U = (_full(B, cfg.r, layer.lora_S.device) for B in _blocks(layer, cfg))
-    S = layer.lora_S.float()
-    return R_U.T @ torch.diag(S + layer.lora_delta_s.float()) @ R_V - torch.diag(S)
+    effective_weight, low_rank_delta = closed_forms(_core)
