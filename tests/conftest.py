@@ -14,6 +14,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' tensors are small: on a 2-core box a second thread only contends (a 128 x 64 SVD
+# takes ~20x longer with 2 threads). Results are compared against independent computations
+# made in the same process, so they do not depend on this.
+torch.set_num_threads(1)
 
 from lora_lite.demo import load_minilm  # noqa: E402
 
