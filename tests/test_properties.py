@@ -33,7 +33,7 @@ from lora_lite.variant import REGISTRY
 from cases import NEUTRAL
 from conftest import assert_untouched, snapshot
 
-EXAMPLES = 8
+EXAMPLES = 20
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Identity at init, as max|y − y_base| ≤ ulps · eps(base dtype) · max|y_base|; 0 means bit for bit.
