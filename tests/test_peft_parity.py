@@ -26,6 +26,7 @@ from lora_lite.interop.peft import PEFT_METHODS, copy_to_peft, peft_config  # no
 from lora_lite.runtime import state_of  # noqa: E402
 from lora_lite.variant import REGISTRY  # noqa: E402
 
+from ckpt_files import seal  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from test_variants import CASES, attach_case, perturb  # noqa: E402
 
@@ -144,7 +145,7 @@ def test_peft_corda_factors_injected_into_antipasto_corda(qwen, tmp_path):
     for n, e in eigens.items():
         tensors.update({f"{n}.lora_U": e.U_WC.contiguous(), f"{n}.lora_S": e.S_WC.clone(),
                         f"{n}.lora_P": e.V_WC.T.contiguous()})
-    save_file(tensors, str(path), metadata=meta)
+    save_file(tensors, str(path), metadata=seal(meta, tensors))  # edited on purpose: new hashes
     theirs = peft.get_peft_model(theirs, cfg)
 
     injected = qwen.fresh()

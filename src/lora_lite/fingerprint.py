@@ -66,6 +66,6 @@ def same_base(saved: object, now: dict) -> bool:
                 return False
             if any(abs(float(p) - q) > tol for p, q in zip(a["probes"], b["probes"])):
                 return False
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # saved is untrusted JSON
             return False
     return True

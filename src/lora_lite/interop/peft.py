@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import _DTYPE_CODES, CheckpointError, _parse_config, _parse_json, _read_header
+from ..checkpoint import _DTYPE_CODES, CheckpointError, _parse_config, _parse_json, _read, _verify
 from ..config import AdapterConfig
 from ..runtime import ensure_free, install, state_of, validate, variant_of
 from ..targets import is_linear_like
@@ -175,16 +175,19 @@ def export_peft(model: nn.Module | str | os.PathLike, out_dir: str | os.PathLike
 def export_peft_file(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """`export_peft` from a lora-lite checkpoint file alone (no base model)."""
     path = os.fspath(path)
-    meta, shapes = _read_header(path)
+    meta, stored = _read(path)
+    _verify(path, meta, stored)
     cfg = _parse_config(path, meta)
     names = _parse_json(path, meta, "targets", list)
     tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            name, _, pname = key.rpartition(".")
-            if name not in tensors:
-                raise CheckpointError(f"{path}: tensor {key!r} belongs to no target in the metadata")
-            tensors[name][pname] = f.get_tensor(key)
+    for key, t in stored.items():
+        name, _, pname = key.rpartition(".")
+        if name not in tensors:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} belongs to no target (trained base modules, "
+                f"`trainable_modules`, have no PEFT adapter form here)"
+            )
+        tensors[name][pname] = t
     layers = {n: SimpleNamespace(**t) for n, t in tensors.items()}
     return _write_peft(out_dir, cfg, layers)
 
