@@ -54,6 +54,7 @@ def _worker(rank: int, fn, tmp: str) -> None:
     )
     try:
         fn(rank, tmp)
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
 
