@@ -37,7 +37,7 @@ from ._version import __version__
 from .config import AdapterConfig
 from .fingerprint import fingerprint, same_base
 from .runtime import ensure_free, install, state_of, trainable_params, validate, variant_of
-from .targets import is_linear_like
+from .targets import named_linear_layers
 
 try:
     from torch.distributed.tensor import DTensor
@@ -154,14 +154,14 @@ def load(model: nn.Module, path: str | os.PathLike) -> None:
     if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise CheckpointError(f"{path}: metadata 'targets' must be a non-empty list of distinct names")
     fps = _parse_json(path, meta, "fingerprints", dict)
-    modules = dict(model.named_modules())
-    absent = [n for n in names if not (n in modules and is_linear_like(modules[n]))]
+    found, absent = named_linear_layers(model, names)
     if absent:
         raise CheckpointError(
             f"{path}: {len(absent)} target(s) are not linear layers of this model, e.g. "
             f"{absent[:3]}; was the adapter trained on another architecture?"
         )
-    targets = [(n, modules[n]) for n in names]
+    layers = dict(found)
+    targets = [(n, layers[n]) for n in names]  # the saved order
     try:
         validate(model, variant, cfg, targets)
     except (ValueError, TypeError) as e:

@@ -35,6 +35,15 @@ def is_linear_like(module: nn.Module) -> bool:
     )
 
 
+def named_linear_layers(model: nn.Module, names) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """([(name, layer)] for the `names` that are linear-like layers of `model`, in model order;
+    the names that are not) — how a saved or imported adapter finds its targets."""
+    wanted = set(names)
+    found = [(n, m) for n, m in model.named_modules() if n in wanted and is_linear_like(m)]
+    have = {n for n, _ in found}
+    return found, [n for n in names if n not in have]
+
+
 def layer_index(name: str) -> int | None:
     """Block index of a module path: the first all-digit path component ('model.layers.3.mlp' -> 3)."""
     m = _LAYER_INDEX.search(name)

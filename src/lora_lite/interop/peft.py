@@ -47,7 +47,7 @@ from torch import nn
 from ..checkpoint import _DTYPE_CODES, CheckpointError, _parse_config, _parse_json, _read, _verify
 from ..config import AdapterConfig
 from ..runtime import ensure_free, install, state_of, validate, variant_of
-from ..targets import is_linear_like
+from ..targets import named_linear_layers
 
 PEFT_METHODS = ("lora", "pissa", "dora", "delora", "hra", "ia3", "ia3_ff", "road", "eva")
 CONFIG_NAME = "adapter_config.json"
@@ -305,14 +305,12 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> AdapterConfig:
     conf, shapes = _read_peft_dir(peft_dir)
     cfg, plan = _convert(peft_dir, conf, shapes)
     variant = variant_of(cfg)
-    modules = dict(model.named_modules())
-    absent = [n for n in plan if not (n in modules and is_linear_like(modules[n]))]
+    targets, absent = named_linear_layers(model, list(plan))  # model order, as attach finds them
     if absent:
         raise ValueError(
             f"{peft_dir}: {len(absent)} adapted module(s) are not linear layers of this model, e.g. "
             f"{absent[:3]}; load the base with the same class PEFT wrapped (e.g. AutoModelForCausalLM)"
         )
-    targets = [(n, m) for n, m in modules.items() if n in plan]  # model order, as attach finds them
     validate(model, variant, cfg, targets)
     for name, layer in targets:
         specs = variant.param_specs(layer.in_features, layer.out_features, cfg)
