@@ -188,3 +188,19 @@ def test_a_tied_weight_of_a_target_is_refused():
     with pytest.raises(ValueError, match=r"head\.weight is also a parameter of the adapter target 'body\.0' \(tied weights\)"):
         ll.attach(net, ll.LoRAConfig(r=2, target_names=(r"^body\.0$",), trainable_modules=(r"^head$",)))
     assert_untouched(net, before)
+
+
+def test_merge_keeps_the_trained_modules():
+    """merge bakes the adapter into W and keeps the trained head: the merged plain model
+    computes what the attached one did (detach, by contrast, restores the original head)."""
+    model = make_net()
+    ll.attach(model, cfg())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    y = model(IDS)
+    head = model.head.weight.clone()
+    ll.merge(model)
+    assert torch.equal(model.head.weight, head)
+    assert torch.allclose(model(IDS), y, rtol=1e-5, atol=1e-6)

@@ -60,7 +60,8 @@ def merge(model: nn.Module) -> None:
     """Write every target's effective weight (and bias) into the layer and remove the adapter.
 
     The model is then a plain model with no lora-lite state; a new adapter can be attached on
-    top (stacking = merge, then attach). Inside `scaled(model, c)` / `disabled(model)` the
+    top (stacking = merge, then attach). Parameters of `trainable_modules` keep their trained
+    values (detach would put the attach-time ones back). Inside `scaled(model, c)` / `disabled(model)` the
     current strength is merged (c, or 0). Layers that are not dense (quantised linears, whose
     `weight` is not a floating-point (d_out, d_in) tensor) are refused before anything changes.
     """
@@ -97,6 +98,7 @@ def merge(model: nn.Module) -> None:
                     f"merge failed at {name} after writing {i} of {len(targets)} targets ({e}); "
                     f"the model is now partly merged: reload the base model"
                 ) from e
+    state.originals.clear()  # trained `trainable_modules` keep their values: they are merged too
     detach(model)
 
 
