@@ -204,3 +204,14 @@ def test_merge_keeps_the_trained_modules():
     ll.merge(model)
     assert torch.equal(model.head.weight, head)
     assert torch.allclose(model(IDS), y, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_export_refuses_trained_base_modules(tmp_path):
+    model = make_net()
+    ll.attach(model, cfg())
+    with pytest.raises(ValueError, match="trainable_modules"):
+        ll.export_peft(model, tmp_path / "peft")
+    ll.save(model, tmp_path / "a.safetensors")
+    with pytest.raises(ll.CheckpointError, match="trainable_modules"):
+        ll.export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

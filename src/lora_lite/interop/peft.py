@@ -169,6 +169,12 @@ def export_peft(model: nn.Module | str | os.PathLike, out_dir: str | os.PathLike
             "export_peft inside ll.disabled / ll.scaled: the exported adapter is the trained one at "
             "strength 1; call it outside the context (or ll.merge to bake in a strength)"
         )
+    if state.originals:
+        raise ValueError(
+            f"export_peft: the adapter also trains base modules ({', '.join(list(state.originals)[:3])}, "
+            f"trainable_modules), which this PEFT export does not carry; ll.merge them, or save "
+            f"with ll.save"
+        )
     return _write_peft(out_dir, state.cfg, state.targets)
 
 
