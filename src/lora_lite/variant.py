@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .config import CONFIGS, AdapterConfig
+from .quant import dense_weight
 
 INITS = ("zeros", "ones", "near_zero", "near_one", "kaiming")
 
@@ -123,11 +124,17 @@ class Variant:
         """(statistic the runtime collects or None, whether data is required) for this config."""
         return cls.calibration, cls.requires_calibration
 
-    @staticmethod
+    @classmethod
     def effective_weight(
-        layer: nn.Module, cfg: AdapterConfig
+        cls, layer: nn.Module, cfg: AdapterConfig
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        """(W_eff, b_eff) in fp32. Default: W + B A from `low_rank_delta` (bias unchanged);
+        a variant whose change is not low-rank overrides this."""
+        factors = cls.low_rank_delta(layer, cfg)
+        if factors is None:
+            raise NotImplementedError(f"{cls.__name__} defines neither effective_weight nor low_rank_delta")
+        B, A = factors
+        return dense_weight(layer) + B @ A, layer.bias
 
     @staticmethod
     def low_rank_delta(layer: nn.Module, cfg: AdapterConfig) -> tuple[torch.Tensor, torch.Tensor] | None:

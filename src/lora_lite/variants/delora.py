@@ -65,11 +65,6 @@ class DeLoRA(Variant):
         return F.linear(F.linear(x * w, A) * c, B)
 
     @staticmethod
-    def effective_weight(layer, cfg):
-        B, A = DeLoRA.low_rank_delta(layer, cfg)
-        return dense_weight(layer) + B @ A, layer.bias
-
-    @staticmethod
     def low_rank_delta(layer, cfg):
         """W_eff − W = (B diag(c)) (A diag(w))."""
         return layer.lora_B.float() * _coefficients(layer, cfg), layer.lora_A.float() * layer.lora_wnorm.float()

@@ -63,10 +63,5 @@ class LoRAXS(Variant):
         return F.linear(F.linear(F.linear(x, A), R) * cfg.scale, B)
 
     @staticmethod
-    def effective_weight(layer, cfg):
-        B, A = LoRAXS.low_rank_delta(layer, cfg)
-        return dense_weight(layer) + B @ A, layer.bias
-
-    @staticmethod
     def low_rank_delta(layer, cfg):
         return cfg.scale * layer.lora_B.float() @ layer.lora_R.float(), layer.lora_A.float()

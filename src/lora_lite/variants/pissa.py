@@ -65,11 +65,6 @@ class PiSSA(Variant):
         return low_rank(x, layer.lora_A, layer.lora_B, s) - low_rank(x, layer.lora_A0, layer.lora_B0, s)
 
     @staticmethod
-    def effective_weight(layer, cfg):
-        B, A = PiSSA.low_rank_delta(layer, cfg)
-        return dense_weight(layer) + B @ A, layer.bias
-
-    @staticmethod
     def low_rank_delta(layer, cfg):
         B = cfg.scale * torch.cat([layer.lora_B.float(), -layer.lora_B0.float()], dim=1)
         return B, torch.cat([layer.lora_A.float(), layer.lora_A0.float()], dim=0)
