@@ -7,10 +7,11 @@
 #   3. quality_rerun    head-only and lora anchors plus the five rows that did not beat head-only
 #                       at 150 steps (delora, lora_xs, antipasto, antipasto_asvd, antipasto_ablate)
 #                       at the settings results/diagnosis.md recommends, with --diagnose, and
-#                       delora lambda0 = 1, 4 and antipasto_ablate k = 1, 8 as arms     3 seeds
+#                       delora lambda0 = 1, 4, 15 and antipasto_ablate k = 1, 8 as arms 3 seeds
 #
-# Expected: about 3 minutes of runs on one H200 (57 runs of 600 steps, 16 worker processes; a
-# MiniLM step at batch 32 is launch-bound there, ~15-25 ms, against ~0.45 s on one CPU thread).
+# Measured on one H200 with 16 cores: a 600-step run takes 50 s with 4 runs at once and 85-135 s
+# with 12-21 at once (a MiniLM step at batch 32 is launch-bound there; ~0.45 s on one CPU thread);
+# the last 21 of the 60 runs took 184 s together with --jobs 40. Finished runs (same id) are skipped.
 #
 # then `lora-lite bench report` (results/ablations.md, the README block, *_curves.png).
 # Every run writes JSON under $OUT as it finishes, so an interrupted script resumes.
@@ -54,8 +55,8 @@ fi
 COMMON=(--device "$DEVICE" --threads 1 --out "$OUT" --steps "$STEPS" --schedule warmup_cosine
         --warmup-steps "$WARMUP" "${BUDGET[@]}")
 SVD_LR=5e-3
-# 15 + 15 + 27 runs: split the worker processes in proportion
-J1=$(( JOBS * 15 / 57 > 0 ? JOBS * 15 / 57 : 1 ))
+# 15 + 15 + 30 runs: split the worker processes in proportion
+J1=$(( JOBS * 15 / 60 > 0 ? JOBS * 15 / 60 : 1 ))
 J3=$(( JOBS - 2 * J1 > 0 ? JOBS - 2 * J1 : 1 ))
 
 Q=("$PY" -m lora_lite.cli bench quality)
@@ -69,7 +70,7 @@ p1=$!
 p2=$!
 "${Q[@]}" "${COMMON[@]}" --jobs "$J3" --name quality_rerun --diagnose \
   --rows head,lora,delora,lora_xs,antipasto,antipasto_asvd,antipasto_ablate --seeds "$SEEDS3" \
-  --set lambda0=1,4 --set k=1,8 \
+  --set lambda0=1,4,15 --set k=1,8 \
   --lr head=1e-3 --lr lora=5e-4 --lr delora=1e-3 --lr lora_xs=4e-3 \
   --lr antipasto="$SVD_LR" --lr antipasto_asvd="$SVD_LR" --lr antipasto_ablate=2e-3 \
   > "$OUT/logs/quality_rerun.log" 2>&1 &

@@ -251,6 +251,35 @@ def test_ablation_report_pairs_arms_by_seed():
     assert "57.2" in md and "56.5" in md  # the seed's GSM8K numbers for the same arms
 
 
+def test_rerun_report_puts_each_arm_beside_its_rows_c2_result():
+    def run(row, seed, acc, lr, steps, knobs=None, dw=None):
+        r = {"row": row, "knobs": knobs or {}, "seed": seed, "lr": lr, "steps": steps, "acc": acc,
+             "family": "x", "params": 1, "head_params": 1, "train_s": 1.0, "init_s": 0.5,
+             "schedule": "constant" if steps == 5 else "warmup_cosine", "warmup_steps": 0 if steps == 5 else 2}
+        if dw is not None:  # two target layers, three logged steps
+            r["diag"] = {"steps": [0, 5, 9], "grad": {}, "topr": [None, 0.1, 0.1], "scalars": {},
+                         "dw": {"a": [0.0, 0.5, dw - 0.01], "b": [0.0, 0.5, dw + 0.01]}}
+        return r
+
+    env = {"cpu": "x", "cuda": None}
+    proto = {"batch_size": 4, "rank": 16, "task": "comparison"}
+    before = {"protocol": proto, "env": env, "arms": [], "runs": [
+        run(row, s, acc, lr, 5) for row, lr, accs in (("head", 1e-3, (0.5, 0.52)), ("delora", 1e-3, (0.6, 0.8)))
+        for s, acc in zip((0, 1), accs)]}
+    after = {"protocol": proto, "env": env, "arms": [], "runs": [
+        run("head", 1, 0.52, 1e-3, 10), run("head", 0, 0.50, 1e-3, 10),
+        *(run("delora", s, acc, 1e-3, 10, {"lambda0": lam}, dw)
+          for lam, accs, dw in ((1.0, (0.95, 0.97), 0.02), (15.0, (0.5, 0.52), 0.2)) for s, acc in zip((1, 0), accs))]}
+    md = report.rerun_markdown(before, after)
+    lines = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    # the C2 result appears once per row, on its first arm; per-seed values in seed order
+    assert lines["| `delora` (lambda0=1.0)"].split(" | ")[1:] == [
+        "0.700 ± 0.141 (lr 1e-3)", "1e-3", "0.960 ± 0.014 (2)", "0.970, 0.950", "0.020", "yes |"]
+    assert lines["| `delora` (lambda0=15.0)"].split(" | ")[1:] == [
+        "", "1e-3", "0.510 ± 0.014 (2)", "0.520, 0.500", "0.200", "**no** |"]
+    assert lines["| head-only"].split(" | ")[1:4] == ["0.510 ± 0.014 (lr 1e-3)", "1e-3", "0.510 ± 0.014 (2)"]
+
+
 def test_best_lr_is_chosen_per_family_by_mean_accuracy():
     runs = [{"row": "lora", "lr": 1e-3, "acc": 0.5}, {"row": "peft:lora", "lr": 1e-3, "acc": 0.9},
             {"row": "lora", "lr": 3e-4, "acc": 0.7}, {"row": "peft:lora", "lr": 3e-4, "acc": 0.6},
@@ -268,6 +297,8 @@ def test_readme_tables_are_generated_from_the_committed_results():
     assert {"cost", "quality", "quality-sweep"} <= set(generated), "results JSON missing"
     if list((ROOT / "results").glob("ablation_*.json")):
         assert "ablations" in generated
+    if (ROOT / "results" / "quality_rerun.json").exists():
+        assert "quality-rerun" in generated
     assert report.render_readme(readme, generated) == readme, "run `lora-lite bench report`"
 
 

@@ -21,3 +21,29 @@ def test_lora_xs_defaults_to_the_papers_unit_scale():
     x = torch.randn(3, 16)
     expected = nn.functional.linear(x, layer.weight, layer.bias) + x @ layer.lora_A.T @ layer.lora_R.T @ layer.lora_B.T
     assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_delora_first_step_size_follows_the_documented_lambda0_rule():
+    """DeLoRA keeps PEFT's λ0 = 15 default; its docstring and the README tell users to pick λ0 by
+    ‖ΔW‖/‖W‖ ≈ λ0/√(r·d_in) after the first optimiser step (the C2 collapse at λ0 = 15 on MiniLM).
+    Check that rule on layers with uneven column norms, at several shapes, ranks and λ0, against
+    W_eff − W computed here from the tensors."""
+    import math
+
+    assert ll.DeLoRAConfig(r=8).lambda0 == 15.0  # PEFT's DeloraConfig default
+    torch.manual_seed(0)
+    for d_in, d_out, r, lam in [(384, 384, 16, 1.0), (384, 1536, 16, 4.0), (1536, 384, 16, 15.0), (256, 512, 8, 2.0)]:
+        model = nn.Sequential(nn.Linear(d_in, d_out))
+        with torch.no_grad():
+            model[0].weight.mul_(torch.rand(d_in) * 2 + 0.1)  # uneven column norms
+        W = model[0].weight.detach().clone()
+        ll.attach(model, ll.DeLoRAConfig(r=r, lambda0=lam))
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        (model(torch.randn(64, d_in)) * torch.randn(64, d_out)).sum().backward()
+        opt.step()
+        layer = model[0]
+        w = W.norm(dim=0)
+        c = (layer.lora_lambda / r) / (layer.lora_A.norm(dim=1) * layer.lora_B.norm(dim=0))
+        dW = (layer.lora_B * c) @ (layer.lora_A * w)
+        ratio = (dW.norm() / W.norm()).item()
+        assert abs(ratio / (lam / math.sqrt(r * d_in)) - 1) < 0.1, (d_in, d_out, r, lam, ratio)

@@ -249,6 +249,38 @@ def diagnosis_markdown(data: dict) -> str:
                          "lrrrrll")
 
 
+def rerun_markdown(before: dict, after: dict) -> str:
+    """Before → after: every arm of a rerun (e.g. `quality_rerun`: longer budget, other lrs and
+    knobs) beside its row's result in the C2 table (`before`: the row's bench setting), with each
+    seed's accuracy, the mean ‖ΔW‖/‖W‖ at the last logged step and the head-only verdict."""
+    from .diagnose import summary as diag_summary
+
+    old = {s["row"]: s for s in quality_rows(before)}
+    runs_by_arm = _runs_by_arm(after)
+    rows, shown = [], set()
+    summaries = quality_rows(after)
+    for s in summaries:
+        b = old.get(s["row"]) if s["row"] not in shown else None
+        shown.add(s["row"])
+        dws = [diag_summary(r["diag"])["dw_mean"] for r in runs_by_arm[s["arm"]] if r.get("diag") and r["diag"]["steps"]]
+        beats = {None: "", True: "yes", False: "**no**"}[s["beats_head"]]
+        rows.append([
+            _arm_label(s, _varying(summaries)),
+            f"{b['mean']:.3f} ± {b['std']:.3f} (lr {_sci(b['lr'])})" if b else "",
+            _sci(s["lr"]), f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n']})",
+            ", ".join(f"{acc:.3f}" for _, acc in sorted(zip(s["seeds"], s["accs"]))),
+            _opt(statistics.fmean(dws) if dws else None, ".3f"), beats])
+    r0, b0 = after["runs"][0], before["runs"][0]
+    note = (f"Before: the C2 table above ({b0['steps']} steps, {_schedule(b0)} lr, the row's bench setting, "
+            f"first line of each row). After: `results/quality_rerun.md`, {r0['steps']} steps, {_schedule(r0)} lr "
+            f"schedule, device {r0.get('device', 'cpu')} ({after['env'].get('cuda') or after['env']['cpu']}); "
+            f"accuracies per seed in seed order; ΔW/W = ‖W_eff − W‖_F/‖W‖_F at the last step, mean over "
+            f"target layers and seeds; \"beats head-only\" as in the C2 table, against this run's head-only.\n\n")
+    head = ["row (knobs)", f"{b0['steps']} steps: mean ± std", "lr", f"{r0['steps']} steps: mean ± std (seeds)",
+            "per seed", "ΔW/W", "beats head-only"]
+    return note + _table(head, rows, "lrrrrrl")
+
+
 def curves_plot(data: dict, path: Path) -> bool:
     """Training loss (moving average over 10 steps) and held-out accuracy against the step, one
     line per arm (mean over seeds). False when no run has a curve."""
@@ -261,15 +293,18 @@ def curves_plot(data: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5.5 + 0.2 * ((len(arms) + 2) // 3)))
     cmap = plt.get_cmap("tab20")
+    # words every arm id shares (steps, schedule) go to the title, not the legend
+    words = [arm.split(" ") for arm in arms]
+    common = set(words[0][1:]).intersection(*(w[1:] for w in words)) if len(arms) > 1 else set()
     for i, (arm, runs) in enumerate(arms.items()):
         color = cmap(i % 20)
         n = min(len(r["curve"]["loss"]) for r in runs)
         loss = [statistics.fmean(r["curve"]["loss"][t] for r in runs) for t in range(n)]
         w = 10
         smooth = [statistics.fmean(loss[max(0, t - w + 1): t + 1]) for t in range(n)]
-        label = arm.replace(" constant", "") + f" ({len(runs)} seeds)"
+        label = " ".join(x for x in arm.split(" ") if x not in common and x != "constant") + f" ({len(runs)} seeds)"
         ax_loss.plot(range(n), smooth, color=color, lw=1, label=label)
         steps = runs[0]["curve"].get("eval_steps") or []
         if steps and all(r["curve"].get("eval_steps") == steps for r in runs):
@@ -282,9 +317,12 @@ def curves_plot(data: dict, path: Path) -> bool:
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
     ax_acc.axhline(0.5, color="tab:gray", ls="--", lw=0.8)
-    ax_acc.legend(fontsize=6, loc="upper left", ncol=1 + len(arms) // 12)
-    fig.suptitle(f"MiniLM-L6 on '{data['protocol']['task']}': training curves")
-    fig.tight_layout()
+    handles, labels = ax_loss.get_legend_handles_labels()
+    rows = (len(arms) + 2) // 3
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(3, len(arms)), frameon=False)
+    shared = " ".join(x for x in words[0][1:] if x in common)
+    fig.suptitle(f"MiniLM-L6 on '{data['protocol']['task']}': training curves" + (f" ({shared})" if shared else ""))
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
@@ -498,6 +536,9 @@ def blocks(results: Path) -> dict[str, str]:
     quality = read_json(results / "quality.json")
     if quality and quality["runs"]:
         out["quality"] = quality_markdown(quality)
+    rerun = read_json(results / "quality_rerun.json")
+    if quality and quality["runs"] and rerun and rerun["runs"]:
+        out["quality-rerun"] = rerun_markdown(quality, rerun)
     sweep = read_json(results / "quality_sweep.json")
     if sweep and sweep["runs"]:
         out["quality-sweep"] = sweep_markdown(sweep)
