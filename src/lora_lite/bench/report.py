@@ -262,7 +262,8 @@ def rerun_markdown(before: dict, after: dict) -> str:
     for s in summaries:
         b = old.get(s["row"]) if s["row"] not in shown else None
         shown.add(s["row"])
-        dws = [diag_summary(r["diag"])["dw_mean"] for r in runs_by_arm[s["arm"]] if r.get("diag") and r["diag"]["steps"]]
+        dws = [diag_summary(r["diag"])["dw_mean"] for r in runs_by_arm[s["arm"]]
+               if r.get("diag") and r["diag"]["steps"]]
         beats = {None: "", True: "yes", False: "**no**"}[s["beats_head"]]
         rows.append([
             _arm_label(s, _varying(summaries)),
