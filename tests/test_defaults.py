@@ -32,13 +32,14 @@ def test_delora_first_step_size_follows_the_documented_lambda0_rule():
 
     assert ll.DeLoRAConfig(r=8).lambda0 == 15.0  # PEFT's DeloraConfig default
     torch.manual_seed(0)
-    for d_in, d_out, r, lam in [(384, 384, 16, 1.0), (384, 1536, 16, 4.0), (1536, 384, 16, 15.0), (256, 512, 8, 2.0)]:
+    shapes = [(384, 384, 16, 1.0, 1e-3), (384, 1536, 16, 4.0, 1e-2), (1536, 384, 16, 15.0, 1e-4), (256, 512, 8, 2.0, 1e-3)]
+    for d_in, d_out, r, lam, lr in shapes:  # the size does not depend on the lr
         model = nn.Sequential(nn.Linear(d_in, d_out))
         with torch.no_grad():
             model[0].weight.mul_(torch.rand(d_in) * 2 + 0.1)  # uneven column norms
         W = model[0].weight.detach().clone()
         ll.attach(model, ll.DeLoRAConfig(r=r, lambda0=lam))
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
         (model(torch.randn(64, d_in)) * torch.randn(64, d_out)).sum().backward()
         opt.step()
         layer = model[0]
@@ -46,4 +47,4 @@ def test_delora_first_step_size_follows_the_documented_lambda0_rule():
         c = (layer.lora_lambda / r) / (layer.lora_A.norm(dim=1) * layer.lora_B.norm(dim=0))
         dW = (layer.lora_B * c) @ (layer.lora_A * w)
         ratio = (dW.norm() / W.norm()).item()
-        assert abs(ratio / (lam / math.sqrt(r * d_in)) - 1) < 0.1, (d_in, d_out, r, lam, ratio)
+        assert abs(ratio / (lam / math.sqrt(r * d_in)) - 1) < 0.1, (d_in, d_out, r, lam, lr, ratio)
