@@ -259,6 +259,7 @@ def rerun_markdown(before: dict, after: dict) -> str:
     runs_by_arm = _runs_by_arm(after)
     rows, shown = [], set()
     summaries = quality_rows(after)
+    many = _varying(summaries)
     for s in summaries:
         b = old.get(s["row"]) if s["row"] not in shown else None
         shown.add(s["row"])
@@ -266,7 +267,7 @@ def rerun_markdown(before: dict, after: dict) -> str:
                if r.get("diag") and r["diag"]["steps"]]
         beats = {None: "", True: "yes", False: "**no**"}[s["beats_head"]]
         rows.append([
-            _arm_label(s, _varying(summaries)),
+            _arm_label(s, many),
             f"{b['mean']:.3f} ± {b['std']:.3f} (lr {_sci(b['lr'])})" if b else "",
             _sci(s["lr"]), f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n']})",
             ", ".join(f"{acc:.3f}" for _, acc in sorted(zip(s["seeds"], s["accs"]))),
