@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import lora_lite as ll
-from lora_lite.bench.tasks import make_split
+from lora_lite.tasks import make_split
 from lora_lite.demo import load_minilm
 from lora_lite.runtime import state_of
 from lora_lite.targets import find_targets

@@ -13,7 +13,7 @@
 # with 12-21 at once (a MiniLM step at batch 32 is launch-bound there; ~0.45 s on one CPU thread);
 # the last 21 of the 60 runs took 184 s together with --jobs 40. Finished runs (same id) are skipped.
 #
-# then `lora-lite bench report` (results/ablations.md, the README block, *_curves.png).
+# then `python -m lora_bench report` (results/ablations.md, the README block, *_curves.png).
 # Every run writes JSON under $OUT as it finishes, so an interrupted script resumes.
 #
 #   scripts/gpu_quality.sh                       # cuda, 600 steps, 16 worker processes

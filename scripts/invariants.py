@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 import lora_lite as ll  # noqa: E402
 from lora_lite.interop.peft import PEFT_METHODS, copy_to_peft, peft_config  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
-from lora_lite.variant import REGISTRY  # noqa: E402
 
 from cases import CASES, NEUTRAL, QWEN_ONLY  # noqa: E402
 from conftest import Bench, make_minilm, make_qwen, rel_err  # noqa: E402

@@ -76,7 +76,7 @@ def make_qwen():
 def make_minilm():
     model, tok = load_minilm()
     batch = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
-    from lora_lite.bench.tasks import make_split
+    from lora_lite.tasks import make_split
 
     texts = [t for t, _ in make_split("comparison", "train", 64, seed=0)]
     calibration = [dict(tok(texts[i : i + 16], padding=True, return_tensors="pt")) for i in range(0, 64, 16)]

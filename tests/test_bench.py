@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lora_lite as ll
-from lora_lite.bench import adapters, cost, models, quality, report
+from lora_bench import adapters, cost, models, quality, report
 from lora_lite.runtime import state_of
 from lora_lite.variant import REGISTRY
 
@@ -200,7 +200,7 @@ def test_lr_schedules():
 def test_training_loop_matches_the_demo_loop(minilm):
     """quality.train with the constant schedule is demo.train (same data order, same updates),
     so runs made before schedules existed stay comparable."""
-    from lora_lite.bench.tasks import make_split
+    from lora_lite.tasks import make_split
     from lora_lite.demo import Classifier, load_minilm, train
 
     _, tok = load_minilm()
@@ -219,7 +219,7 @@ def test_training_loop_matches_the_demo_loop(minilm):
 
 def test_probe_measures_the_relative_weight_change():
     """‖W_eff − W‖/‖W‖ per layer against s·B A computed here, and the gradient norm per family."""
-    from lora_lite.bench.diagnose import Probe
+    from lora_bench.diagnose import Probe
 
     base = models.qwen_like(layers=1, vocab=64, tiny=True)
     model = models.qwen_like(layers=1, vocab=64, tiny=True)
@@ -299,12 +299,25 @@ def test_readme_tables_are_generated_from_the_committed_results():
         assert "ablations" in generated
     if (ROOT / "results" / "quality_rerun.json").exists():
         assert "quality-rerun" in generated
-    assert report.render_readme(readme, generated) == readme, "run `lora-lite bench report`"
+    assert report.render_readme(readme, generated) == readme, "run `python -m lora_bench report`"
 
 
 def test_cli_lists_the_benchmarks(capsys):
-    from lora_lite.cli import main
+    from lora_bench.__main__ import main
 
-    assert main(["bench"]) == 0
+    assert main([]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("cost", "quality", "gsm8k", "report"))
+    assert all(f"\n  {name} " in out for name in ("cost", "quality", "gsm8k", "report"))
+    assert main(["frobnicate"]) == 2
+    assert "unknown benchmark 'frobnicate'" in capsys.readouterr().err
+
+
+def test_cost_console_line_labels_every_number():
+    from lora_bench.cost import _summary
+
+    line = _summary("minilm", {"lib": "ours", "variant": "ia3", "step_ms": 56.2, "step_overhead_pct": 8.0,
+                               "ratio_vs_peft": 0.93, "saved_over_base_mb": 1.5})
+    assert "median step     56.2 ms" in line
+    assert "over base +8% (paired ratio)" in line and "ours/PEFT step 0.93 (paired ratio)" in line
+    assert "saved for backward +1.5 MiB over base" in line
+    assert _summary("minilm", {"lib": "base", "variant": None, "step_ms": 122.8}).count(";") == 0

@@ -36,7 +36,7 @@ def cli(*args, without_peft=False):
 def test_help_lists_the_commands(capsys):
     res = cli("--help")
     assert res.returncode == 0
-    for command in ("demo", "bench", "inspect", "export-peft", "import-peft"):
+    for command in ("demo", "inspect", "export-peft", "import-peft"):
         assert f"\n  {command} " in res.stdout
     assert main(["frobnicate"]) == 2
 

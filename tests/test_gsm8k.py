@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_lite.bench import gsm8k
+from lora_bench import gsm8k
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -1,4 +1,4 @@
-"""`lora-lite` command line: demo, bench, inspect, export-peft, import-peft.
+"""`lora-lite` command line: demo, inspect, export-peft, import-peft.
 
     lora-lite inspect ADAPTER.safetensors [--json]       what a checkpoint holds; no model loaded
     lora-lite export-peft ADAPTER.safetensors OUT_DIR    a PEFT adapter dir, from the file alone
@@ -21,7 +21,6 @@ from collections import Counter
 
 COMMANDS = {
     "demo": ("lora_lite.demo", "fine-tune the embedded MiniLM with LoRA, save, reload, verify"),
-    "bench": ("lora_lite.bench", "benchmarks: cost | quality | gsm8k | report (see lora-lite bench)"),
     "inspect": ("lora_lite.cli:inspect_main", "show a lora-lite checkpoint: variant, config, targets, tensors"),
     "export-peft": ("lora_lite.cli:export_main", "write a lora-lite checkpoint as an HF PEFT adapter directory"),
     "import-peft": ("lora_lite.cli:import_main", "convert an HF PEFT adapter directory into a lora-lite checkpoint"),

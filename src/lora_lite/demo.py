@@ -105,7 +105,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     import lora_lite as ll
-    from lora_lite.bench.tasks import make_split
+    from lora_lite.tasks import make_split
 
     p = argparse.ArgumentParser(prog="lora-lite demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200)

@@ -108,7 +108,7 @@ def available(names: list[str] | None = None, log: Callable[[str], None] = print
     missing = sorted(set(REGISTRY) - set(SETTINGS))
     if missing:
         raise KeyError(f"registered variants without a benchmark setting: {missing}; add them to "
-                       f"lora_lite.bench.adapters.SETTINGS")
+                       f"lora_bench.adapters.SETTINGS")
     wanted = list(SETTINGS) if names is None else names
     unknown = [n for n in wanted if n not in SETTINGS]
     if unknown:

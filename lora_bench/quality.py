@@ -1,8 +1,8 @@
 """C2 quality, offline: does each adapter learn?
 
-    lora-lite bench quality --sweep     learning-rate sweep: one seed, fewer steps, every row
-    lora-lite bench quality             3 seeds per row at the lr the sweep chose
-    lora-lite bench quality --quick     a smoke run (tiny budget, three rows)
+    python -m lora_bench quality --sweep     learning-rate sweep: one seed, fewer steps, every row
+    python -m lora_bench quality             3 seeds per row at the lr the sweep chose
+    python -m lora_bench quality --quick     a smoke run (tiny budget, three rows)
 
 The real pretrained MiniLM-L6 (mean-pooled embedding + a linear head that trains in every row)
 is fine-tuned on the seeded "comparison" task ("thirty-one is more than 29", true/false) and
@@ -41,7 +41,6 @@ import copy
 import dataclasses
 import itertools
 import math
-import statistics
 import time
 import typing
 from pathlib import Path
@@ -52,25 +51,11 @@ from torch import nn
 from lora_lite.interop.peft import PEFT_METHODS, copy_to_peft
 
 from . import adapters
+from .arms import (  # noqa: F401  (re-exported: the run ids and lr choice live in arms.py)
+    ANCHORS, FAMILY_GRID, SCHEDULES, SWEEP_SEED, arm_id, best_lrs, family, run_id, schedule_label,
+)
 from .common import environment, parse_list, read_json, write_json
 
-FAMILY_GRID = {
-    "head": (1e-3, 3e-3, 1e-2),
-    "full": (2e-5, 5e-5, 1e-4),
-    "lora": (3e-4, 5e-4, 1e-3, 3e-3),
-    "pissa": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),  # principal-subspace init: updates are large from step 0
-    "lora_xs": (1e-4, 3e-4, 1e-3, 4e-3, 1e-2),
-    "delora": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    "hra": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
-    "gain": (1e-3, 5e-3, 2e-2, 5e-2),
-    "road": (1e-3, 3e-3, 5e-3, 1e-2, 2e-2),  # rotation angles: unstable where IA3 gates are best
-    "svd": (1e-3, 5e-3, 2e-2, 5e-2),  # r scalar gains per layer: large steps
-    "ablate": (5e-4, 1e-3, 2e-3, 5e-3),  # a strength clamped at 0 with zero gradient below it
-    "dplr": (1e-4, 3e-4, 1e-3, 3e-3),
-}
-ANCHORS = {"head": "head", "full": "full", "peft:lora": "lora"}  # row -> family
-SWEEP_SEED = 100
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
 PROTOCOL_KEYS = ("task", "batch_size", "n_train", "n_test", "rank", "head_lr", "calib_batches")
 
 
@@ -84,10 +69,6 @@ def rows(names: list[str] | None = None) -> list[str]:
             raise KeyError(f"{n}: PEFT has no method for {n[5:]!r}")
     variants = adapters.available([n for n in wanted if n not in ANCHORS and n not in peft_rows])
     return [n for n in wanted if n in ANCHORS or n in peft_rows or n in variants]
-
-
-def family(row: str) -> str:
-    return ANCHORS.get(row) or adapters.SETTINGS[row.removeprefix("peft:")].family
 
 
 # ---- arms and run ids ---------------------------------------------------------------------------
@@ -145,22 +126,6 @@ def check_knobs(knobs: dict[str, list[str]], row_names: list[str]) -> None:
         if not any(key in _config_fields(r) for r in row_names):
             raise ValueError(f"--set {key}: no requested row has a config field {key!r} "
                              f"(rows: {', '.join(row_names)})")
-
-
-def schedule_label(schedule: str, warmup: int) -> str:
-    return f"{schedule}({warmup})" if schedule == "warmup_cosine" else schedule
-
-
-def arm_id(row: str, knobs: dict, lr: float, steps: int, schedule: str = "constant", warmup: int = 0) -> str:
-    """Everything that defines an arm except the seed: row[k=v,...] lr steps schedule."""
-    k = "[" + ",".join(f"{key}={val}" for key, val in knobs.items()) + "]" if knobs else ""
-    return f"{row}{k} lr={lr:g} steps={steps} {schedule_label(schedule, warmup)}"
-
-
-def run_id(r: dict) -> str:
-    """A run's id: its arm and its seed (older records without knobs/schedule read as constant)."""
-    return (arm_id(r["row"], r.get("knobs") or {}, r["lr"], r["steps"], r.get("schedule", "constant"),
-                   r.get("warmup_steps", 0)) + f" seed={r['seed']}")
 
 
 def lr_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
@@ -256,7 +221,7 @@ def train(clf, tok, data, *, steps: int, batch_size: int, lr: float, seed: int, 
 def run_one(base, spec: dict, p: dict) -> dict:
     """Train one run (row, knobs, lr, steps, schedule, seed); accuracy on the held-out split,
     the training curve and, with p["diagnose"], the diagnostics."""
-    from lora_lite.bench.tasks import make_split
+    from lora_lite.tasks import make_split
     from lora_lite.demo import Classifier
 
     encoder0, tok = base
@@ -328,24 +293,6 @@ def _worker_run(spec: dict, p: dict) -> dict:
 
 # ---- lr choice and CLI ----------------------------------------------------------------------------
 
-def best_lrs(sweep: dict | None) -> dict[str, float]:
-    """family -> lr: the lr with the best mean sweep accuracy over the family's rows, among the
-    lrs every swept row of the family ran (ties: the smaller lr). One choice per family keeps a
-    single unlucky seed from handicapping one row (ours and PEFT's LoRA, the same math, get the
-    same lr), and rows added later inherit their family's lr. Only lrs on the family's current
-    grid count."""
-    acc: dict[str, dict[str, dict[float, float]]] = {}
-    for r in (sweep or {}).get("runs", []):
-        if r["lr"] in FAMILY_GRID[family(r["row"])]:  # a row moved to another family keeps its grid's lrs
-            acc.setdefault(family(r["row"]), {}).setdefault(r["row"], {})[r["lr"]] = r["acc"]
-    chosen = {}
-    for fam, per_row in acc.items():
-        common = set.intersection(*(set(v) for v in per_row.values()))
-        if common:
-            chosen[fam] = max(sorted(common), key=lambda lr: statistics.fmean(v[lr] for v in per_row.values()))
-    return chosen
-
-
 def parse_lrs(specs: list[str] | None) -> tuple[list[float] | None, dict[str, list[float]]]:
     """--lr values: "1e-3,3e-3" for every row, "ROW=1e-3[,3e-3]" for one row."""
     every, per_row = None, {}
@@ -380,7 +327,7 @@ def plan(a, chosen: dict[str, float]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lora-lite bench quality", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lora_bench quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="run the learning-rate sweep instead")
     ap.add_argument("--rows", help="comma-separated rows (head, full, peft:lora, variant names)")
     ap.add_argument("--seeds", default="0,1,2")

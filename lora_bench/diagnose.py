@@ -1,4 +1,4 @@
-"""Training diagnostics for C2 (`lora-lite bench quality --diagnose`): why a row does or does not learn.
+"""Training diagnostics for C2 (`python -m lora_bench quality --diagnose`): why a row does or does not learn.
 
 At every logged step (after backward, before the optimizer step) a `Probe` records
 

@@ -1,7 +1,7 @@
 """C1 cost: every variant, ours side by side with HF PEFT, in one process.
 
-    lora-lite bench cost              MiniLM-L6 and a Qwen3-0.6B-shaped random decoder, all variants
-    lora-lite bench cost --quick      toy sizes, two variants, few repeats (a CI smoke run)
+    python -m lora_bench cost              MiniLM-L6 and a Qwen3-0.6B-shaped random decoder, all variants
+    python -m lora_bench cost --quick      toy sizes, two variants, few repeats (a CI smoke run)
 
 For each model the rows are grouped by method: a group holds the frozen base, our adapter and
 PEFT's adapter for the same method (same targets, same rank, same batch), each on its own copy
@@ -316,10 +316,10 @@ def memory_child(spec: dict) -> dict:
 
 
 def peak_memory(spec: dict) -> dict:
-    """Peak resident memory of a fresh `python -m lora_lite.bench.cost --memory-child SPEC` process."""
+    """Peak resident memory of a fresh `python -m lora_bench.cost --memory-child SPEC` process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "lora_lite.bench.cost", "--memory-child", json.dumps(spec)],
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "lora_bench.cost", "--memory-child", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode:
         return {"memory_error": proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else "failed"}
@@ -414,16 +414,23 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
 
 
 def _summary(kind: str, row: dict) -> str:
-    ratio = f" ours/PEFT {row['ratio_vs_peft']:.2f}" if "ratio_vs_peft" in row else ""
-    over = f" +{row['step_overhead_pct']:.0f}%" if "step_overhead_pct" in row else ""
-    mem = f" peak +{row['peak_over_model_mb']:.0f} MB" if "peak_over_model_mb" in row else ""
-    mem += f" saved +{row['saved_over_base_mb']:.1f} MiB" if "saved_over_base_mb" in row else ""
-    return (f"{kind:6s} {row['lib']:5s} {row['variant'] or '':16s} step {row['step_ms']:8.1f} ms"
-            f"{over}{ratio}{mem}")
+    """One console line; every number says what it is. Times are medians over repeats; the
+    ratios are medians of per-repeat paired ratios, so they need not equal the ratio of the
+    printed medians (the base row's median comes from other repeats' noise)."""
+    parts = [f"{kind:6s} {row['lib']:5s} {row['variant'] or '':16s} median step {row['step_ms']:8.1f} ms"]
+    if "step_overhead_pct" in row:
+        parts.append(f"over base {row['step_overhead_pct']:+.0f}% (paired ratio)")
+    if "ratio_vs_peft" in row:
+        parts.append(f"ours/PEFT step {row['ratio_vs_peft']:.2f} (paired ratio)")
+    if "peak_over_model_mb" in row:
+        parts.append(f"peak memory +{row['peak_over_model_mb']:.0f} MB")
+    if "saved_over_base_mb" in row:
+        parts.append(f"saved for backward +{row['saved_over_base_mb']:.1f} MiB over base")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lora-lite bench cost", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lora_bench cost", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", help="comma-separated: minilm, qwen, tiny (default minilm,qwen; "
                     "--quick: tiny,minilm)")
     ap.add_argument("--variants", help="comma-separated variant names (default: every known one)")

@@ -1,7 +1,7 @@
 """Tables and plots from the benchmark JSON; the README's result blocks are generated here.
 
-    lora-lite bench report            rewrite results/*.md, results/quality.png and the README blocks
-    lora-lite bench report --check    exit 1 if the README blocks differ from what the JSON renders
+    python -m lora_bench report            rewrite results/*.md, results/quality.png and the README blocks
+    python -m lora_bench report --check    exit 1 if the README blocks differ from what the JSON renders
 
 README blocks sit between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` markers and
 are never edited by hand.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .common import read_json
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 ANCHOR_LABELS = {"head": "head-only", "full": "full fine-tune", "peft:lora": "PEFT LoRA"}
 
 
@@ -58,7 +58,7 @@ def _runs_by_arm(data: dict, requested_first: bool = False) -> dict[str, list[di
     `requested_first` in the order the arms were requested, whatever order the runs were
     appended in; unknown rows last."""
     from .adapters import SETTINGS
-    from .quality import ANCHORS, arm_id
+    from .arms import ANCHORS, arm_id
 
     order = {row: i for i, row in enumerate([*ANCHORS, *SETTINGS])}
     requested = {a: i for i, a in enumerate(data.get("arms", []))}
@@ -83,7 +83,7 @@ def _runs_by_row(data: dict) -> dict[str, list[dict]]:
 
 
 def _schedule(r: dict) -> str:
-    from .quality import schedule_label
+    from .arms import schedule_label
 
     return schedule_label(r.get("schedule", "constant"), r.get("warmup_steps", 0))
 
@@ -142,7 +142,7 @@ def quality_markdown(data: dict) -> str:
     sched = "" if sched == "constant" else f" ({sched} lr schedule)"
     note = (f"MiniLM-L6, task `{p['task']}`, {steps} steps{sched} × batch {p['batch_size']}, "
             f"{p['n_train']} train / {p['n_test']} held-out sentences, rank {p['rank']} "
-            f"(SVD-steering family: larger r, see `bench/adapters.py`), head lr {_sci(p['head_lr'])}; "
+            f"(SVD-steering family: larger r, see `lora_bench/adapters.py`), head lr {_sci(p['head_lr'])}; "
             f"trainable params include the {summary[0]['head_params']}-parameter head. "
             f"\"beats head-only\": mean gain larger than the larger of the two seed std devs. Train "
             f"seconds are wall time on a shared machine (noise; C1 has the cost ratios). "
@@ -151,7 +151,7 @@ def quality_markdown(data: dict) -> str:
 
 
 def sweep_markdown(data: dict) -> str:
-    from .quality import best_lrs, family
+    from .arms import best_lrs, family
 
     best = best_lrs(data)
     by_row = _runs_by_row(data)
@@ -242,7 +242,7 @@ def diagnosis_markdown(data: dict) -> str:
                       ", ".join(f"{k} {mean(k):.3g}" for k in scalars if mean(k) is not None)])
     if not lines:
         return ""
-    note = ("\n**Diagnostics at the last logged step** (means over seeds; bench/diagnose.py): ‖ΔW‖_F/‖W‖_F "
+    note = ("\n**Diagnostics at the last logged step** (means over seeds; lora_bench/diagnose.py): ‖ΔW‖_F/‖W‖_F "
             "mean and max over target layers, the share of ‖ΔW‖ inside W's own top-r singular subspaces, "
             "gradient norms per trainable family, variant state.\n\n")
     return note + _table(["arm", "step", "ΔW/W mean", "ΔW/W max", "top-r share", "‖grad‖", "state"], lines,
@@ -560,7 +560,7 @@ def render_readme(text: str, generated: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lora-lite bench report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lora_bench report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(ROOT / "results"))
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     new = text if a.no_readme else render_readme(text, blocks(results))
     if a.check:
         if new != text:
-            print(f"{readme}: generated blocks are stale; run `lora-lite bench report`")
+            print(f"{readme}: generated blocks are stale; run `python -m lora_bench report`")
             return 1
         return 0
     for f in sorted(results.glob("*.json")):

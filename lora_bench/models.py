@@ -49,7 +49,7 @@ def qwen_like(layers: int = 2, vocab: int = 2048, tiny: bool = False, seed: int 
 def build(kind: str, layers: int = 2) -> tuple[nn.Module, object | None]:
     """(model, tokenizer or None) for kind in {"minilm", "qwen", "tiny"}."""
     if kind == "minilm":
-        from ..demo import load_minilm
+        from lora_lite.demo import load_minilm
 
         return load_minilm()
     if kind in ("qwen", "tiny"):

@@ -1,9 +1,9 @@
 """C3: MetaMathQA -> GSM8K, the seed benchmark protocol (SPEC B6.1), for a GPU machine with
 access to the Hugging Face hub.
 
-    lora-lite bench gsm8k --variant lora                          # Qwen/Qwen3.5-0.8B-Base, bf16
-    lora-lite bench gsm8k --variant pissa --steps 2500 --batch-size 4 --grad-accum 2
-    lora-lite bench gsm8k --tiny --train-file M.jsonl --test-file G.jsonl --steps 2   # offline smoke
+    python -m lora_bench gsm8k --variant lora                          # Qwen/Qwen3.5-0.8B-Base, bf16
+    python -m lora_bench gsm8k --variant pissa --steps 2500 --batch-size 4 --grad-accum 2
+    python -m lora_bench gsm8k --tiny --train-file M.jsonl --test-file G.jsonl --steps 2   # offline smoke
 
 Data: MetaMathQA train (shuffled, seed 0) for training; the first 50 rows of the shuffled
 GSM8K train split for validation; the 1319 GSM8K test rows for test. `--train-file` /
@@ -355,7 +355,7 @@ def run(a) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lora-lite bench gsm8k", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lora_bench gsm8k", description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", default="lora")
     ap.add_argument("--model", default="Qwen/Qwen3.5-0.8B-Base", help="SPEC B6.1 default; the older seed README used Qwen/Qwen3-0.6B-Base")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

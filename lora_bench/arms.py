@@ -1,0 +1,65 @@
+"""Arms of the C2 quality benchmark: learning-rate families, the anchor rows, run ids and the
+lr choice from a sweep. Shared by `quality` (which runs arms) and `report` (which tabulates them).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from . import adapters
+
+FAMILY_GRID = {
+    "head": (1e-3, 3e-3, 1e-2),
+    "full": (2e-5, 5e-5, 1e-4),
+    "lora": (3e-4, 5e-4, 1e-3, 3e-3),
+    "pissa": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),  # principal-subspace init: updates are large from step 0
+    "lora_xs": (1e-4, 3e-4, 1e-3, 4e-3, 1e-2),
+    "delora": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    "hra": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
+    "gain": (1e-3, 5e-3, 2e-2, 5e-2),
+    "road": (1e-3, 3e-3, 5e-3, 1e-2, 2e-2),  # rotation angles: unstable where IA3 gates are best
+    "svd": (1e-3, 5e-3, 2e-2, 5e-2),  # r scalar gains per layer: large steps
+    "ablate": (5e-4, 1e-3, 2e-3, 5e-3),  # a strength clamped at 0 with zero gradient below it
+    "dplr": (1e-4, 3e-4, 1e-3, 3e-3),
+}
+ANCHORS = {"head": "head", "full": "full", "peft:lora": "lora"}  # row -> family
+SWEEP_SEED = 100
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+def family(row: str) -> str:
+    return ANCHORS.get(row) or adapters.SETTINGS[row.removeprefix("peft:")].family
+
+
+def schedule_label(schedule: str, warmup: int) -> str:
+    return f"{schedule}({warmup})" if schedule == "warmup_cosine" else schedule
+
+
+def arm_id(row: str, knobs: dict, lr: float, steps: int, schedule: str = "constant", warmup: int = 0) -> str:
+    """Everything that defines an arm except the seed: row[k=v,...] lr steps schedule."""
+    k = "[" + ",".join(f"{key}={val}" for key, val in knobs.items()) + "]" if knobs else ""
+    return f"{row}{k} lr={lr:g} steps={steps} {schedule_label(schedule, warmup)}"
+
+
+def run_id(r: dict) -> str:
+    """A run's id: its arm and its seed (older records without knobs/schedule read as constant)."""
+    return (arm_id(r["row"], r.get("knobs") or {}, r["lr"], r["steps"], r.get("schedule", "constant"),
+                   r.get("warmup_steps", 0)) + f" seed={r['seed']}")
+
+
+def best_lrs(sweep: dict | None) -> dict[str, float]:
+    """family -> lr: the lr with the best mean sweep accuracy over the family's rows, among the
+    lrs every swept row of the family ran (ties: the smaller lr). One choice per family keeps a
+    single unlucky seed from handicapping one row (ours and PEFT's LoRA, the same math, get the
+    same lr), and rows added later inherit their family's lr. Only lrs on the family's current
+    grid count."""
+    acc: dict[str, dict[str, dict[float, float]]] = {}
+    for r in (sweep or {}).get("runs", []):
+        if r["lr"] in FAMILY_GRID[family(r["row"])]:  # a row moved to another family keeps its grid's lrs
+            acc.setdefault(family(r["row"]), {}).setdefault(r["row"], {})[r["lr"]] = r["acc"]
+    chosen = {}
+    for fam, per_row in acc.items():
+        common = set.intersection(*(set(v) for v in per_row.values()))
+        if common:
+            chosen[fam] = max(sorted(common), key=lambda lr: statistics.fmean(v[lr] for v in per_row.values()))
+    return chosen
