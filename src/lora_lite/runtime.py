@@ -5,13 +5,15 @@ Everything that can reject the call runs before the first change; if anything st
 the model is rolled back. Adapter tensors live on the target layers as `lora_*` parameters or
 buffers, so the model's class, forward and base state_dict entries stay what they were: no
 variant writes a base weight (only `merge` does, on request). The attach state (config,
-targets, hook handles, the requires_grad flags attach changed, the `scale` and `enabled` knobs
-of `ll.scaled` / `ll.disabled`) is kept on the model as `model._lora_lite`.
+targets, the requires_grad flags attach changed, the `scale` and `enabled` knobs of
+`ll.scaled` / `ll.disabled`) is kept on the model as `model._lora_lite`, and each target's hook
+is an object holding that same state: `copy.deepcopy(model)` or `torch.save(model)` copies the
+state and the hooks together, so the copy is an independent attached model.
 
 Hooks: an output hook returns y + scale·Δy, a pre-hook hands the layer x + scale·Δx, with Δ
 from the variant's `delta` / `delta_input`. With cfg.compute == "input" (default, AMP-style)
 the variant computes Δ in the activation's dtype, casting its small tensors; with "adapter"
-the activation is cast to the adapter tensors' dtype first and Δ back (the earlier policy).
+the activation is cast to the adapter tensors' dtype first and Δ back.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ class AttachState:
     requires_grad: dict[str, bool]              # base parameter -> flag before attach
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable base params at attach
     fingerprints: dict[str, dict] = field(default_factory=dict)  # base sketches at attach/load
-    handles: list = field(default_factory=list)
     scale: float = 1.0                          # ll.scaled: y + scale·Δy at every target
     enabled: bool = True                        # ll.disabled: False skips every hook
 
@@ -96,8 +97,7 @@ def detach(model: nn.Module) -> None:
     The base weights were never written, and the parameters of `trainable_modules` get their
     values from attach time back, so the model is the pristine base bit for bit."""
     state = state_of(model)
-    for h in state.handles:
-        h.remove()
+    _remove_hooks(state)
     for name, layer in state.targets.items():
         for pname in state.specs[name]:
             _delete(layer, pname)
@@ -329,11 +329,10 @@ def install(
                     p.copy_(trainable_values[pname])
             p.requires_grad_(True)
         for name, layer in targets:
-            state.handles.append(_hook(layer, variant, state, next(iter(state.specs[name]))))
+            _add_hook(layer, variant, state, next(iter(state.specs[name])))
         setattr(model, STATE_ATTR, state)
     except BaseException:
-        for h in state.handles:
-            h.remove()
+        _remove_hooks(state)
         for layer, pname in created:
             _delete(layer, pname)
         _restore_values(model, state.originals)
@@ -341,40 +340,61 @@ def install(
         raise
 
 
-def _hook(layer: nn.Module, variant: type[Variant], state: AttachState, first: str):
-    """The forward (pre-)hook that adds the variant's change; reads `state` on every call, so
-    reconfigure / scaled / disabled take effect at the next forward. `first` names one of the
-    layer's adapter tensors: its current dtype is the adapter dtype (it follows `.to()`)."""
+class OutputHook:
+    """Forward hook of one target: y + scale·Δy, Δy = variant.delta(layer, cfg, x, y).
 
-    def compute_dtype(x):
-        return getattr(layer, first).dtype if state.cfg.compute == "adapter" else x.dtype
+    An object, not a closure: its fields (the attach state it reads on every call) are what
+    `copy.deepcopy` and `torch.save` copy with the model, so a copy of an attached model gets
+    its own switches. `first` names one of the layer's adapter tensors, whose current dtype is
+    the adapter dtype (it follows `.to()`)."""
 
-    if variant.delta_input is not None:
-        delta_input = variant.delta_input
+    def __init__(self, state: AttachState, delta: Callable, first: str):
+        self.state, self.delta, self.first = state, delta, first
 
-        def pre_hook(module, args):
-            if not state.enabled:
-                return None
-            x = args[0]
-            d = delta_input(module, state.cfg, x.to(compute_dtype(x)))
-            if state.scale != 1.0:
-                d = d * state.scale
-            return (x + d.to(x.dtype),) + args[1:]
-
-        return layer.register_forward_pre_hook(pre_hook)
-    delta = variant.delta
-
-    def out_hook(module, args, y):
+    def __call__(self, module: nn.Module, args: tuple, y: torch.Tensor):
+        state = self.state
         if not state.enabled:
             return None
         x = args[0]
-        dt = compute_dtype(x)
-        d = delta(module, state.cfg, x.to(dt), y.to(dt))
+        dt = getattr(module, self.first).dtype if state.cfg.compute == "adapter" else x.dtype
+        d = self.delta(module, state.cfg, x.to(dt), y.to(dt))
         if state.scale != 1.0:
             d = d * state.scale
         return y + d.to(y.dtype)
 
-    return layer.register_forward_hook(out_hook)
+
+class InputHook(OutputHook):
+    """Forward pre-hook of one target: the layer runs on x + scale·Δx, Δx = variant.delta_input(layer, cfg, x)."""
+
+    def __call__(self, module: nn.Module, args: tuple):
+        state = self.state
+        if not state.enabled:
+            return None
+        x = args[0]
+        dt = getattr(module, self.first).dtype if state.cfg.compute == "adapter" else x.dtype
+        d = self.delta(module, state.cfg, x.to(dt))
+        if state.scale != 1.0:
+            d = d * state.scale
+        return (x + d.to(x.dtype),) + args[1:]
+
+
+def _add_hook(layer: nn.Module, variant: type[Variant], state: AttachState, first: str) -> None:
+    if variant.delta_input is not None:
+        layer.register_forward_pre_hook(InputHook(state, variant.delta_input, first))
+    else:
+        layer.register_forward_hook(OutputHook(state, variant.delta, first))
+
+
+def _remove_hooks(state: AttachState) -> None:
+    """Remove the hooks that read `state` from its targets (found by identity, so this works on
+    a deepcopied or unpickled model as on the original)."""
+    for layer in state.targets.values():
+        for hooks, extra in ((layer._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+                             (layer._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",))):
+            for key in [k for k, h in hooks.items() if isinstance(h, OutputHook) and h.state is state]:
+                del hooks[key]
+                for name in extra:
+                    getattr(layer, name, {}).pop(key, None)
 
 
 def _create(layer: nn.Module, pname: str, spec: ParamSpec, dtype: torch.dtype) -> None:
