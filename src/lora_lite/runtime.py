@@ -340,7 +340,7 @@ def install(
         raise
 
 
-class OutputHook:
+class AdapterHook:
     """Forward hook of one target: y + scale·Δy, Δy = variant.delta(layer, cfg, x, y).
 
     An object, not a closure: its fields (the attach state it reads on every call) are what
@@ -363,7 +363,7 @@ class OutputHook:
         return y + d.to(y.dtype)
 
 
-class InputHook(OutputHook):
+class AdapterPreHook(AdapterHook):
     """Forward pre-hook of one target: the layer runs on x + scale·Δx, Δx = variant.delta_input(layer, cfg, x)."""
 
     def __call__(self, module: nn.Module, args: tuple):
@@ -380,9 +380,9 @@ class InputHook(OutputHook):
 
 def _add_hook(layer: nn.Module, variant: type[Variant], state: AttachState, first: str) -> None:
     if variant.delta_input is not None:
-        layer.register_forward_pre_hook(InputHook(state, variant.delta_input, first))
+        layer.register_forward_pre_hook(AdapterPreHook(state, variant.delta_input, first))
     else:
-        layer.register_forward_hook(OutputHook(state, variant.delta, first))
+        layer.register_forward_hook(AdapterHook(state, variant.delta, first))
 
 
 def _remove_hooks(state: AttachState) -> None:
@@ -391,7 +391,7 @@ def _remove_hooks(state: AttachState) -> None:
     for layer in state.targets.values():
         for hooks, extra in ((layer._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
                              (layer._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",))):
-            for key in [k for k, h in hooks.items() if isinstance(h, OutputHook) and h.state is state]:
+            for key in [k for k, h in hooks.items() if isinstance(h, AdapterHook) and h.state is state]:
                 del hooks[key]
                 for name in extra:
                     getattr(layer, name, {}).pop(key, None)
