@@ -1,99 +1,33 @@
 """Which adapters the benchmarks run, how each is configured, and its HF PEFT counterpart.
 
-SETTINGS has one entry per lora-lite variant the benchmarks know: its learning-rate family
-(C2 sweeps a grid per family), its config knobs as a function of the requested rank and the
-model's target geometry, and the PEFT method that implements the same math (or, for
-`antipasto_corda`, the nearest PEFT analogue: CorDA-initialised LoRA at the same r). A
-variant in `lora_lite.REGISTRY` without an entry is an error (tests check coverage); an
-entry whose variant is not registered in this build is skipped with a note, so variants
-that land later run with no code change here.
-
-Analytic added MACs per token follow SPEC B2: the adapter's own multiply-accumulates per
-token, plus (separately) work done once per forward call regardless of the token count.
+Each variant declares its benchmark setting in its own file (`Variant.bench`, a
+`lora_lite.variant.BenchSetting`): its learning-rate family (C2 sweeps a grid per family), its
+config knobs as a function of the requested rank and the model's target geometry, its analytic
+added MACs (SPEC B2: the adapter's own multiply-accumulates per token, plus work done once per
+forward call regardless of the token count), and the PEFT row of the same method (or, for
+`antipasto_corda`, the nearest PEFT analogue: CorDA-initialised LoRA at the same r).
+`settings()` reads the registry, so a variant that registers runs here with no code change.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from torch import nn
 
 import lora_lite as ll
 from lora_lite.interop.peft import peft_config
 from lora_lite.targets import find_targets
-from lora_lite.variant import REGISTRY
+from lora_lite.variant import REGISTRY, BenchSetting
 
 from .models import Geometry
 
 
-@dataclass(frozen=True)
-class Setting:
-    family: str                                   # learning-rate family (quality sweep)
-    knobs: Callable[[int, Geometry], dict]        # (rank, geometry) -> config fields
-    macs: Callable[[int, int, object], tuple[int, int]]  # (d_in, d_out, cfg) -> (per token, per call)
-    peft: str | None = None                       # key of PEFT_METHODS, None = no PEFT method
-
-
-def _low_rank(alpha_over_r: float):
-    return lambda r, g: {"r": r, "alpha": alpha_over_r * r}
-
-
-def _big_rank(r, g):
-    """The SVD-steering family trains r scalars per layer, so it uses a large basis (SPEC B6.1:
-    r = 256), capped at the model's smallest target and kept a multiple of 8 (rot blocks)."""
-    return {"r": min(256, g.min_dim - g.min_dim % 8)}
-
-
-def _ab(i, o, c):
-    return c.r * (i + o)
-
-
-SETTINGS: dict[str, Setting] = {
-    "lora": Setting("lora", _low_rank(2.0), lambda i, o, c: (_ab(i, o, c), 0), "lora"),
-    # PiSSA folds the scale into its init; the seed benchmark uses alpha = r.
-    # PiSSA adds s·(x Aᵀ)Bᵀ − s·(x A0ᵀ)B0ᵀ: two rank-r products (W is never rewritten).
-    "pissa": Setting("pissa", _low_rank(1.0), lambda i, o, c: (2 * _ab(i, o, c), 0), "pissa"),
-    # DoRA recomputes the row norms of W + sBA every call: r·d_in·d_out + d_in·d_out.
-    "dora": Setting("lora", _low_rank(2.0),
-                    lambda i, o, c: (_ab(i, o, c) + 2 * o, c.r * i * o + i * o), "dora"),
-    # λ0 bounds ‖ΔW‖: with B = 0 and the 1e-4 norm clamp the update reaches its bound at the
-    # first step, ‖ΔW‖/‖W‖ ≈ λ/(√r·√d_in) (MiniLM, r = 16: 0.013 for λ0 = 1, 0.052 for 4, ~0.19
-    # for the library's 15, which collapsed to chance at every lr), and λ hardly moves at the
-    # adapter's lr (results/diagnosis.md §3). 1 keeps the jump within LoRA's range.
-    "delora": Setting("delora", lambda r, g: {"r": r, "lambda0": 1.0},
-                      lambda i, o, c: (_ab(i, o, c) + i + c.r, 0), "delora"),
-    # compact-WY: per token x Ûᵀ, · T⁻ᵀ, · Û (2r·d_in + r²); per call Û Ûᵀ and an r x r inverse.
-    "hra": Setting("hra", lambda r, g: {"r": r - r % 2},
-                   lambda i, o, c: (2 * c.r * i + c.r * c.r, c.r * c.r * i + c.r ** 3), "hra"),
-    "ia3": Setting("gain", lambda r, g: {}, lambda i, o, c: (o, 0), "ia3"),
-    "ia3_ff": Setting("gain", lambda r, g: {}, lambda i, o, c: (i, 0), "ia3_ff"),
-    "road": Setting("road", lambda r, g: {"road_variant": "road_1", "group_size": math.gcd(64, g.out_gcd)},
-                    lambda i, o, c: (2 * o, 0), "road"),
-    # The LoRA-XS reference uses alpha = r (s = 1).
-    "lora_xs": Setting("lora_xs", _low_rank(1.0), lambda i, o, c: (_ab(i, o, c) + c.r * c.r, 0)),
-    "eva": Setting("lora", _low_rank(2.0), lambda i, o, c: (_ab(i, o, c), 0), "eva"),
-    "antipasto": Setting("svd", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r, 0)),
-    # Cayley solves of the block rotations once per call: r·bs per rotated basis side.
-    "antipasto_rot": Setting(
-        "svd", _big_rank,
-        lambda i, o, c: (_ab(i, o, c) + c.r, c.r * getattr(c, "block_size", 4) * (
-            {"V": i, "U": o, "both": i + o}.get(getattr(c, "rotate_basis", "V"), 0))),
-    ),
-    "antipasto_corda": Setting("svd", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r, 0), "corda"),
-    "antipasto_asvd": Setting("svd", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r, 0)),
-    # The ablation strength α was clamped to [0, 1] with a zero gradient below 0, so the svd
-    # family's large steps (2e-2) drove it under 0 in a few steps and the layer stopped learning
-    # for good (78% of layers by step 150; 6% at 2e-3). The clamp is straight-through now; the
-    # row keeps its own, smaller lr family (600 steps: 2e-3 and 5e-3 both learn).
-    "antipasto_ablate": Setting(
-        "ablate", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r + 2 * c.r * getattr(c, "k", 1), 0)),
-    # dplr's rank-k core trains like a LoRA (156K params on MiniLM): its own lr family, since
-    # the gain-only members want 10-50x larger steps (sweep: dplr collapses at 5e-3 and above).
-    "antipasto_dplr": Setting(
-        "dplr", _big_rank, lambda i, o, c: (_ab(i, o, c) + c.r + 2 * c.r * getattr(c, "lora_rank", 8), 0)),
-}
+def settings() -> dict[str, BenchSetting]:
+    """{variant: its declared BenchSetting}, in registry order (read anew: a variant registered
+    later, e.g. by a test, is included)."""
+    return {name: v.bench for name, v in REGISTRY.items()}
 
 PEFT_LABELS = {
     "lora": "LoRA", "pissa": "PiSSA", "dora": "DoRA", "delora": "DeLoRA", "hra": "HRA",
@@ -103,20 +37,12 @@ PEFT_LABELS = {
 
 
 def available(names: list[str] | None = None, log: Callable[[str], None] = print) -> list[str]:
-    """Variant names to benchmark, in SETTINGS order: the requested ones (default all) that
-    this build registers. Unregistered names are skipped with a note."""
-    missing = sorted(set(REGISTRY) - set(SETTINGS))
-    if missing:
-        raise KeyError(f"registered variants without a benchmark setting: {missing}; add them to "
-                       f"lora_bench.adapters.SETTINGS")
-    wanted = list(SETTINGS) if names is None else names
-    unknown = [n for n in wanted if n not in SETTINGS]
+    """Variant names to benchmark, in registry order: the requested ones (default all)."""
+    wanted = list(settings()) if names is None else names
+    unknown = [n for n in wanted if n not in settings()]
     if unknown:
-        raise KeyError(f"unknown variants {unknown}; known: {list(SETTINGS)}")
-    skipped = [n for n in wanted if n not in REGISTRY]
-    if skipped:
-        log(f"note: not registered in this build, skipped: {', '.join(skipped)}")
-    return [n for n in wanted if n in REGISTRY]
+        raise KeyError(f"unknown variants {unknown}; registered: {list(settings())}")
+    return wanted
 
 
 def target_names(model: nn.Module, cfg: ll.AdapterConfig) -> list[str]:
@@ -137,7 +63,7 @@ def make_config(name: str, rank: int, target_names: tuple[str, ...], geom: Geome
                 knobs: dict | None = None) -> ll.AdapterConfig:
     """Our config for `name`, built through the registry so unmerged variants need no import;
     `knobs` (config fields) override the setting's."""
-    fields = {"variant": name, "target_names": list(target_names), **SETTINGS[name].knobs(rank, geom),
+    fields = {"variant": name, "target_names": list(target_names), **settings()[name].knobs(rank, geom),
               **(knobs or {})}
     return ll.AdapterConfig.from_dict(fields)
 
@@ -151,7 +77,7 @@ def added_macs(name: str, cfg: ll.AdapterConfig, layers) -> tuple[int, int]:
     """(per token, per forward call) analytic added MACs of `name` summed over target layers."""
     per_token = per_call = 0
     for layer in layers:
-        t, c = SETTINGS[name].macs(layer.in_features, layer.out_features, cfg)
+        t, c = settings()[name].macs(layer.in_features, layer.out_features, cfg)
         per_token, per_call = per_token + t, per_call + c
     return per_token, per_call
 
@@ -198,4 +124,4 @@ def attach_peft(model: nn.Module, method: str, cfg, names: list[str], calibratio
 
 
 def peft_method(name: str) -> str | None:
-    return SETTINGS[name].peft
+    return settings()[name].peft

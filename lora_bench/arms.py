@@ -28,7 +28,7 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 
 def family(row: str) -> str:
-    return ANCHORS.get(row) or adapters.SETTINGS[row.removeprefix("peft:")].family
+    return ANCHORS.get(row) or adapters.settings()[row.removeprefix("peft:")].family
 
 
 def schedule_label(schedule: str, warmup: int) -> str:

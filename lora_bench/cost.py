@@ -96,7 +96,7 @@ class Setup:
         variant's rank/alpha stands in, which is all PEFT's LoRA-family methods read."""
         if name in ll.REGISTRY:
             return adapters.make_config(name, self.rank, self.targets, self.geom)
-        knobs = adapters.SETTINGS[name].knobs(self.rank, self.geom)
+        knobs = adapters.settings()[name].knobs(self.rank, self.geom)
         return ll.LoRAConfig(r=knobs["r"], alpha=knobs.get("alpha", 2.0 * knobs["r"]),
                              target_names=self.targets)
 
@@ -351,7 +351,7 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
     tokens = shape["batch_size"] * shape["seq_len"]
     base_macs = models.linear_macs_per_token(setup.base, shape["seq_len"])
     registered = adapters.available(p["variants"], log=log)
-    wanted = p["variants"] or list(adapters.SETTINGS)
+    wanted = p["variants"] or list(adapters.settings())
     # PEFT-only rows: methods PEFT has whose variant is not merged yet (e.g. EVA, CorDA)
     names = [n for n in wanted if n in registered or (p["peft"] and adapters.peft_method(n))]
     rows = []

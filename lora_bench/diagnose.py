@@ -113,8 +113,8 @@ class Probe:
             self._scalar("lambda", statistics.fmean(float(layer.lora_lambda) for layer in layers))
             cols = torch.cat([layer.lora_B.detach().norm(dim=0) for layer in layers])
             self._scalar("b_clamped", float((cols < 1e-4).float().mean()))
-        if hasattr(first, "lora_alpha") and hasattr(first, "lora_c"):
-            a = torch.cat([layer.lora_alpha.detach().float().flatten() for layer in layers])
+        if hasattr(first, "lora_strength") and hasattr(first, "lora_c"):
+            a = torch.cat([layer.lora_strength.detach().float().flatten() for layer in layers])
             self._scalar("alpha_mean", float(a.mean()))
             self._scalar("alpha_min", float(a.min()))
             self._scalar("alpha_max", float(a.max()))

@@ -315,7 +315,7 @@ def run(a) -> dict:
     print(f"{a.variant}: {params:,} trainable params, +{per_token:,} MACs/token, "
           f"fwd {fwd_ms:.1f} ms, fwd+bwd {fwd_bwd_ms:.1f} ms, init {init_s:.2f} s", flush=True)
 
-    lr = a.lr or LR_BY_FAMILY.get(adapters.SETTINGS[a.variant].family, 1e-4)
+    lr = a.lr or LR_BY_FAMILY.get(adapters.settings()[a.variant].family, 1e-4)
     t0 = time.perf_counter()
     stats = train(model, batches, steps=a.steps, grad_accum=a.grad_accum, lr=lr, log_every=a.log_every)
     train_s = time.perf_counter() - t0

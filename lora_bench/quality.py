@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_lite.interop.peft import PEFT_METHODS, copy_to_peft
+from lora_lite.interop.peft import copy_to_peft, peft_methods
 
 from . import adapters
 from .arms import (  # noqa: F401  (re-exported: the run ids and lr choice live in arms.py)
@@ -62,10 +62,10 @@ PROTOCOL_KEYS = ("task", "batch_size", "n_train", "n_test", "rank", "head_lr", "
 def rows(names: list[str] | None = None) -> list[str]:
     """The requested rows (default: anchors, then every registered variant) in order; a
     "peft:<variant>" row runs PEFT's implementation of that variant's method."""
-    wanted = names or [*ANCHORS, *adapters.SETTINGS]
+    wanted = names or [*ANCHORS, *adapters.settings()]
     peft_rows = [n for n in wanted if n.startswith("peft:") and n not in ANCHORS]
     for n in peft_rows:
-        if adapters.SETTINGS.get(n[5:]) is None or adapters.peft_method(n[5:]) is None:
+        if adapters.settings().get(n[5:]) is None or adapters.peft_method(n[5:]) is None:
             raise KeyError(f"{n}: PEFT has no method for {n[5:]!r}")
     variants = adapters.available([n for n in wanted if n not in ANCHORS and n not in peft_rows])
     return [n for n in wanted if n in ANCHORS or n in peft_rows or n in variants]
@@ -160,7 +160,7 @@ def prepare(row: str, encoder, calibration: list, rank: int, knobs: dict | None 
             rng = torch.random.get_rng_state()  # where our row's RNG stands after attach
             method = adapters.peft_method(name)
             pm = adapters.attach_peft(encoder, method, cfg, adapters.target_names(encoder, cfg), calibration)
-            if method in PEFT_METHODS and method != "eva":
+            if method in peft_methods() and method != "eva":
                 copy_to_peft(ours, pm)
             torch.random.set_rng_state(rng)
         else:

@@ -57,10 +57,10 @@ def _runs_by_arm(data: dict, requested_first: bool = False) -> dict[str, list[di
     then the variant table; arms of one row in the order they were requested), or with
     `requested_first` in the order the arms were requested, whatever order the runs were
     appended in; unknown rows last."""
-    from .adapters import SETTINGS
+    from .adapters import settings
     from .arms import ANCHORS, arm_id
 
-    order = {row: i for i, row in enumerate([*ANCHORS, *SETTINGS])}
+    order = {row: i for i, row in enumerate([*ANCHORS, *settings()])}
     requested = {a: i for i, a in enumerate(data.get("arms", []))}
     by_arm: dict[str, list[dict]] = {}
     for r in data["runs"]:

@@ -49,11 +49,10 @@ def variants(r: int) -> dict:
         "antipasto_corda": ll.AntiPaSTOCorDAConfig(r=r, target_names=t),
         "antipasto_asvd": ll.AntiPaSTOASVDConfig(r=r, target_names=t),
         "antipasto_ablate": ll.AntiPaSTOAblateConfig(r=r, cov_orient=True, target_names=t),
-        "antipasto_dplr": ll.AntiPaSTODPLRConfig(r=r, lora_rank=4, target_names=t),
+        "antipasto_dplr": ll.AntiPaSTODPLRConfig(r=r, core_rank=4, target_names=t),
     }
 
 
-NEUTRAL = {"antipasto_rot": "lora_delta_s", "antipasto_ablate": "lora_alpha"}  # deliberate offsets
 
 
 def rel(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -101,10 +100,12 @@ def main() -> None:
         model = copy.deepcopy(base)
         ll.attach(model, cfg, calibration_data=batches, progress=False)
         row = {"identity": rel(out(model), y0, mask)}
-        if name in NEUTRAL:
+        neutral = ll.REGISTRY[cfg.variant].neutral  # tensors of the deliberate init offsets
+        if neutral:
             with torch.no_grad():
                 for layer in state_of(model).targets.values():
-                    getattr(layer, NEUTRAL[name]).zero_()
+                    for pname in neutral:
+                        getattr(layer, pname).zero_()
             row["identity_neutral"] = rel(out(model), y0, mask)
         with torch.no_grad():
             g = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import lora_lite as ll  # noqa: E402
-from lora_lite.interop.peft import PEFT_METHODS, copy_to_peft, peft_config  # noqa: E402
+from lora_lite.interop.peft import copy_to_peft, peft_config, peft_methods  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
 
 from cases import CASES, NEUTRAL, QWEN_ONLY  # noqa: E402
@@ -41,7 +41,7 @@ def measure(bench, case: str) -> dict:
     cfg = attach_case(bench, case, model)
     with torch.no_grad():
         for layer in state_of(model).targets.values():
-            for pname in NEUTRAL.get(case, ()):
+            for pname in NEUTRAL.get(cfg.variant, ()):
                 getattr(layer, pname).zero_()
     row["identity"] = rel_err(bench.out(model), y0)
     perturb(model)
@@ -53,7 +53,7 @@ def measure(bench, case: str) -> dict:
         fresh = bench.fresh()
         ll.load(fresh, path)
         row["reload"] = rel_err(bench.out(fresh), y1)
-    if cfg.variant in PEFT_METHODS and bench.dtype == torch.float32:
+    if cfg.variant in peft_methods() and bench.dtype == torch.float32:
         import peft
 
         theirs = peft.get_peft_model(bench.fresh(), peft_config(cfg, list(state_of(model).targets))).eval()

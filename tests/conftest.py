@@ -21,6 +21,8 @@ torch.set_num_threads(1)
 
 from lora_lite.demo import load_minilm  # noqa: E402
 
+import toy_variant  # noqa: E402,F401  (registers the test-only variant every generic suite runs)
+
 SENTENCES = [
     "Adapters attach to the linear layers with forward hooks.",
     "thirty-one is more than 29",

@@ -26,7 +26,7 @@ CALIBRATED = {
     "eva": (lambda t: ll.EVAConfig(r=R, target_names=t, layers=(0, 1)), "eigvecs"),
     "antipasto": (lambda t: ll.AntiPaSTOConfig(r=R, target_names=t, layers=(0, 1)), "wanda"),
     "antipasto_rot": (lambda t: ll.AntiPaSTORotConfig(r=R, block_size=2, target_names=t, layers=(0, 1)), "wanda"),
-    "antipasto_dplr": (lambda t: ll.AntiPaSTODPLRConfig(r=R, lora_rank=2, target_names=t, layers=(0, 1)), "wanda"),
+    "antipasto_dplr": (lambda t: ll.AntiPaSTODPLRConfig(r=R, core_rank=2, target_names=t, layers=(0, 1)), "wanda"),
     "antipasto_corda": (lambda t: ll.AntiPaSTOCorDAConfig(r=R, target_names=t, layers=(0, 1)), "full"),
     "antipasto_asvd": (lambda t: ll.AntiPaSTOASVDConfig(r=R, target_names=t, layers=(0, 1)), "diag"),
     "antipasto_ablate": (
@@ -272,7 +272,7 @@ STEERABLE = {
     "antipasto_corda": lambda: ll.AntiPaSTOCorDAConfig(r=R, layers=(0, 1)),
     "antipasto_asvd": lambda: ll.AntiPaSTOASVDConfig(r=R, layers=(0, 1)),
     "antipasto_ablate": lambda: ll.AntiPaSTOAblateConfig(r=R, k=2, layers=(0, 1)),
-    "antipasto_dplr": lambda: ll.AntiPaSTODPLRConfig(r=R, lora_rank=2, layers=(0, 1)),
+    "antipasto_dplr": lambda: ll.AntiPaSTODPLRConfig(r=R, core_rank=2, layers=(0, 1)),
 }
 
 
@@ -344,6 +344,6 @@ def test_load_on_a_different_base_warns_for_a_calibrated_variant(qwen, tmp_path)
 
 def test_dplr_rank_zero_is_refused_with_a_pointer_to_antipasto():
     with pytest.raises(ValueError, match="AntiPaSTOConfig"):
-        ll.AntiPaSTODPLRConfig(r=8, lora_rank=0)
-    with pytest.raises(ValueError, match="lora_rank"):
-        ll.AntiPaSTODPLRConfig(r=8, lora_rank=9)
+        ll.AntiPaSTODPLRConfig(r=8, core_rank=0)
+    with pytest.raises(ValueError, match="core_rank"):
+        ll.AntiPaSTODPLRConfig(r=8, core_rank=9)

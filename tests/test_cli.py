@@ -58,7 +58,7 @@ def test_inspect(qwen, tmp_path, capsys):
 
     assert main(["inspect", str(path), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["variant"] == "antipasto_dplr" and d["config"]["lora_rank"] == 2
+    assert d["variant"] == "antipasto_dplr" and d["config"]["core_rank"] == 2
     assert d["targets"] == list(state_of(model).targets)
     assert d["trainable_parameters"] == trainable
     assert d["bytes"] == path.stat().st_size

@@ -14,7 +14,7 @@ from torch import nn
 
 import lora_lite as ll
 from lora_lite.config import CONFIGS, AdapterConfig
-from lora_lite.variant import REGISTRY, ParamSpec, Variant, register
+from lora_lite.variant import REGISTRY, BenchSetting, Example, ParamSpec, Variant, register
 
 from ckpt_files import rewrite
 from conftest import assert_untouched, make_qwen, snapshot
@@ -240,6 +240,10 @@ def test_failure_in_init_rolls_back(model, temp_variant):
         @staticmethod
         def delta(layer, cfg, x, y):
             return torch.zeros_like(y)
+
+        params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r * d_in)
+        examples = {"fails_late": Example({"r": 2})}
+        bench = BenchSetting("lora", lambda r, g: {"r": r}, lambda i, o, c: (0, 0))
 
     _refused(model, RuntimeError, "boom in init",
              lambda: ll.attach(model, FailsLate.config(r=2)))

@@ -89,7 +89,7 @@ def test_keyboard_interrupt_during_calibration(model, qwen_bench, variant):
 
 def test_keyboard_interrupt_while_adding_hooks(model, monkeypatch):
     """The last step of attach: tensors exist, flags are frozen, some hooks are registered."""
-    monkeypatch.setattr(runtime, "_hook", fail_on_call(WHERE["last"], KeyboardInterrupt())(runtime._hook))
+    monkeypatch.setattr(runtime, "_add_hook", fail_on_call(WHERE["last"], KeyboardInterrupt())(runtime._add_hook))
     _untouched_after(model, KeyboardInterrupt, lambda: ll.attach(model, ll.LoRAConfig(r=4)))
 
 
@@ -103,7 +103,7 @@ def checkpoint(qwen_bench, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("step", ["_create", "_hook"])
+@pytest.mark.parametrize("step", ["_create", "_add_hook"])
 @pytest.mark.parametrize("where", WHERE)
 def test_load_interrupted(model, checkpoint, monkeypatch, step, where):
     """Ctrl-C while load installs (creating tensors, or adding hooks after the freeze)."""
@@ -146,7 +146,7 @@ def _partial_write(tmp, data):
 
 SAVE_FAULTS = {
     "serialize": (ckpt, "serialize", lambda real: fail_on_call(1, KeyboardInterrupt())(real), KeyboardInterrupt),
-    "write": (ckpt, "_write", lambda real: _partial_write, OSError),
+    "write": (ckpt, "_write_new", lambda real: _partial_write, OSError),
     "fsync": (os, "fsync", lambda real: fail_on_call(1, OSError(5, "Input/output error"))(real), OSError),
     "rename": (os, "replace", lambda real: fail_on_call(1, OSError(18, "Invalid cross-device link"))(real), OSError),
 }

@@ -22,7 +22,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import lora_lite as ll  # noqa: E402
-from lora_lite.interop.peft import PEFT_METHODS, copy_to_peft, peft_config  # noqa: E402
+from lora_lite.interop.peft import copy_to_peft, peft_config, peft_methods  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
 from lora_lite.variant import REGISTRY  # noqa: E402
 
@@ -31,11 +31,11 @@ from conftest import rel_err  # noqa: E402
 from test_variants import CASES, attach_case, perturb  # noqa: E402
 
 
-PEFT_CASES = [c for c in CASES if CASES[c](()).variant in PEFT_METHODS]
+PEFT_CASES = [c for c in CASES if CASES[c](()).variant in peft_methods()]
 
 
 def test_every_shared_method_has_a_case():
-    assert {CASES[c](()).variant for c in PEFT_CASES} == set(PEFT_METHODS) & set(REGISTRY)
+    assert {CASES[c](()).variant for c in PEFT_CASES} == set(peft_methods()) & set(REGISTRY)
 
 
 @pytest.mark.parametrize("case", PEFT_CASES)

@@ -180,7 +180,7 @@ def _neutralize(model, case, cfg):
     if not REGISTRY[cfg.variant].identity_at_init:
         with torch.no_grad():
             for layer in state_of(model).targets.values():
-                for pname in NEUTRAL[case]:
+                for pname in NEUTRAL[cfg.variant]:
                     getattr(layer, pname).zero_()
 
 

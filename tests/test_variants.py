@@ -62,7 +62,7 @@ def test_identity_at_init(bench, case):
     if not REGISTRY[cfg.variant].identity_at_init:
         with torch.no_grad():
             for layer in state_of(model).targets.values():
-                for pname in NEUTRAL[case]:
+                for pname in NEUTRAL[cfg.variant]:
                     getattr(layer, pname).zero_()
     y = bench.out(model)
     assert rel_err(y, y0) <= IDENTITY_TOL.get(cfg.variant, {}).get(bench.dtype, 0.0)

@@ -1,7 +1,7 @@
 """lora-lite: parameter-efficient adapters attached to linear layers with forward hooks."""
 
 from ._version import __version__
-from .checkpoint import CheckpointError, load, save
+from .checkpoint import Adapter, CheckpointError, load, read, save
 from .config import AdapterConfig
 from .merge import disabled, merge, scaled
 from .runtime import attach, describe, detach, reconfigure
@@ -26,7 +26,8 @@ from .variants.road import RoadConfig
 from .interop.peft import export_peft, import_peft
 
 __all__ = [
-    "__version__", "attach", "detach", "describe", "reconfigure", "save", "load", "CheckpointError",
+    "__version__", "attach", "detach", "describe", "reconfigure", "save", "load", "read", "Adapter",
+    "CheckpointError",
     "merge", "disabled", "scaled", "export_peft", "import_peft",
     "AdapterConfig", "REGISTRY", "ParamSpec", "Variant", "register",
     "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "HRAConfig",

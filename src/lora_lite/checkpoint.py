@@ -8,18 +8,25 @@ of the canonical JSON of every other metadata entry). With `trainable_modules`, 
 parameters are stored as "base.<parameter name>" and listed in the metadata "trainable" (JSON
 list; absent = none).
 
-load() rebuilds the adapted model on a pristine base from the file alone: no calibration
-data, no data-dependent init (frozen SVD factors and initial factors are in the file). It
-reads the file once, into memory, and checks everything before the model is touched:
-integrity (every hash; a flipped bit anywhere in the payload or the metadata is refused, not
-loaded as a slightly different adapter), finiteness, then fit (config, targets, shapes,
-dtypes, trained base parameters, base fingerprints); the model is then filled from those same
-in-memory tensors. Metadata is parsed as data (JSON, dtype names through an allow-list),
-nothing is executed or unpickled. Format 1 files (no hashes) still load, with a warning.
+An adapter is data: `read(path)` returns an `Adapter` (config, targets, tensors per target,
+trained base parameters, fingerprints, format version) after reading the file once, into
+memory, and checking integrity (every hash; a flipped bit anywhere in the payload or the
+metadata is refused, not read as a slightly different adapter), finiteness and consistency
+(every tensor belongs to a target or is a trained base parameter). `load`, `lora-lite inspect`
+and the PEFT exporter take that `Adapter`; the PEFT importer produces one. `load(model, path or
+Adapter)` then checks the fit (targets, tensor names, shapes, dtypes, trained base parameters,
+base fingerprints) before the model is touched, and fills it from those same in-memory tensors:
+no calibration data, no data-dependent init (frozen SVD factors and initial factors are in
+the file). Metadata is parsed as data (JSON, dtype names through an allow-list), nothing is
+executed or unpickled. Format 1 files (no hashes) still read, with a warning.
+
+Every file the library writes goes through `write_atomic`: a new file in the same folder
+(permissions from the umask, as a plain `open()` gives), fsync, then a rename over the target.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -32,6 +39,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as serialize
 from torch import nn
+
+from dataclasses import dataclass, field
 
 from ._version import __version__
 from .config import AdapterConfig
@@ -56,9 +65,36 @@ class CheckpointError(ValueError):
     """A file that is not a readable lora-lite checkpoint, or that does not fit this model."""
 
 
+@dataclass
+class Adapter:
+    """An adapter as data: what a checkpoint holds, verified; what `load` and the exporters take.
+
+    tensors: {target module name: {"lora_*": tensor}}, targets in model order.
+    trainable: {base parameter name: trained value} of `trainable_modules` (empty if none).
+    fingerprints: {target: sketch of the base layer it was made on} (fingerprint.py); None when
+    unknown (an imported PEFT adapter), which skips the different-base warning.
+    """
+
+    config: AdapterConfig
+    tensors: dict[str, dict[str, torch.Tensor]]
+    trainable: dict[str, torch.Tensor] = field(default_factory=dict)
+    fingerprints: dict[str, dict] | None = None
+    format_version: str = FORMAT_VERSION
+    library_version: str = __version__
+    source: str = "<memory>"                    # the file it was read from, for messages
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.tensors)
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the attached adapter to `path` atomically (temp file in the same folder + fsync +
-    rename): on any failure the previous file at `path`, if any, is left as it was.
+    """Write the attached adapter to `path` atomically (`write_atomic`): on any failure the
+    previous file at `path`, if any, is left as it was.
 
     Distributed: when torch.distributed is initialised, only global rank 0 writes; the other
     ranks return without writing. Adapter tensors sharded by FSDP2 (DTensors) are gathered
@@ -66,12 +102,28 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     hang). With replicated tensors (DDP) no collective runs, so rank 0 alone may call it. `save`
     holds no barrier: ranks that read the file afterwards call `dist.barrier()` first.
     """
+    adapter = adapter_of(model)
+    if _is_writer():
+        write(adapter, path)
+
+
+def adapter_of(model: nn.Module) -> Adapter:
+    """The adapter attached to `model` as data (tensors gathered to the CPU; a collective under
+    FSDP2, see `save`)."""
     state = state_of(model)
     tensors = _full_adapter_tensors(state)
-    if not _is_writer():
-        return
-    config = _stored_config(state, tensors)
-    tensors.update(_trainable_tensors(model, state))
+    return Adapter(
+        config=_stored_config(state, tensors),
+        tensors=tensors,
+        trainable={n: model.get_parameter(n).detach().to("cpu").contiguous() for n in state.originals},
+        fingerprints=state.fingerprints,
+    )
+
+
+def write(adapter: Adapter, path: str | os.PathLike) -> None:
+    """Write `adapter` as a lora-lite checkpoint (safetensors + hashed metadata) at `path`."""
+    tensors = {f"{name}.{p}": t for name, per in adapter.tensors.items() for p, t in per.items()}
+    tensors.update({BASE + n: t for n, t in adapter.trainable.items()})
     for key, t in tensors.items():
         if not _finite(t):
             raise ValueError(
@@ -82,22 +134,29 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "variant": state.cfg.variant,
-        "config": json.dumps(config),
-        "targets": json.dumps(list(state.targets)),
-        "fingerprints": json.dumps(state.fingerprints),
+        "variant": adapter.variant,
+        "config": json.dumps(adapter.config.to_dict()),
+        "targets": json.dumps(adapter.targets),
+        "fingerprints": json.dumps(adapter.fingerprints or {}),
         "sha256": json.dumps({key: _digest(t) for key, t in tensors.items()}),
     }
-    if state.originals:
-        metadata["trainable"] = json.dumps(list(state.originals))
+    if adapter.trainable:
+        metadata["trainable"] = json.dumps(list(adapter.trainable))
     metadata["metadata_sha256"] = _metadata_digest(metadata)
+    write_atomic(path, serialize(tensors, metadata=metadata))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically: a new temp file in the same folder (permissions from
+    the umask, like a plain `open()`; a mkstemp file would be 0600), flushed and fsynced, then
+    renamed over `path`. On any failure the temp file is removed and `path` is untouched."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(errno.ENOENT, f"cannot save there, no folder {folder!r}", path)
+        raise FileNotFoundError(errno.ENOENT, f"cannot write there, no folder {folder!r}", path)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
-        _write(tmp, serialize(tensors, metadata=metadata))
+        _write_new(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -105,27 +164,35 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         raise
 
 
-def _stored_config(state, tensors: dict[str, torch.Tensor]) -> dict:
+def _write_new(tmp: str, data: bytes) -> None:
+    """A new file (permissions from the umask), flushed to disk."""
+    with open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _stored_config(state, tensors: dict[str, dict[str, torch.Tensor]]) -> AdapterConfig:
     """The config as saved: `dtype` is what the tensors are stored in now (a `.half()` or `.to()`
     after attach changes it), so load recreates them in that dtype."""
-    d = state.cfg.to_dict()
-    dtypes = {t.dtype for t in tensors.values()}
+    dtypes = {t.dtype for per in tensors.values() for t in per.values()}
     if len(dtypes) == 1:
-        d["dtype"] = str(dtypes.pop()).removeprefix("torch.")
-    return d
+        return dataclasses.replace(state.cfg, dtype=dtypes.pop())
+    return state.cfg
 
 
-def _full_adapter_tensors(state) -> dict[str, torch.Tensor]:
-    """{file key: the whole adapter tensor on the CPU}. A tensor sharded by FSDP2 (a DTensor) is
-    all-gathered with `full_tensor()`, a collective: every rank must get here, and all ranks
-    gather the same tensors in the same order (targets in model order, then spec order)."""
-    tensors = {}
+def _full_adapter_tensors(state) -> dict[str, dict[str, torch.Tensor]]:
+    """{target: {tensor name: the whole adapter tensor on the CPU}}. A tensor sharded by FSDP2
+    (a DTensor) is all-gathered with `full_tensor()`, a collective: every rank must get here,
+    and all ranks gather the same tensors in the same order (targets in model order, then spec
+    order)."""
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name, layer in state.targets.items():
         for pname in state.specs[name]:
             t = getattr(layer, pname).detach()
             if isinstance(t, DTensor):
                 t = t.full_tensor()
-            tensors[f"{name}.{pname}"] = t.to("cpu").contiguous()
+            tensors.setdefault(name, {})[pname] = t.to("cpu").contiguous()
     return tensors
 
 
@@ -134,105 +201,124 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _write(tmp: str, data: bytes) -> None:
-    """A new file (permissions from the umask, unlike a mkstemp file's 0600), flushed to disk."""
-    with open(tmp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def load(model: nn.Module, path: str | os.PathLike) -> None:
-    """Attach the adapter saved at `path` to a pristine `model`, exactly as it was saved."""
+def read(path: str | os.PathLike) -> Adapter:
+    """The adapter saved at `path`, verified: integrity (metadata and per-tensor sha256),
+    finiteness, a valid config, and every tensor belonging to a listed target (as
+    `<target>.lora_*`) or to a listed trained base parameter (`base.<name>`). Reads the file
+    once; CheckpointError for anything else."""
     path = os.fspath(path)
-    ensure_free(model)
-    meta, tensors = _read(path)
-    _verify(path, meta, tensors)
+    meta, stored = _read(path)
+    _verify(path, meta, stored)
     cfg = _parse_config(path, meta)
-    variant = variant_of(cfg)
     names = _parse_json(path, meta, "targets", list)
     if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise CheckpointError(f"{path}: metadata 'targets' must be a non-empty list of distinct names")
     fps = _parse_json(path, meta, "fingerprints", dict)
+    trained = _parse_json(path, meta, "trainable", list) if "trainable" in meta else []
+    if not all(isinstance(n, str) for n in trained):
+        raise CheckpointError(f"{path}: metadata 'trainable' must be a JSON list of strings")
+    tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    trainable: dict[str, torch.Tensor] = {}
+    for key, t in stored.items():
+        if key.startswith(BASE) and key[len(BASE):] in trained:
+            trainable[key[len(BASE):]] = t
+            continue
+        name, _, pname = key.rpartition(".")
+        if name not in tensors or not pname.startswith("lora_"):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} belongs to no target listed in the metadata and is no trained "
+                f"base parameter; the file was not written by lora-lite or was edited"
+            )
+        tensors[name][pname] = t
+    for per in tensors.values():
+        for old, new in variant_of(cfg).renamed_tensors.items():
+            if old in per and new not in per:
+                per[new] = per.pop(old)
+    empty = [n for n, per in tensors.items() if not per]
+    if empty:
+        raise CheckpointError(f"{path}: target(s) {empty[:3]} have no adapter tensors")
+    missing = [n for n in trained if n not in trainable]
+    if missing:
+        raise CheckpointError(f"{path}: the trained base parameter {BASE + missing[0]} is missing")
+    return Adapter(config=cfg, tensors=tensors, trainable=trainable, fingerprints=fps,
+                   format_version=meta["format_version"],
+                   library_version=str(meta.get("library_version", "?")), source=path)
+
+
+def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
+    """Attach the adapter saved at `source` (a file, or an `Adapter` from `read` or an
+    importer) to a pristine `model`, exactly as it was saved."""
+    ensure_free(model)
+    adapter = source if isinstance(source, Adapter) else read(source)
+    where, cfg = adapter.source, adapter.config
+    variant = variant_of(cfg)
+    names = adapter.targets
     found, absent = named_linear_layers(model, names)
     if absent:
         raise CheckpointError(
-            f"{path}: {len(absent)} target(s) are not linear layers of this model, e.g. "
-            f"{absent[:3]}; was the adapter trained on another architecture?"
+            f"{where}: {len(absent)} target(s) are not linear layers of this model, e.g. "
+            f"{absent[:3]}; was the adapter made on another architecture, or for another model class "
+            f"(AutoModelForCausalLM and AutoModel name their modules differently)?"
         )
-    layers = dict(found)
-    targets = [(n, layers[n]) for n in names]  # the saved order
+    targets = found  # model order (an imported adapter lists them in its file's order)
     try:
         validate(model, variant, cfg, targets)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: the saved {cfg.variant!r} adapter does not fit this model: {e}") from None
+        raise CheckpointError(f"{where}: the saved {cfg.variant!r} adapter does not fit this model: {e}") from None
 
-    expected = {}
     for name, layer in targets:
-        for pname, spec in variant.param_specs(layer.in_features, layer.out_features, cfg).items():
-            expected[f"{name}.{pname}"] = tuple(spec.shape)
-    trainable = _check_trainable(path, model, meta, tensors, cfg, targets)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected) - {BASE + n for n in trainable})
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: tensors do not match a {cfg.variant!r} adapter on these targets: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for key, shape in expected.items():
-        t = tensors[key]
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, this model needs {shape}")
-        if t.dtype != cfg.dtype:
-            raise CheckpointError(f"{path}: {key} is {t.dtype}, the config says {cfg.dtype}")
+        specs = variant.param_specs(layer.in_features, layer.out_features, cfg)
+        have = adapter.tensors[name]
+        missing, unexpected = sorted(set(specs) - set(have)), sorted(set(have) - set(specs))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{where}: tensors do not match a {cfg.variant!r} adapter on these targets: "
+                f"missing {[f'{name}.{p}' for p in missing][:5]}, unexpected {[f'{name}.{p}' for p in unexpected][:5]}"
+            )
+        for pname, spec in specs.items():
+            t = have[pname]
+            if tuple(t.shape) != tuple(spec.shape):
+                raise CheckpointError(
+                    f"{where}: {name}.{pname} has shape {tuple(t.shape)}, this model needs {tuple(spec.shape)}"
+                )
+            if t.dtype != cfg.dtype:
+                raise CheckpointError(f"{where}: {name}.{pname} is {t.dtype}, the config says {cfg.dtype}")
+    _check_trainable(where, model, adapter, cfg, targets)
 
     now = {n: fingerprint(m) for n, m in targets}
-    differ = [n for n in names if not same_base(fps.get(n), now[n])]
-    if differ:
-        warnings.warn(
-            f"{path}: the base weights of {len(differ)} target(s) (e.g. {differ[0]}) differ from "
-            f"the base the adapter was saved from; the adapter's change is applied as saved, but "
-            f"outputs will differ from the saved model's",
-            stacklevel=2,
-        )
+    if adapter.fingerprints is not None:
+        differ = [n for n in names if not same_base(adapter.fingerprints.get(n), now[n])]
+        if differ:
+            warnings.warn(
+                f"{where}: the base weights of {len(differ)} target(s) (e.g. {differ[0]}) differ from "
+                f"the base the adapter was saved from; the adapter's change is applied as saved, but "
+                f"outputs will differ from the saved model's",
+                stacklevel=2,
+            )
 
     def fill(name, layer, specs):
         for pname in specs:
-            getattr(layer, pname).copy_(tensors[f"{name}.{pname}"])
+            getattr(layer, pname).copy_(adapter.tensors[name][pname])
 
-    values = {n: tensors[BASE + n] for n in trainable}
-    install(model, cfg, variant, targets, fill, fingerprints=now, trainable_values=values)
-
-
-def _trainable_tensors(model: nn.Module, state) -> dict[str, torch.Tensor]:
-    """The trained parameters of `trainable_modules`, keyed "base.<parameter name>"."""
-    return {BASE + n: model.get_parameter(n).detach().to("cpu").contiguous() for n in state.originals}
+    install(model, cfg, variant, targets, fill, fingerprints=now, trainable_values=adapter.trainable)
 
 
-def _check_trainable(path, model, meta, tensors, cfg, targets) -> list[str]:
-    """Names of the stored trainable base parameters, checked against what `trainable_modules`
-    selects on this model (same names, shapes and dtypes); CheckpointError otherwise."""
-    names = _parse_json(path, meta, "trainable", list) if "trainable" in meta else []
-    if not all(isinstance(n, str) for n in names):
-        raise CheckpointError(f"{path}: metadata 'trainable' must be a JSON list of strings")
+def _check_trainable(where, model, adapter: Adapter, cfg, targets) -> None:
+    """The stored trained base parameters against what `trainable_modules` selects on this
+    model (same names, shapes and dtypes); CheckpointError otherwise."""
     params = trainable_params(model, cfg, targets)
-    if set(names) != set(params):
+    if set(adapter.trainable) != set(params):
         raise CheckpointError(
-            f"{path}: trainable_modules={cfg.trainable_modules} select {sorted(params)[:5]} on this "
-            f"model, the file holds {sorted(names)[:5]}"
+            f"{where}: trainable_modules={cfg.trainable_modules} select {sorted(params)[:5]} on this "
+            f"model, the file holds {sorted(adapter.trainable)[:5]}"
         )
-    for n in names:
-        if BASE + n not in tensors:
-            raise CheckpointError(f"{path}: the trained base parameter {BASE + n} is missing")
-        file_shape, file_dtype = tuple(tensors[BASE + n].shape), tensors[BASE + n].dtype
+    for n, t in adapter.trainable.items():
         p = params[n]
-        if file_shape != tuple(p.shape) or file_dtype != p.dtype:
+        if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
             raise CheckpointError(
-                f"{path}: {BASE + n} is {file_dtype} {file_shape}, this model's {n} is "
+                f"{where}: {BASE + n} is {t.dtype} {tuple(t.shape)}, this model's {n} is "
                 f"{p.dtype} {tuple(p.shape)}"
             )
-    return names
 
 
 def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

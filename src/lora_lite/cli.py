@@ -47,44 +47,48 @@ def main(argv: list[str] | None = None) -> int:
 # ---- inspect ------------------------------------------------------------------------------------
 
 def describe(path: str) -> dict:
-    """A lora-lite checkpoint's contents from its header: no model, no tensor data read.
-    Raises CheckpointError for anything that is not a lora-lite checkpoint."""
-    from .checkpoint import _parse_config, _parse_json, _read_header
+    """A lora-lite checkpoint's contents (`ll.read`: hashes verified), no model loaded.
+    Raises CheckpointError for anything that is not a valid lora-lite checkpoint."""
+    from .checkpoint import BASE, read
     from .runtime import variant_of
 
-    meta, shapes = _read_header(path)
-    cfg = _parse_config(path, meta)
+    adapter = read(path)
+    cfg = adapter.config
     variant = variant_of(cfg)
-    targets = _parse_json(path, meta, "targets", list)
-    fingerprints = _parse_json(path, meta, "fingerprints", dict)
+    fingerprints = adapter.fingerprints or {}
     trainable, groups = 0, {}
-    for key, (shape, dtype) in shapes.items():
-        name, _, pname = key.rpartition(".")
-        fp = fingerprints.get(name) or {}
-        d_out, d_in = (fp.get("weight") or {}).get("shape", [None, None])
-        spec = variant.param_specs(d_in, d_out, cfg).get(pname) if d_in else None
+    items = [(name, pname, t) for name, per in adapter.tensors.items() for pname, t in per.items()]
+    items += [(None, BASE + n, t) for n, t in adapter.trainable.items()]
+    for name, pname, t in items:
+        shape, dtype = tuple(t.shape), t.dtype
+        spec = None
+        if name is not None:
+            d_out, d_in = ((fingerprints.get(name) or {}).get("weight") or {}).get("shape", [None, None])
+            spec = variant.param_specs(d_in, d_out, cfg).get(pname) if d_in else None
         if spec is not None and spec.trainable:
-            trainable += _numel(shape)
-        g = groups.setdefault(pname, {"shapes": Counter(), "dtype": set(), "trainable": None, "count": 0})
-        g["shapes"][tuple(shape)] += 1
+            trainable += t.numel()
+        key = pname  # "lora_*" grouped over targets; "base.<parameter>" one each
+        g = groups.setdefault(key, {"shapes": Counter(), "dtype": set(), "trainable": None, "count": 0})
+        g["shapes"][shape] += 1
         g["dtype"].add(str(dtype).removeprefix("torch."))
-        g["trainable"] = None if spec is None else spec.trainable
+        g["trainable"] = True if name is None else (None if spec is None else spec.trainable)
         g["count"] += 1
+    trainable += sum(t.numel() for t in adapter.trainable.values())
     return {
         "file": path,
         "bytes": os.path.getsize(path),
-        "format_version": meta.get("format_version"),
-        "library_version": meta.get("library_version"),
+        "format_version": adapter.format_version,
+        "library_version": adapter.library_version,
         "variant": cfg.variant,
         "config": cfg.to_dict(),
-        "targets": targets,
-        "target_patterns": _patterns(targets),
+        "targets": adapter.targets,
+        "target_patterns": _patterns(adapter.targets),
         "tensors": {
             p: {"count": g["count"], "shapes": {"x".join(map(str, s)): c for s, c in g["shapes"].items()},
                 "dtype": "/".join(sorted(g["dtype"])), "trainable": g["trainable"]}
             for p, g in groups.items()
         },
-        "stored_parameters": sum(_numel(s) for s, _ in shapes.values()),
+        "stored_parameters": sum(t.numel() for _, _, t in items),
         "trainable_parameters": trainable,
     }
 
@@ -131,7 +135,8 @@ def _print_description(d: dict) -> None:
     for p, t in d["tensors"].items():
         kind = {True: "trainable", False: "frozen", None: "?"}[t["trainable"]]
         shapes = ", ".join(f"{tuple(int(n) for n in s.split('x'))} x{c}" for s, c in t["shapes"].items())
-        print(f"  <target>.{p:18s} {shapes}  {t['dtype']}  {kind}")
+        label = p if p.startswith("base.") else f"<target>.{p}"
+        print(f"  {label:27s} {shapes}  {t['dtype']}  {kind}")
     print(f"parameters  {d['trainable_parameters']:,} trainable of {d['stored_parameters']:,} stored")
 
 

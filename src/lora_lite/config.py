@@ -14,7 +14,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -61,6 +61,8 @@ class AdapterConfig:
     exclude_names: tuple[str, ...] = (r"(^|\.)lm_head$",)
     layers: tuple[int, ...] | None = None
     trainable_modules: tuple[str, ...] = ()
+    # {old name: name} of fields renamed since a release; `from_dict` (saved configs) maps them
+    renamed_fields: ClassVar[dict[str, str]] = {}
 
     def __new__(cls, *args, **kwargs):
         # Runs before the dataclass __init__, which would raise TypeError for an unknown keyword:
@@ -142,24 +144,8 @@ class AdapterConfig:
         if name not in CONFIGS:
             raise KeyError(f"unknown variant {name!r}; registered: {sorted(CONFIGS)}")
         cls = CONFIGS[name]
-        settable = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        hints = typing.get_type_hints(cls)
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key == "variant":
-                continue
-            if key not in settable:
-                raise ValueError(
-                    f"{cls.__name__}: unknown field {key!r}; valid fields: {sorted(settable)}"
-                )
-            if hints[key] is torch.dtype:
-                if value not in DTYPES:
-                    raise ValueError(
-                        f"{cls.__name__}.{key}: unknown dtype {value!r}; allowed: {sorted(DTYPES)}"
-                    )
-                value = DTYPES[value]
-            kwargs[key] = value
-        return cls(**kwargs)
+        kwargs = {cls.renamed_fields.get(k, k): v for k, v in d.items() if k != "variant"}
+        return cls(**kwargs)  # the constructor validates every field (dtype names included)
 
 
 def _matches(value: Any, tp: Any) -> bool:

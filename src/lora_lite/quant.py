@@ -90,7 +90,7 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
                 f"cannot read the weight of {type(layer).__name__} (weight type "
                 f"{type(w).__name__}, dtype {getattr(w, 'dtype', None)}) as a dense matrix: supported are "
                 f"torch.nn.Linear, bitsandbytes Linear4bit / Linear8bitLt and torchao-quantized "
-                f"linears; hook-only variants (lora, ia3, ia3_ff, hra, road) need no dense weight"
+                f"linears; variants that do not read W (needs_dense_weight = False) need no dense weight"
             )
     expected = (layer.out_features, layer.in_features)
     if tuple(W.shape) != expected:

@@ -182,6 +182,11 @@ def describe(model: nn.Module) -> Description | str:
     )
 
 
+def hook_only() -> list[str]:
+    """Variants that never read the base weight: they run on any linear-like layer."""
+    return [n for n, v in REGISTRY.items() if not v.needs_dense_weight]
+
+
 def variant_of(cfg: AdapterConfig) -> type[Variant]:
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"expected an AdapterConfig (e.g. LoRAConfig), got {type(cfg).__name__}")
@@ -221,7 +226,7 @@ def validate(
                 f"{name}: variant {cfg.variant!r} reads the weight W and needs torch.nn.Linear, "
                 f"got {type(layer).__name__} (weight {type(w).__name__}, {getattr(w, 'dtype', None)}), "
                 f"or a quantized linear it can dequantize (bitsandbytes Linear4bit / Linear8bitLt, "
-                f"torchao quantize_); hook-only variants (lora, ia3, ia3_ff, hra, road) work on "
+                f"torchao quantize_); variants that do not read W ({', '.join(hook_only())}) work on "
                 f"any linear-like layer"
             )
         if variant.uses_rank and cfg.r > min(layer.in_features, layer.out_features):

@@ -30,6 +30,19 @@ Class attributes say what the runtime must check or provide:
     zero_grad_at_init   trainable tensors whose gradient is zero at step 0 by design
                         (LoRA's A while B = 0); every other trainable gets a gradient
     runtime_fields      config fields that `lora_lite.reconfigure` may change while attached
+
+What the rest of the code would otherwise list by variant name is declared here too, and read
+from the registry (interop, the generic test suites, the benchmark):
+
+    params_per_layer(d_in, d_out, cfg)  trainable parameters per target, as the paper counts them
+                        (tests compare it with what attach creates)
+    identity_tol        {base dtype: max |y − y_base| / max |y_base| at init}; absent = bit for bit
+    neutral             tensors to zero for an exact identity when identity_at_init is False
+    renamed_tensors     {old name: name} of tensors renamed since a release: `ll.read` maps them
+    examples            {case name: Example}: small configs every generic suite runs
+    peft                PeftMap: the same function as an HF PEFT method (tensor map, config
+                        fields, import); None = no counterpart (export goes through low_rank_delta)
+    bench               BenchSetting: the benchmark's lr family, knobs and analytic MACs
 """
 
 from __future__ import annotations
@@ -103,6 +116,16 @@ class Variant:
     identity_at_init: ClassVar[bool] = True
     zero_grad_at_init: ClassVar[tuple[str, ...]] = ()
     runtime_fields: ClassVar[tuple[str, ...]] = ()
+    identity_tol: ClassVar[dict] = {}
+    neutral: ClassVar[tuple[str, ...]] = ()
+    renamed_tensors: ClassVar[dict[str, str]] = {}
+    examples: ClassVar[dict]
+    peft: ClassVar[PeftMap | None] = None
+    bench: ClassVar[BenchSetting]
+
+    @staticmethod
+    def params_per_layer(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+        raise NotImplementedError
 
     delta: ClassVar[Callable | None] = None
     delta_input: ClassVar[Callable | None] = None
@@ -156,6 +179,62 @@ def straight_through_clamp(t: torch.Tensor, lo: float | None = None, hi: float |
     return t.clamp(lo, hi).detach() + (t - t.detach())
 
 
+@dataclass(frozen=True)
+class Example:
+    """A small configuration of a variant that the generic test suites run (identity, reload,
+    detach, merge, PEFT parity, compile, properties): `fields` are config fields (targets are
+    added by the suite); `calibrate` passes calibration data when the config takes it; a case
+    with `minilm=False` runs on the tiny decoder only (it changes only hook math that another
+    case of the variant already runs on both models)."""
+
+    fields: dict
+    calibrate: bool = True
+    minilm: bool = True
+
+
+@dataclass(frozen=True)
+class PeftMap:
+    """How a variant is the same function as an HF PEFT (0.21) method.
+
+    method    PEFT's peft_type ("LORA", "DELORA", "HRA", "IA3", "ROAD")
+    tensors   ((our tensor, its path in PEFT's layer for adapter "default", layout), ...); layout
+              None = same shape, "T" = transposed, "col"/"row" = a (d, 1) / (1, d) view, "1" =
+              shape (1,) for our scalar
+    config    (cfg, target names) -> PEFT config fields of the same method, rank and scale
+    export    True: export_peft writes this PEFT method (tensors copied); False: parity only
+              (PiSSA: PEFT's base holds a residual), export goes through low_rank_delta
+    imports   (PEFT config dict, target name, {our tensor: PEFT shape} at that target) -> our
+              config fields when a saved PEFT adapter is this variant there, else None (every
+              target must give the same fields); None = never imported as this variant
+    reads     the PEFT config fields `imports` interprets (any other non-default field that
+              changes the function is refused on import)
+    """
+
+    method: str
+    tensors: tuple[tuple[str, str, str | None], ...]
+    config: Callable[[AdapterConfig, list[str]], dict]
+    export: bool = True
+    imports: Callable[[dict, str, dict], dict | None] | None = None
+    reads: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BenchSetting:
+    """The benchmark's default setting of a variant (lora_bench reads it).
+
+    family  learning-rate family (the quality benchmark sweeps one lr grid per family)
+    knobs   (rank, geometry) -> config fields; geometry has min_dim (the smallest target side)
+            and out_gcd (gcd of the targets' d_out)
+    macs    (d_in, d_out, cfg) -> (added MACs per token, added MACs per forward call)
+    peft    the benchmark's PEFT row for the same method (a PEFT_ROWS key of lora_bench), or None
+    """
+
+    family: str
+    knobs: Callable[[int, object], dict]
+    macs: Callable[[int, int, AdapterConfig], tuple[int, int]]
+    peft: str | None = None
+
+
 REGISTRY: dict[str, type[Variant]] = {}
 
 
@@ -181,6 +260,15 @@ def register(cls: type[Variant]) -> type[Variant]:
     unknown = set(cls.runtime_fields) - set(cfg_cls.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{cls.__name__}.runtime_fields names unknown config fields {sorted(unknown)}")
+    missing = [a for a in ("examples", "bench") if not hasattr(cls, a)]
+    if cls.params_per_layer is Variant.params_per_layer:
+        missing.append("params_per_layer")
+    if missing:
+        raise TypeError(f"{cls.__name__}: a variant declares {missing} (see lora_lite.variant)")
+    if not cls.examples or not all(isinstance(e, Example) for e in cls.examples.values()):
+        raise TypeError(f"{cls.__name__}.examples must be a non-empty {{name: Example}}")
+    if cls.identity_at_init == bool(cls.neutral):
+        raise ValueError(f"{cls.__name__}: `neutral` names the tensors to zero exactly when identity_at_init is False")
     REGISTRY[name] = cls
     CONFIGS[name] = cfg_cls
     return cls

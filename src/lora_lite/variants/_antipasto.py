@@ -57,15 +57,11 @@ def _gain_exponent(layer, cfg) -> torch.Tensor:
     return cfg.coeff * (straight_through_clamp(g, hi=0.0) if cfg.suppress_only else g)
 
 
-def gain(layer, cfg) -> torch.Tensor:
-    """1 + ELU(z) = e^z for z ≤ 0, 1 + z above: C¹, exactly 1 at z = 0, and > 0 for every
-    z > −103 (written as e^z, not 1 + (e^z − 1), which rounds to 0 from z ≈ −17 in fp32)."""
-    z = _gain_exponent(layer, cfg)
-    return torch.where(z > 0, 1.0 + z, torch.exp(z.clamp(max=0.0)))
-
-
 def gain_minus_one(layer, cfg) -> torch.Tensor:
-    """gain − 1 = ELU(z), fp32: the change of each singular value's factor, 0 at init."""
+    """gain − 1 = ELU(z), fp32: the change of each singular value's factor, 0 at init. The gain
+    1 + ELU(z) is e^z below 0 and 1 + z above: C¹, 1 at z = 0 and > 0, so a direction is
+    suppressed towards 0 or amplified, never flipped. The hook adds S ⊙ ELU(z) ≥ −S to the
+    frozen part that W already holds, so a fully suppressed direction cancels to rounding."""
     return F.elu(_gain_exponent(layer, cfg))
 
 
@@ -92,6 +88,23 @@ def closed_forms(core):
         return layer.lora_U.float() @ core(layer, cfg), basis_of(layer).float()
 
     return staticmethod(effective_weight), staticmethod(low_rank_delta)
+
+
+def big_rank(r: int, geometry) -> dict:
+    """The benchmark's rank for the family: it trains O(r) scalars per layer, so a large basis
+    (the seed benchmark's r = 256), capped at the smallest target side and kept a multiple of
+    8 (rot's blocks)."""
+    return {"r": min(256, geometry.min_dim - geometry.min_dim % 8)}
+
+
+def frozen_part_macs(d_in: int, d_out: int, cfg) -> int:
+    """Per token: x Pᵀ (r·d_in), the r-vector update (r), the product with Uᵀ (r·d_out)."""
+    return cfg.r * (d_in + d_out) + cfg.r
+
+
+# The tests run the family on blocks 0 and 1 only (an SVD or eigh per target); block 1's
+# targets sit downstream of block 0's.
+TWO_BLOCKS = {"layers": (0, 1)}
 
 
 def gain_core(layer, cfg) -> torch.Tensor:

@@ -27,8 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, register
-from ._antipasto import closed_forms, gain_core, gain_delta, init_top_r, svd_specs
+from ..variant import BenchSetting, Example, ParamSpec, Variant, register
+from ._antipasto import (
+    TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, gain_core, gain_delta, init_top_r, svd_specs,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,3 +64,10 @@ class AntiPaSTO(Variant):
     delta = staticmethod(gain_delta)
 
     effective_weight, low_rank_delta = closed_forms(gain_core)
+
+    params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r)
+    examples = {
+        "antipasto": Example({"r": 4, **TWO_BLOCKS}),
+        "antipasto_suppress": Example({"r": 4, "suppress_only": True, "coeff": 0.5, **TWO_BLOCKS}, calibrate=False),
+    }
+    bench = BenchSetting("svd", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0))

@@ -14,7 +14,7 @@ init_alpha = 0 (then c gets no gradient until α moves) or coeff = 0. The map is
 over-ablates and coeff < 0 amplifies the directions: a steering knob, changed at run time with
 `lora_lite.reconfigure(model, coeff=c)`. The clamp of α is straight-through (the
 forward is clamped to [0, 1], the gradient passes), so an α pushed below 0 keeps learning and
-can return, where a plain clamp would freeze α and c for good. `lora_alpha` is the ablation
+can return, where a plain clamp would freeze α and c for good. `lora_strength` is the ablation
 strength, not a LoRA scale; the shared `alpha` field is unused. Trainable: r·k + k per layer.
 
 cov_orient=True orients the frozen part by the input covariance exactly as antipasto_corda
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, like, register, straight_through_clamp
-from ._antipasto import coordinates, closed_forms, store_svd, svd_specs
+from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register, straight_through_clamp
+from ._antipasto import TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, store_svd, svd_specs
 from ._svd import oriented_top_r, second_moment, top_r_svd
 
 
@@ -61,7 +61,7 @@ class AntiPaSTOAblateConfig(AdapterConfig):
 def _ablation(layer):
     """Ĉ (r, k) with orthonormal columns spanning c, and α̂ = clamp(α, 0, 1), fp32."""
     C_hat = torch.linalg.qr(layer.lora_c.float()).Q
-    return C_hat, straight_through_clamp(layer.lora_alpha.float(), 0.0, 1.0)
+    return C_hat, straight_through_clamp(layer.lora_strength.float(), 0.0, 1.0)
 
 
 def _core(layer, cfg):
@@ -85,7 +85,7 @@ class AntiPaSTOAblate(Variant):
         return {
             **svd_specs(d_in, d_out, r),
             "lora_c": ParamSpec((r, k), lambda t: t.normal_(0.0, 1.0 / math.sqrt(r))),
-            "lora_alpha": ParamSpec((k,), lambda t: t.fill_(cfg.init_alpha)),
+            "lora_strength": ParamSpec((k,), lambda t: t.fill_(cfg.init_alpha)),
         }
 
     @classmethod
@@ -107,3 +107,14 @@ class AntiPaSTOAblate(Variant):
         return -cfg.coeff * F.linear(F.linear((h @ C_hat) * a, C_hat), U)
 
     effective_weight, low_rank_delta = closed_forms(_core)
+
+    params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r * cfg.k + cfg.k)
+    renamed_tensors = {"lora_alpha": "lora_strength"}  # its name in checkpoints of lora-lite <= 0.1
+    neutral = ("lora_strength",)  # α = 0 is the exact identity (the init_alpha contraction is deliberate)
+    examples = {
+        "antipasto_ablate": Example({"r": 4, "k": 2, **TWO_BLOCKS}, calibrate=False),
+        "antipasto_ablate_orient": Example({"r": 4, "cov_orient": True, **TWO_BLOCKS}),
+    }
+    # its own, smaller lr family: the strength α is clamped to [0, 1], and the family's large
+    # gain steps push it past the bounds (straight-through, but it lingers there)
+    bench = BenchSetting("ablate", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.k, 0))

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..variant import register
+from ..variant import BenchSetting, Example, register
+from ._antipasto import TWO_BLOCKS, big_rank, frozen_part_macs
 from .antipasto_corda import AntiPaSTOCorDA, AntiPaSTOCorDAConfig
 
 
@@ -33,3 +34,5 @@ class AntiPaSTOASVD(AntiPaSTOCorDA):
     name = "antipasto_asvd"
     config = AntiPaSTOASVDConfig
     calibration = "diag"
+    examples = {"antipasto_asvd": Example({"r": 4, **TWO_BLOCKS})}
+    bench = BenchSetting("svd", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0))

@@ -23,8 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, register
-from ._antipasto import closed_forms, gain_core, gain_delta, store_svd, svd_specs
+from ..variant import BenchSetting, Example, ParamSpec, Variant, register
+from ._antipasto import (
+    TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, gain_core, gain_delta, store_svd, svd_specs,
+)
 from ._svd import oriented_top_r, second_moment
 from .antipasto import AntiPaSTOConfig
 
@@ -61,3 +63,8 @@ class AntiPaSTOCorDA(Variant):
     delta = staticmethod(gain_delta)
 
     effective_weight, low_rank_delta = closed_forms(gain_core)
+
+    params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r)
+    examples = {"antipasto_corda": Example({"r": 4, **TWO_BLOCKS})}
+    # the benchmark's PEFT row is the nearest analogue, a CorDA-initialised LoRA at the same r
+    bench = BenchSetting("svd", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0), peft="corda")

@@ -12,7 +12,7 @@ is no α/r scale on it (alpha is unused). g = 0 and B = 0 make Δy = 0 exactly; 
 gain's g ≤ 0; the core can still amplify. `coeff` scales both and changes at run time via
 `lora_lite.reconfigure(model, coeff=c)`; coeff = 0 is the base model.
 
-lora_rank k must be in [1, r]: k = 0 would be exactly `antipasto`, so it is refused with a
+core_rank k must be in [1, r]: k = 0 would be exactly `antipasto`, so it is refused with a
 pointer there rather than kept as a second spelling. Trainable: r + 2rk per layer. Calibration is
 optional and does what it does for antipasto: Wanda re-selection of the r directions by
 S_i·sqrt(v_iᵀ C v_i), C = E[x xᵀ] over unmasked tokens. No PEFT equivalent.
@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from ..variant import ParamSpec, Variant, like, register
+from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register
 from ._antipasto import (
-    coordinates, closed_forms, gain_core, gain_minus_one, init_top_r, svd_specs,
+    TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, gain_core, gain_minus_one, init_top_r,
+    svd_specs,
 )
 from .antipasto import AntiPaSTOConfig
 
@@ -34,17 +35,18 @@ from .antipasto import AntiPaSTOConfig
 @dataclass(frozen=True, kw_only=True)
 class AntiPaSTODPLRConfig(AntiPaSTOConfig):
     variant: str = field(default="antipasto_dplr", init=False)
-    lora_rank: int = 8
+    core_rank: int = 8
+    renamed_fields = {"lora_rank": "core_rank"}  # its name in configs of lora-lite <= 0.1
 
     def check(self):
         super().check()
-        if self.lora_rank < 1:
+        if self.core_rank < 1:
             raise ValueError(
-                f"AntiPaSTODPLRConfig.lora_rank: must be >= 1, got {self.lora_rank}; "
+                f"AntiPaSTODPLRConfig.core_rank: must be >= 1, got {self.core_rank}; "
                 f"with no core use AntiPaSTOConfig (variant 'antipasto')"
             )
-        if self.lora_rank > self.r:
-            raise ValueError(f"AntiPaSTODPLRConfig.lora_rank: must be <= r={self.r}, got {self.lora_rank}")
+        if self.core_rank > self.r:
+            raise ValueError(f"AntiPaSTODPLRConfig.core_rank: must be <= r={self.r}, got {self.core_rank}")
 
 
 def _core(layer, cfg):
@@ -63,7 +65,7 @@ class AntiPaSTODPLR(Variant):
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
-        r, k = cfg.r, cfg.lora_rank
+        r, k = cfg.r, cfg.core_rank
         return {
             **svd_specs(d_in, d_out, r),
             "lora_g": ParamSpec((r,), "zeros"),
@@ -80,3 +82,10 @@ class AntiPaSTODPLR(Variant):
         return F.linear(p * S_change + cfg.coeff * F.linear(F.linear(p, A), B), U)
 
     effective_weight, low_rank_delta = closed_forms(_core)
+
+    params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r + 2 * cfg.r * cfg.core_rank)
+    examples = {"antipasto_dplr": Example({"r": 8, "core_rank": 2, **TWO_BLOCKS})}
+    # the rank-k core trains like a LoRA: its own lr family (the gain-only members want 10-50x
+    # larger steps, at which the core diverges)
+    bench = BenchSetting("dplr", big_rank,
+                         lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.core_rank, 0))

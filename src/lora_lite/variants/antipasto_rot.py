@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
-from ..variant import ParamSpec, Variant, like, register
-from ._antipasto import coordinates, closed_forms, init_top_r, svd_specs
+from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register
+from ._antipasto import TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, init_top_r, svd_specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,3 +144,21 @@ class AntiPaSTORot(Variant):
         return F.linear(dq * S + q * d_s + _rotate(a, R_U, transpose=False), U)
 
     effective_weight, low_rank_delta = closed_forms(_core)
+
+    @staticmethod
+    def params_per_layer(d_in, d_out, cfg):
+        sides = {"none": 0, "V": 1, "U": 1, "both": 2}[cfg.rotate_basis]
+        return cfg.r + sides * cfg.r * (cfg.block_size - 1) // 2
+
+    neutral = ("lora_delta_s",)  # δ_s = 0 and rot_T = 0 (R = I) is the exact identity
+    # U/both/none change only the hook math that the V case runs on both test models
+    examples = {
+        "antipasto_rot": Example({"r": 8, "block_size": 4, **TWO_BLOCKS}),
+        "antipasto_rot_U": Example({"r": 4, "block_size": 2, "rotate_basis": "U", **TWO_BLOCKS},
+                                   calibrate=False, minilm=False),
+        "antipasto_rot_both": Example({"r": 8, "block_size": 4, "rotate_basis": "both", **TWO_BLOCKS}, minilm=False),
+        "antipasto_rot_none": Example({"r": 4, "rotate_basis": "none", **TWO_BLOCKS}, calibrate=False, minilm=False),
+    }
+    # the Cayley solves of the block rotations run once per call: r·bs per rotated side
+    bench = BenchSetting("svd", big_rank, lambda i, o, c: (
+        frozen_part_macs(i, o, c), c.r * c.block_size * {"V": i, "U": o, "both": i + o, "none": 0}[c.rotate_basis]))

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
 from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, like, register
-from .lora import lora_specs, low_rank
+from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
+from .lora import (
+    PEFT_LORA_READS, PEFT_LORA_TENSORS, lora_params, lora_specs, low_rank, peft_lora_fields, peft_lora_import,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,3 +68,15 @@ class DoRA(Variant):
     def effective_weight(layer, cfg):
         V, n = _direction(layer, cfg)
         return (layer.lora_m.float() / n)[:, None] * V, layer.bias
+
+    @staticmethod
+    def params_per_layer(d_in, d_out, cfg):
+        return lora_params(d_in, d_out, cfg) + d_out
+
+    examples = {"dora": Example({"r": 4, "alpha": 8.0})}
+    peft = PeftMap("LORA", PEFT_LORA_TENSORS + (("lora_m", "lora_magnitude_vector.default.weight", None),),
+                   lambda cfg, t: peft_lora_fields(cfg, t, use_dora=True),
+                   imports=peft_lora_import(use_dora=True), reads=PEFT_LORA_READS)
+    # the row norms of W + sBA every call: r·d_in·d_out + d_in·d_out MACs per call
+    bench = BenchSetting("lora", lambda r, g: {"r": r, "alpha": 2.0 * r},
+                         lambda i, o, c: (c.r * (i + o) + 2 * o, c.r * i * o + i * o), peft="dora")

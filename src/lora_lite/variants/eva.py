@@ -23,9 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
-from ..variant import Variant, register
+from ..variant import BenchSetting, Example, PeftMap, Variant, register
 from ._svd import top_r_eigvecs
-from .lora import lora_delta, lora_effective_weight, lora_low_rank_delta, lora_specs
+from .lora import (
+    PEFT_LORA_TENSORS, lora_delta, lora_low_rank_delta, lora_macs, lora_params, lora_specs,
+    peft_lora_fields,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,5 +53,12 @@ class EVA(Variant):
         layer.lora_A.copy_(top_r_eigvecs(stats["gram"], cfg.r))
 
     delta = staticmethod(lora_delta)
-    effective_weight = staticmethod(lora_effective_weight)
     low_rank_delta = staticmethod(lora_low_rank_delta)
+
+    params_per_layer = staticmethod(lora_params)
+    # blocks 0 and 1 only: each target costs an eigh (block 1's targets sit downstream of block 0's)
+    examples = {"eva": Example({"r": 4, "alpha": 8.0, "layers": (0, 1)})}
+    # the forward is PEFT's LoRA; its data-driven init is not replayed (A is in the tensors), so
+    # the export is a plain PEFT LoRA and a PEFT EVA adapter imports as `lora`
+    peft = PeftMap("LORA", PEFT_LORA_TENSORS, peft_lora_fields)
+    bench = BenchSetting("lora", lambda r, g: {"r": r, "alpha": 2.0 * r}, lora_macs, peft="eva")

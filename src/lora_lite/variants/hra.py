@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, like, register
+from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +46,7 @@ def _paired_kaiming(t: torch.Tensor) -> None:
 
 def _wy(layer):
     """Normalised reflectors Û (r, d_in) and T⁻ᵀ (r, r) of the compact-WY form, fp32."""
-    U = layer.lora_U.float()
+    U = layer.lora_reflectors.float()
     U_hat = U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)
     T = torch.triu(U_hat @ U_hat.T, diagonal=1)
     T = T + 0.5 * torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
@@ -61,7 +61,7 @@ class HRA(Variant):
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
-        return {"lora_U": ParamSpec((cfg.r, d_in), _paired_kaiming)}
+        return {"lora_reflectors": ParamSpec((cfg.r, d_in), _paired_kaiming)}
 
     @staticmethod
     def validate(layer, cfg):
@@ -83,3 +83,21 @@ class HRA(Variant):
         U_hat, T_inv_t = _wy(layer)
         R = torch.eye(U_hat.shape[1], dtype=U_hat.dtype, device=U_hat.device) - U_hat.T @ T_inv_t.T @ U_hat
         return dense_weight(layer) @ R, layer.bias
+
+    @staticmethod
+    def params_per_layer(d_in, d_out, cfg):
+        return cfg.r * d_in
+
+    renamed_tensors = {"lora_U": "lora_reflectors"}  # its name in checkpoints of lora-lite <= 0.1
+    # paired reflections cancel in exact arithmetic only: Δx is the rounding of the (…, r) product
+    identity_tol = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+    examples = {"hra": Example({"r": 4})}
+    peft = PeftMap(
+        "HRA", (("lora_reflectors", "hra_u.default", "T"),),
+        lambda cfg, t: dict(r=cfg.r, apply_GS=False, target_modules=t, bias="none", init_weights=True),
+        imports=lambda conf, name, shapes: {"r": shapes["lora_reflectors"][1]},
+        reads=("r",),
+    )
+    # compact WY: per token x Ûᵀ, · T⁻ᵀ, · Û (2r·d_in + r²); per call Û Ûᵀ and an r x r inverse
+    bench = BenchSetting("hra", lambda r, g: {"r": r - r % 2},
+                         lambda i, o, c: (2 * c.r * i + c.r * c.r, c.r * c.r * i + c.r ** 3), peft="hra")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
 from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, like, register
+from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,3 +43,13 @@ class IA3(Variant):
         g = layer.lora_g.float()
         b = layer.bias
         return g[:, None] * dense_weight(layer), None if b is None else g * b.float()
+
+    params_per_layer = staticmethod(lambda d_in, d_out, cfg: d_out)
+    examples = {"ia3": Example({})}
+    # PEFT's IA3 on a module outside feedforward_modules: ia3_l (d_out, 1) scales the output
+    peft = PeftMap(
+        "IA3", (("lora_g", "ia3_l.default", "col"),),
+        lambda cfg, t: dict(target_modules=t, fan_in_fan_out=False, feedforward_modules=[], init_ia3_weights=True),
+        imports=lambda conf, name, shapes: {} if shapes["lora_g"][1] == 1 else None,
+    )
+    bench = BenchSetting("gain", lambda r, g: {}, lambda i, o, c: (o, 0), peft="ia3")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
 from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, like, register
+from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,3 +39,13 @@ class IA3FF(Variant):
     @staticmethod
     def effective_weight(layer, cfg):
         return dense_weight(layer) * layer.lora_g.float(), layer.bias
+
+    params_per_layer = staticmethod(lambda d_in, d_out, cfg: d_in)
+    examples = {"ia3_ff": Example({})}
+    # PEFT's IA3 on a module listed in feedforward_modules: ia3_l (1, d_in) scales the input
+    peft = PeftMap(
+        "IA3", (("lora_g", "ia3_l.default", "row"),),
+        lambda cfg, t: dict(target_modules=t, fan_in_fan_out=False, feedforward_modules=t, init_ia3_weights=True),
+        imports=lambda conf, name, shapes: {} if shapes["lora_g"][0] == 1 else None,
+    )
+    bench = BenchSetting("gain", lambda r, g: {}, lambda i, o, c: (i, 0), peft="ia3_ff")

@@ -12,13 +12,14 @@ alpha = α_peft·√r.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
-from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, like, register
+from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,13 +46,55 @@ def lora_delta(layer, cfg, x, y):
     return low_rank(x, layer.lora_A, layer.lora_B, cfg.scale)
 
 
-def lora_effective_weight(layer, cfg):
-    W = dense_weight(layer) + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
-    return W, layer.bias
-
-
 def lora_low_rank_delta(layer, cfg):
     return cfg.scale * layer.lora_B.float(), layer.lora_A.float()
+
+
+def lora_params(d_in, d_out, cfg):
+    return cfg.r * (d_in + d_out)
+
+
+def lora_macs(d_in, d_out, cfg):
+    return cfg.r * (d_in + d_out), 0
+
+
+# PEFT's LoRA layer holds A and B as lora_A/lora_B Linear weights, same layout as ours.
+PEFT_LORA_TENSORS = (("lora_A", "lora_A.default.weight", None), ("lora_B", "lora_B.default.weight", None))
+# PEFT LoRA config fields the import reads (r and the scale, DoRA, the init that must not rewrite W).
+PEFT_LORA_READS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+                   "init_lora_weights")
+
+
+def peft_lora_fields(cfg, targets, **extra):
+    """PEFT LoraConfig fields with our rank and scale on `targets` (no dropout, no rsLoRA)."""
+    return {**dict(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=targets, bias="none",
+                   fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True), **extra}
+
+
+def peft_lora_import(use_dora: bool):
+    """The `imports` of a PEFT LoRA adapter (use_dora selects LoRA or DoRA): r from the saved
+    lora_A, alpha from lora_alpha with PEFT's rank/alpha patterns and rsLoRA (scale
+    lora_alpha/√r, so alpha = lora_alpha·√r)."""
+
+    def imports(conf, name, shapes):
+        if bool(conf.get("use_dora")) != use_dora:
+            return None
+        r = shapes["lora_A"][0]
+        r_conf = _pattern_value(conf.get("rank_pattern") or {}, name, conf.get("r", 8))
+        if r_conf != r:
+            raise ValueError(f"adapter_config.json (r, rank_pattern) says r={r_conf} at {name} but the saved lora_A has rank {r}")
+        alpha = float(_pattern_value(conf.get("alpha_pattern") or {}, name, conf.get("lora_alpha", 8)))
+        return {"r": r, "alpha": alpha * math.sqrt(r) if conf.get("use_rslora") else alpha}
+
+    return imports
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key k with re.match(rf"(.*\\.)?({k})$", name)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 @register
@@ -65,5 +108,10 @@ class LoRA(Variant):
         return lora_specs(d_in, d_out, cfg.r)
 
     delta = staticmethod(lora_delta)
-    effective_weight = staticmethod(lora_effective_weight)
     low_rank_delta = staticmethod(lora_low_rank_delta)
+
+    params_per_layer = staticmethod(lora_params)
+    examples = {"lora": Example({"r": 4, "alpha": 8.0})}
+    peft = PeftMap("LORA", PEFT_LORA_TENSORS, peft_lora_fields, imports=peft_lora_import(use_dora=False),
+                   reads=PEFT_LORA_READS)
+    bench = BenchSetting("lora", lambda r, g: {"r": r, "alpha": 2.0 * r}, lora_macs, peft="lora")

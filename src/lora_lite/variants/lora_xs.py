@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, like, register
+from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register
 from ._svd import top_r_svd
 
 
@@ -65,3 +65,9 @@ class LoRAXS(Variant):
     @staticmethod
     def low_rank_delta(layer, cfg):
         return cfg.scale * layer.lora_B.float() @ layer.lora_R.float(), layer.lora_A.float()
+
+    params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r * cfg.r)
+    neutral = ("lora_R",)  # R = 0 is the exact identity (the small random R is deliberate)
+    examples = {"lora_xs": Example({"r": 4, "alpha": 4.0})}
+    bench = BenchSetting("lora_xs", lambda r, g: {"r": r, "alpha": float(r)},
+                         lambda i, o, c: (c.r * (i + o) + c.r * c.r, 0))

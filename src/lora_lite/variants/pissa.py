@@ -24,9 +24,9 @@ import torch
 
 from ..config import AdapterConfig
 from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, register
+from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, register
 from ._svd import top_r_svd
-from .lora import low_rank
+from .lora import PEFT_LORA_TENSORS, lora_params, low_rank, peft_lora_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,3 +68,15 @@ class PiSSA(Variant):
     def low_rank_delta(layer, cfg):
         B = cfg.scale * torch.cat([layer.lora_B.float(), -layer.lora_B0.float()], dim=1)
         return B, torch.cat([layer.lora_A.float(), layer.lora_A0.float()], dim=0)
+
+    params_per_layer = staticmethod(lora_params)
+    examples = {"pissa": Example({"r": 4, "alpha": 8.0})}
+    # PEFT's PiSSA keeps A, B in its LoRA slots and writes W − s·B0 A0 into the base layer: the
+    # same function (parity tests), but its adapter only fits that residual base, so we export
+    # the rank-2r change [sB, −sB0][A; A0] as a plain LoRA instead.
+    peft = PeftMap("LORA", PEFT_LORA_TENSORS, lambda cfg, t: peft_lora_fields(cfg, t, init_lora_weights="pissa"),
+                   export=False)
+    # the scale is folded into the init, so alpha = r (s = 1) as in the seed benchmark; the
+    # additive form runs two rank-r products
+    bench = BenchSetting("pissa", lambda r, g: {"r": r, "alpha": float(r)},
+                         lambda i, o, c: (2 * c.r * (i + o), 0), peft="pissa")

@@ -25,11 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import math
+
 import torch
 
 from ..config import AdapterConfig
 from ..quant import dense_weight
-from ..variant import ParamSpec, Variant, like, register
+from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 _PARAMS_PER_OUTPUT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
 
@@ -102,3 +104,19 @@ class Road(Variant):
         R = f[:, None] * eye + s[:, None] * _swap_halves(eye, cfg.group_size)  # swap is symmetric
         b = layer.bias
         return R @ dense_weight(layer), None if b is None else R @ b.float()
+
+    @staticmethod
+    def params_per_layer(d_in, d_out, cfg):
+        return {"road_1": 1, "road_2": 2, "road_4": 4}[cfg.road_variant] * d_out
+
+    # group size 16 divides every d_out of the test models (32/64/128 on the tiny Qwen3, 384/1536 on MiniLM)
+    examples = {v: Example({"road_variant": v, "group_size": 16}) for v in ("road_1", "road_2", "road_4")}
+    peft = PeftMap(
+        "ROAD", (("lora_road_theta", "road_theta.default", None), ("lora_road_alpha", "road_alpha.default", None)),
+        lambda cfg, t: dict(variant=cfg.road_variant, group_size=cfg.group_size, target_modules=t, init_weights=True),
+        imports=lambda conf, name, shapes: {"road_variant": conf.get("variant", "road_1"),
+                                            "group_size": int(conf.get("group_size", 64))},
+        reads=("variant", "group_size"),
+    )
+    bench = BenchSetting("road", lambda r, g: {"road_variant": "road_1", "group_size": math.gcd(64, g.out_gcd)},
+                         lambda i, o, c: (2 * o, 0), peft="road")
