@@ -85,6 +85,20 @@ def make_minilm():
     return Bench("minilm", model.eval(), batch, (r"^encoder\.",), calibration)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-optin", action="store_true", help="also run the opt-in tests (marker optin)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Opt-in tests are deselected unless --run-optin."""
+    if config.getoption("--run-optin"):
+        return
+    optin = [item for item in items if "optin" in item.keywords]
+    if optin:
+        config.hook.pytest_deselected(items=optin)
+        items[:] = [item for item in items if "optin" not in item.keywords]
+
+
 @pytest.fixture(scope="session")
 def qwen():
     return make_qwen()
@@ -110,7 +124,9 @@ def qwen_bf16(qwen):
     return Bench("qwen", copy.deepcopy(qwen.model).to(torch.bfloat16), qwen.batch, qwen.targets, qwen.calibration)
 
 
-@pytest.fixture(params=["qwen", "minilm"])
+# The real MiniLM's larger layers (384/1536 wide) make its SVDs and eighs the bulk of the
+# suite's time: its cases run in the full tier, the tiny Qwen3's in the fast tier too.
+@pytest.fixture(params=["qwen", pytest.param("minilm", marks=pytest.mark.slow)])
 def bench(request):
     return request.getfixturevalue(request.param)
 

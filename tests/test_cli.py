@@ -120,5 +120,17 @@ def test_readme_deploy_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile("\n".join(blocks), "README.md#deploy", "exec"), namespace)
-    assert type(namespace["cfg"]).__name__ == "LoRAConfig"
-    assert (namespace["y_opposite"] - namespace["y_base"]).abs().max() > 0
+    # the script's own objects: its disabled output is the pristine base, and scaled(-1) is the
+    # opposite edit of the loaded adapter at every target (compared on the layer it adapts)
+    ids = namespace["ids"]
+    with torch.no_grad():
+        assert torch.equal(namespace["y_base"], namespace["tiny"]()(ids).logits)
+        layer = namespace["tiny"]().model.layers[0].self_attn.q_proj
+        fresh = namespace["tiny"]()
+        ll.load(fresh, tmp_path / "adapter.safetensors")
+        target = fresh.model.layers[0].self_attn.q_proj
+        x = torch.randn(3, layer.in_features)
+        y_base, y_adapted = layer(x), target(x)
+        with ll.scaled(fresh, -1.0):
+            assert torch.allclose(target(x), 2 * y_base - y_adapted, atol=1e-6)
+    assert not torch.equal(namespace["y_opposite"], namespace["y_base"])

@@ -4,8 +4,9 @@ For every case in tests/cases.py the attached tiny Qwen3 decoder is compiled who
 `fullgraph=True` (dynamo raises, naming the reason, at the first graph break) and the
 `aot_eager` backend (dynamo + AOTAutograd forward/backward graphs, without inductor's C++
 codegen, which is too slow for 23 cases on a 2-core box); logits and adapter gradients must
-equal eager's. A representative subset runs by default, the rest with `-m slow`. One test
-runs `torch._dynamo.explain`, one (slow) the inductor backend.
+equal eager's. A representative subset (one case per kind of hook math) runs in the full tier,
+the rest with `--run-optin`. One test runs `torch._dynamo.explain`, one (opt-in) the inductor
+backend.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from test_variants import attach_case
 # elementwise pre-hook, frozen-SVD gains with Cayley rotations of both bases.
 DEFAULT = {"lora", "dora", "hra", "ia3_ff", "antipasto_rot_both"}
 CASE_PARAMS = [
-    pytest.param(c, marks=() if c in DEFAULT else pytest.mark.slow) for c in CASES
+    pytest.param(c, marks=pytest.mark.slow if c in DEFAULT else pytest.mark.optin) for c in CASES
 ]
 
 
@@ -87,6 +88,6 @@ def test_dynamo_explain_reports_no_graph_breaks(bench):
     assert report.graph_count == 1
 
 
-@pytest.mark.slow  # inductor's C++ codegen of the forward and backward: ~100 s on 2 cores
+@pytest.mark.optin  # inductor's C++ codegen of the forward and backward: ~100 s on 2 cores
 def test_inductor_matches_eager(bench):
     assert_compiled_matches_eager(attached(bench, "lora"), bench.batch, "inductor", 1e-5)

@@ -1,9 +1,12 @@
 """Library defaults that the C2 diagnosis (results/diagnosis.md, results/quality_rerun.md) fixed."""
 
+import pytest
 import torch
 from torch import nn
 
 import lora_lite as ll
+
+pytestmark = pytest.mark.slow  # Adam steps on several layer shapes
 
 
 def test_lora_xs_defaults_to_the_papers_unit_scale():

@@ -29,7 +29,7 @@ WORLD = 2
 TIMEOUT_S = 90
 STEPS = 3
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")]  # spawns gloo process groups
 
 
 def run_workers(fn, tmp_path) -> None:

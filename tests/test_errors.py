@@ -59,7 +59,7 @@ def test_from_dict_validates_untrusted_input():
         AdapterConfig.from_dict({**good, "rank": 4})
     with pytest.raises(ValueError, match=r"LoRAConfig\.r: expected int"):
         AdapterConfig.from_dict({**good, "r": 4.0})
-    for bad in ("Tensor", "float32; import os", "int64", 32):
+    for bad in ("Tensor", "float32; import os", "int64", 32, ["float32"], {"float32": 1}):
         with pytest.raises(ValueError, match=r"dtype: unknown dtype"):
             AdapterConfig.from_dict({**good, "dtype": bad})
     with pytest.raises(KeyError, match="unknown variant 'nope'"):
@@ -174,8 +174,13 @@ def test_hook_only_variants_run_on_linear_like_layers():
     net = nn.Sequential(FakeQuantLinear(8, 8))
     x = torch.randn(3, 8)
     y0 = net(x)
-    ll.attach(net, ll.LoRAConfig(r=2))
-    assert torch.equal(net(x), y0)
+    ll.attach(net, ll.LoRAConfig(r=2, alpha=4))
+    assert torch.equal(net(x), y0)  # B = 0
+    layer = net[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        expected = y0 + 2.0 * (x @ layer.lora_A.T) @ layer.lora_B.T  # s = alpha / r = 2
+        assert torch.allclose(net(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_detach_and_save_need_an_adapter(model, tmp_path):

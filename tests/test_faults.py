@@ -197,3 +197,18 @@ def test_saved_file_gets_the_usual_permissions(attached, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "adapter.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_every_written_file_gets_what_open_gives_under_the_umask(attached, tmp_path, umask, mode):
+    """One atomic writer for every file the library writes: the checkpoint and both files of a
+    PEFT export get 0666 & ~umask, like a plain open(), never a temp file's 0600."""
+    old = os.umask(umask)
+    try:
+        ll.save(attached, tmp_path / "adapter.safetensors")
+        ll.export_peft(attached, tmp_path / "peft")
+    finally:
+        os.umask(old)
+    for f in ("adapter.safetensors", "peft/adapter_model.safetensors", "peft/adapter_config.json"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == mode, f
+    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]

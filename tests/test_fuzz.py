@@ -38,6 +38,8 @@ import lora_lite as ll
 from ckpt_files import join, reseal_metadata, split
 from conftest import assert_untouched, snapshot
 
+pytestmark = pytest.mark.slow  # hypothesis: hundreds of mutated checkpoints
+
 # Cases per CI run, by family; LORA_LITE_FUZZ_EXAMPLES=N runs N in total, split in proportion.
 FUZZ_BUDGET = {"bytes": 120, "length_field": 30, "truncation": 40, "header_json": 100, "crafted": 110}
 FUZZ_EXAMPLES = sum(FUZZ_BUDGET.values())

@@ -17,6 +17,8 @@ import lora_lite as ll
 from cases import CASES
 from conftest import make_qwen, rel_err
 
+pytestmark = pytest.mark.slow  # training steps with recomputation
+
 VARIANTS = ["lora", "dora", "hra", "ia3_ff"]  # output hooks, then input pre-hooks
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from lora_bench import gsm8k
 
+pytestmark = pytest.mark.slow  # the C3 harness on a tiny decoder
+
 DATA = Path(__file__).resolve().parent / "data"
 
 

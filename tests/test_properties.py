@@ -33,6 +33,8 @@ from lora_lite.variant import REGISTRY
 
 from conftest import assert_untouched, snapshot
 
+pytestmark = pytest.mark.slow  # hypothesis: 20 examples per variant and property
+
 EXAMPLES = 20
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -28,7 +28,7 @@ from test_variants import attach_case, perturb, trainables
 
 # one torch thread: the tiny SVDs and matmuls here run ~10x slower with two threads on a busy
 # 2-core box (OpenMP synchronisation), and the results do not depend on it
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # bitsandbytes / torchao bases
 
 BACKENDS = ("bnb_4bit", "bnb_int8", "torchao")
 QUANT_ERROR = {"bnb_4bit": 0.16, "bnb_int8": 0.6 / 127, "torchao": 0.51 / 127}  # max |ΔW| / block absmax

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every README/docs block in a fresh interpreter (MiniLM loads)
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 OPTIONAL = ("torchao", "bitsandbytes", "peft")

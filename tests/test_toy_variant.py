@@ -47,3 +47,10 @@ def test_the_toy_compiles_without_graph_breaks():
 
     bench = make_qwen()
     assert_compiled_matches_eager(attached(bench, "gated_lora"), bench.batch, "aot_eager", 1e-5)
+
+
+def test_the_readme_shows_exactly_the_toy_file():
+    root = HERE.parent
+    toy = (HERE / "toy_variant.py").read_text()
+    docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    assert any(f"```python\n{toy}```" in p.read_text() for p in docs if p.exists())

@@ -168,6 +168,7 @@ def test_load_refuses_a_base_whose_trainable_modules_do_not_fit(tmp_path):
     assert_untouched(no_head, before)
 
 
+@pytest.mark.slow  # a short demo run on the real MiniLM
 def test_demo_trains_its_head_as_a_trainable_module(tmp_path, capsys, one_thread):
     """`lora-lite demo` (a few steps): the head is saved in the adapter file and reloaded.
     (`one_thread` restores the thread count the demo sets.)"""

@@ -22,6 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 from lora_lite.integrations import LoraLiteCallback  # noqa: E402
 
+pytestmark = pytest.mark.slow  # transformers Trainer runs
+
 STEPS, SAVE_EVERY = 8, 4
 
 

@@ -214,6 +214,16 @@ def test_low_precision_adapter_never_rounds_y(qwen, case):
     assert all(p.dtype == torch.bfloat16 for p in trainables(model).values())
     y = qwen.out(model)
     assert y.dtype == torch.float32 and torch.equal(y, y0)
+    # off init, the hooks add the change of those bf16 values computed in fp32 (the activation's
+    # dtype): the same outputs, bit for bit, as fp32 adapter tensors holding the same values
+    perturb(model)
+    twin = qwen.fresh()
+    ll.attach(twin, dataclasses.replace(cfg, dtype=torch.float32))
+    with torch.no_grad():
+        for n, p in trainables(twin).items():
+            p.copy_(model.get_parameter(n).float())
+    y = qwen.out(model)
+    assert not torch.equal(y, y0) and torch.equal(y, qwen.out(twin))
 
 
 def test_bf16_base_with_fp32_adapter(qwen):
@@ -224,3 +234,7 @@ def test_bf16_base_with_fp32_adapter(qwen):
     y = qwen.out(model)
     assert y.dtype == torch.bfloat16 and rel_err(y.float(), y0.float()) > 1e-3
     assert all(p.dtype == torch.float32 for p in trainables(model).values())
+    # the change matches the same adapter on the fp32 copy of the rounded base, to bf16 precision
+    ref = model.float()  # in place: the bf16 base weights exactly, and the fp32 adapter
+    y_ref, y0_ref = qwen.out(ref), qwen.out(qwen.fresh().to(torch.bfloat16).float())
+    assert rel_err((y.float() - y0.float()), (y_ref - y0_ref)) <= 0.05

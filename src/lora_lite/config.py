@@ -87,8 +87,8 @@ class AdapterConfig:
             if isinstance(value, list):  # accept lists where tuples are expected
                 value = tuple(value)
                 object.__setattr__(self, f.name, value)
-            if hints[f.name] is torch.dtype and isinstance(value, str):
-                if value not in DTYPES:
+            if hints[f.name] is torch.dtype and not isinstance(value, torch.dtype):
+                if not isinstance(value, str) or value not in DTYPES:
                     raise ValueError(
                         f"{type(self).__name__}.{f.name}: unknown dtype {value!r}; allowed: {sorted(DTYPES)}"
                     )

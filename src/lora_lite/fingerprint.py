@@ -2,9 +2,9 @@
 
 A fingerprint is a sketch of a target layer in float64: its Frobenius norm and k bilinear
 probes uᵀ W v with fixed Gaussian vectors (and the same for the bias). Equal bases give equal
-sketches; a base restored by detach() (W_res + Δ0, within an ulp of W) stays within the
-rounding tolerance; any other change of relative size ≳ 1e-6 (fp32) moves some probe, since
-E[(uᵀ ΔW v)²] = ‖ΔW‖_F². The sketch holds k + 1 numbers per tensor, nothing of W itself.
+sketches; the comparison tolerates a few ulps of the layer's dtype per entry (a base that went
+through a lossless cast and back), and any larger change of relative size ≳ 1e-6 (fp32) moves
+some probe, since E[(uᵀ ΔW v)²] = ‖ΔW‖_F². The sketch holds k + 1 numbers per tensor, nothing of W itself.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ Calibration is optional. Without data the r directions are W's top-r singular tr
 data they are the r triplets of W with the largest Wanda-style score S_i·sqrt(v_iᵀ C v_i),
 C = E[x xᵀ] over unmasked tokens (Wanda arXiv 2306.11695, ASVD 2312.05821): the directions that
 carry the most output energy on real inputs, kept in descending-S order. This is the `rms`
-activation pooling; the earlier `mean_abs` pooling needs raw activations, not second moments,
-and is not offered. Selection re-ranks W's own directions; it does not re-orient them (see
+activation pooling; a `mean_abs` pooling would need raw activations, not second moments, and
+is not offered. Selection re-ranks W's own directions; it does not re-orient them (see
 antipasto_corda / antipasto_asvd). No PEFT equivalent; without data, W − U_r diag(S_r) Vh_r
 equals PEFT PiSSA's residual base weight. The change is rank r: exported as a plain LoRA.
 """

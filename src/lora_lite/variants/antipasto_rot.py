@@ -1,5 +1,5 @@
 """AntiPaSTO-rot: an additive singular-value delta plus block-diagonal Cayley rotations of the
-frozen top-r singular basis. The earlier AntiPaSTO form (arXiv 2601.07473), kept for A/B runs.
+frozen top-r singular basis. The rotation form of AntiPaSTO (arXiv 2601.07473), for A/B runs against the gain.
 
     U (d_out, r), S (r,), Vh (r, d_in) frozen buffers (W's top-r SVD part)
     per block n of size bs (r/bs blocks), t = rot_T[n] (bs(bs−1)/2,):
@@ -28,8 +28,8 @@ an exact one). Trainable: r + r(bs−1)/2 per layer (+ r(bs−1)/2 more for `bot
 `none`). alpha is unused.
 
 Calibration is optional: with data the r directions are Wanda re-selected as in antipasto
-(score S_i·sqrt(v_iᵀ C v_i), C = E[x xᵀ] over unmasked tokens; the earlier `mean_abs` pooling
-needs raw activations and is not offered). δ_s is drawn i.i.d. per direction, so the selection
+(score S_i·sqrt(v_iᵀ C v_i), C = E[x xᵀ] over unmasked tokens; a `mean_abs` pooling would need
+raw activations rather than second moments, so it is not offered). δ_s is drawn i.i.d. per direction, so the selection
 needs no re-indexing of trainables. The change is rank r (exported as a plain LoRA). No PEFT equivalent.
 """
 
