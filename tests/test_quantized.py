@@ -19,12 +19,11 @@ from torch import nn
 
 import lora_lite as ll
 from lora_lite.quant import dense_weight, is_quantized, weight_storage
-from lora_lite.runtime import state_of
 from lora_lite.variant import REGISTRY
 
-from cases import CASES, IDENTITY_TOL, NEUTRAL
+from cases import CASES, IDENTITY_TOL
 from conftest import Bench, rel_err
-from test_variants import attach_case, perturb, trainables
+from test_variants import attach_case, neutralize, perturb, trainables
 
 # one torch thread: the tiny SVDs and matmuls here run ~10x slower with two threads on a busy
 # 2-core box (OpenMP synchronisation), and the results do not depend on it
@@ -177,11 +176,7 @@ def test_bnb_4bit_cpu_inference_layout(tmp_path):
 
 
 def _neutralize(model, case, cfg):
-    if not REGISTRY[cfg.variant].identity_at_init:
-        with torch.no_grad():
-            for layer in state_of(model).targets.values():
-                for pname in NEUTRAL[cfg.variant]:
-                    getattr(layer, pname).zero_()
+    neutralize(model)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -17,7 +17,7 @@ import lora_lite as ll
 from lora_lite.runtime import state_of
 from lora_lite.variant import REGISTRY
 
-from cases import CASES, IDENTITY_TOL, NEUTRAL, NO_DATA, QWEN_ONLY, TRAINABLE
+from cases import CASES, IDENTITY_TOL, NO_DATA, QWEN_ONLY, TRAINABLE
 from conftest import assert_untouched, rel_err, snapshot
 
 
@@ -34,6 +34,16 @@ def attach_case(bench, case, model):
     data = None if case in NO_DATA or not REGISTRY[cfg.variant].calibration_needs(cfg)[0] else bench.calibration
     ll.attach(model, cfg, calibration_data=data, progress=False)
     return cfg
+
+
+@torch.no_grad()
+def neutralize(model):
+    """Zero the tensors the variant declares `neutral` (its deliberate offset at init), which
+    makes a non-identity init the exact identity."""
+    state = state_of(model)
+    for layer in state.targets.values():
+        for pname in state.variant.neutral:
+            getattr(layer, pname).zero_()
 
 
 def trainables(model):
@@ -59,11 +69,7 @@ def test_identity_at_init(bench, case):
     model = bench.fresh()
     y0 = bench.out(model)
     cfg = attach_case(bench, case, model)
-    if not REGISTRY[cfg.variant].identity_at_init:
-        with torch.no_grad():
-            for layer in state_of(model).targets.values():
-                for pname in NEUTRAL[cfg.variant]:
-                    getattr(layer, pname).zero_()
+    neutralize(model)
     y = bench.out(model)
     assert rel_err(y, y0) <= IDENTITY_TOL.get(cfg.variant, {}).get(bench.dtype, 0.0)
 
