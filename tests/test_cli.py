@@ -20,6 +20,7 @@ from conftest import rel_err
 from test_variants import attach_case, perturb
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+pytestmark = pytest.mark.slow  # fresh interpreters (the console entry point) and a saved transformers base
 
 
 def cli(*args, without_peft=False):

@@ -26,7 +26,7 @@ from lora_lite.runtime import state_of  # noqa: E402
 from lora_lite.targets import find_targets  # noqa: E402
 from lora_lite.variants.lora_xs import LoRAXS  # noqa: E402
 
-from cases import CASES  # noqa: E402
+from cases import CASE_PARAMS  # noqa: E402
 from conftest import assert_untouched, rel_err, snapshot  # noqa: E402
 from test_merge import make_toy  # noqa: E402
 from test_variants import attach_case, perturb  # noqa: E402
@@ -49,7 +49,7 @@ def peft_scales(pm):
 
 # ---- export -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_export_loads_in_peft_with_our_outputs(qwen, case, tmp_path):
     model = qwen.fresh()
     cfg = attach_case(qwen, case, model)

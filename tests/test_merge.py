@@ -19,7 +19,7 @@ import lora_lite as ll
 from lora_lite.runtime import STATE_ATTR, state_of
 from lora_lite.variant import REGISTRY
 
-from cases import CASES
+from cases import CASE_PARAMS
 from conftest import Bench, assert_untouched, rel_err, snapshot
 from test_variants import attach_case, perturb
 
@@ -51,7 +51,8 @@ def toy():
     return make_toy()
 
 
-@pytest.fixture(params=["qwen", "qwen_bf16", "toy"])
+@pytest.fixture(params=["qwen", pytest.param("qwen_bf16", marks=pytest.mark.slow),
+                        pytest.param("toy", marks=pytest.mark.slow)])
 def base(request):
     return request.getfixturevalue(request.param)
 
@@ -81,7 +82,7 @@ def assert_one_rounding(merged: torch.Tensor, ref: torch.Tensor, what: str):
     assert (merged != ref.to(merged.dtype)).float().mean() < 0.01, f"{what}: not one rounding of ref"
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_merge_is_the_same_function(base, case):
     model = base.fresh()
     cfg = attach_case(base, case, model)
@@ -206,7 +207,7 @@ def check_strengths(model):
     assert moved, "the adapter is a no-op everywhere: the check is vacuous"
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_disabled_and_scaled_for_every_variant(qwen, case, tmp_path):
     model = qwen.fresh()
     cfg = attach_case(qwen, case, model)

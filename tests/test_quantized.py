@@ -21,7 +21,7 @@ import lora_lite as ll
 from lora_lite.quant import dense_weight, is_quantized, weight_storage
 from lora_lite.variant import REGISTRY
 
-from cases import CASES, IDENTITY_TOL
+from cases import CASE_PARAMS, IDENTITY_TOL
 from conftest import Bench, rel_err
 from test_variants import attach_case, neutralize, perturb, trainables
 
@@ -179,7 +179,7 @@ def _neutralize(model, case, cfg):
     neutralize(model)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_identity_at_init_on_a_quantized_base(qbench, case):
     model = qbench.fresh()
     y0 = qbench.out(model)
@@ -188,7 +188,7 @@ def test_identity_at_init_on_a_quantized_base(qbench, case):
     assert rel_err(qbench.out(model), y0) <= IDENTITY_TOL.get(cfg.variant, {}).get(torch.float32, 0.0)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_training_step_on_a_quantized_base(qbench, case):
     """Finite nonzero gradients for every live trainable, a step moves the output, and the
     quantized storage is the same bit for bit afterwards."""
@@ -210,7 +210,7 @@ def test_training_step_on_a_quantized_base(qbench, case):
     assert_same_storage(storage(model), before)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_save_load_detach_on_a_quantized_base(qbench, case, tmp_path):
     model = qbench.fresh()
     before = storage(model)

@@ -11,12 +11,12 @@ from torch import nn
 import lora_lite as ll
 from lora_lite.variant import REGISTRY
 
-from cases import CASES, NO_DATA
+from cases import CASE_PARAMS, CASES, NO_DATA
 from conftest import rel_err
 from test_variants import perturb
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_hooks_compile_without_graph_breaks(case):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))

@@ -240,6 +240,7 @@ def read(path: str | os.PathLike) -> Adapter:
     missing = [n for n in trained if n not in trainable]
     if missing:
         raise CheckpointError(f"{path}: the trained base parameter {BASE + missing[0]} is missing")
+    trainable = {n: trainable[n] for n in trained}  # the saved (model) order
     return Adapter(config=cfg, tensors=tensors, trainable=trainable, fingerprints=fps,
                    format_version=meta["format_version"],
                    library_version=str(meta.get("library_version", "?")), source=path)
