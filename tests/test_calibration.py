@@ -347,3 +347,126 @@ def test_dplr_rank_zero_is_refused_with_a_pointer_to_antipasto():
         ll.AntiPaSTODPLRConfig(r=8, core_rank=0)
     with pytest.raises(ValueError, match="core_rank"):
         ll.AntiPaSTODPLRConfig(r=8, core_rank=9)
+
+
+# --- encoder-decoder: each layer's rows are masked by its own token stream ---------------------
+
+T5_TARGETS = {  # target -> the mask of the stream it reads, by the model's architecture
+    "encoder.block.0.layer.0.SelfAttention.q": "attention_mask",
+    "encoder.block.0.layer.1.DenseReluDense.wo": "attention_mask",
+    "decoder.block.0.layer.0.SelfAttention.q": "decoder_attention_mask",
+    "decoder.block.0.layer.1.EncDecAttention.q": "decoder_attention_mask",
+    "decoder.block.0.layer.1.EncDecAttention.k": "attention_mask",   # reads the encoder output
+    "decoder.block.0.layer.1.EncDecAttention.v": "attention_mask",
+    "decoder.block.0.layer.2.DenseReluDense.wi": "decoder_attention_mask",
+}
+
+
+def make_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, num_heads=2, d_ff=32, num_layers=1,
+                   num_decoder_layers=1, dropout_rate=0.0, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def t5_batches(t_enc, t_dec, n=3):
+    """Batches with padding in both streams, at different positions (so the encoder mask
+    applied to decoder rows selects different rows even when the lengths are equal)."""
+    g = torch.Generator().manual_seed(t_enc * 10 + t_dec)
+    out = []
+    for i in range(n):
+        enc_mask = torch.ones(2, t_enc, dtype=torch.long)
+        enc_mask[0, t_enc - 2 - i % 2:] = 0
+        dec_mask = torch.ones(2, t_dec, dtype=torch.long)
+        dec_mask[1, t_dec - 1 - i % 3:] = 0
+        out.append({"input_ids": torch.randint(1, 64, (2, t_enc), generator=g), "attention_mask": enc_mask,
+                    "decoder_input_ids": torch.randint(1, 64, (2, t_dec), generator=g),
+                    "decoder_attention_mask": dec_mask})
+    return out
+
+
+def t5_reference_grams(model, batches, masks=T5_TARGETS):
+    """{target: (Σ x xᵀ over the rows its stream's mask keeps (float64), row count)}, from
+    activations captured by our own pre-hooks; the mask per target is `masks[target]`."""
+    modules = dict(model.named_modules())
+    captured = {}
+    handles = [modules[n].register_forward_pre_hook(
+        lambda m, a, n=n: captured.setdefault(n, []).append(a[0].detach().clone())) for n in masks]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, key in masks.items():
+        rows = [x.reshape(-1, x.shape[-1])[b[key].reshape(-1).bool()].double()
+                for x, b in zip(captured[n], batches)]
+        out[n] = (sum(r.T @ r for r in rows), sum(r.shape[0] for r in rows))
+    return out
+
+
+@pytest.mark.parametrize("t_enc,t_dec", [(6, 6), (7, 5)], ids=["equal_lengths", "unequal_lengths"])
+def test_encoder_decoder_statistics_use_each_streams_mask(t_enc, t_dec):
+    model = make_t5()
+    batches = t5_batches(t_enc, t_dec)
+    ref = t5_reference_grams(model, batches)
+    modules = dict(model.named_modules())
+    stats = collect_stats(model, [(n, modules[n]) for n in T5_TARGETS], "gram", batches, progress=False)
+    for n, (gram, count) in ref.items():
+        assert stats[n]["count"] == count, n
+        assert rel_err(stats[n]["gram"], gram) < 1e-6, n
+    # the test has power: the other stream's mask gives other statistics for every target
+    swapped = {n: "decoder_attention_mask" if k == "attention_mask" else "attention_mask"
+               for n, k in T5_TARGETS.items()}
+    if t_enc == t_dec:
+        wrong = t5_reference_grams(model, batches, swapped)
+        for n in T5_TARGETS:
+            assert wrong[n][1] != ref[n][1] or rel_err(wrong[n][0], ref[n][0]) > 1e-3, n
+
+
+def test_encoder_decoder_without_decoder_mask_keeps_every_decoder_row():
+    model = make_t5()
+    batches = [{k: v for k, v in b.items() if k != "decoder_attention_mask"} for b in t5_batches(6, 6)]
+    for b in batches:
+        b["decoder_attention_mask"] = torch.ones_like(b["decoder_input_ids"])  # for the reference only
+    ref = t5_reference_grams(model, batches)
+    for b in batches:
+        del b["decoder_attention_mask"]
+    modules = dict(model.named_modules())
+    stats = collect_stats(model, [(n, modules[n]) for n in T5_TARGETS], "diag", batches, progress=False)
+    for n, (gram, count) in ref.items():
+        assert stats[n]["count"] == count, n
+        assert rel_err(stats[n]["diag"], gram.diagonal()) < 1e-6, n
+
+
+def test_a_layer_outside_both_stacks_is_refused_when_masks_are_given():
+    model = make_t5()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="lm_head runs outside the encoder and decoder stacks"):
+        ll.attach(model, ll.EVAConfig(r=R, target_names=(r"^lm_head$",), exclude_names=()),
+                  calibration_data=t5_batches(6, 6), progress=False)
+    assert_untouched(model, before)
+    unmasked = [{k: v for k, v in b.items() if "mask" not in k} for b in t5_batches(6, 6)]
+    ll.attach(model, ll.EVAConfig(r=R, target_names=(r"^lm_head$",), exclude_names=()),
+              calibration_data=unmasked, progress=False)
+
+
+def test_calibrated_attach_on_t5_uses_the_streams_statistics():
+    """End to end: EVA's A rows are the top right singular vectors of each layer's masked X."""
+    model = make_t5()
+    batches = t5_batches(6, 6)
+    names = ("decoder.block.0.layer.1.EncDecAttention.k", "decoder.block.0.layer.2.DenseReluDense.wi")
+    ref = t5_reference_grams(model, batches, {n: T5_TARGETS[n] for n in names})
+    ll.attach(model, ll.EVAConfig(r=R, target_names=tuple(f"^{n}$".replace(".", r"\.") for n in names)),
+              calibration_data=batches, progress=False)
+    modules = dict(model.named_modules())
+    for n in names:
+        lam, Q = torch.linalg.eigh(ref[n][0])
+        top = Q[:, -R:].T  # (R, d_in), ascending eigenvalues
+        A = modules[n].lora_A.double()
+        # same subspace: the projection of A's rows onto the top-R eigenvectors keeps their norm
+        assert rel_err((A @ top.T @ top).norm(dim=1), A.norm(dim=1)) < 1e-4, n

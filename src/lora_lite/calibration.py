@@ -7,9 +7,24 @@ top eigenvectors of XᵀX, CorDA whitens by C = XᵀX / n, ASVD scales by diag(C
 score S_i·sqrt(v_iᵀ C v_i) reads C. So the pass stores no activations.
 
 The pass runs on the untouched model (before any adapter tensor or weight change), in eval
-mode under no_grad, with temporary pre-hooks that are always removed. Positions with
-attention_mask == 0 are dropped. Layers fed the very same input tensor (q/k/v) share one
-accumulator. Statistics are fp32 on each layer's device.
+mode under no_grad, with temporary pre-hooks that are always removed. Padding positions are
+dropped (below). Layers fed the very same input tensor (q/k/v) share one accumulator.
+Statistics are fp32 on each layer's device.
+
+Which mask drops a layer's padding rows: the mask of the token stream the layer reads.
+    decoder-only / encoder-only model   the batch's `attention_mask` (if any), every layer
+    encoder-decoder model (config.is_encoder_decoder, with get_encoder() / get_decoder()):
+      a layer running inside the encoder stack            `attention_mask`
+      inside the decoder stack, input IS the encoder's    `attention_mask` (cross-attention k/v)
+        output tensor (the decoder's encoder_hidden_states
+        argument, or what the encoder stack returned)
+      any other layer inside the decoder stack            `decoder_attention_mask`, or no mask
+                                                          when the batch has none
+      a layer outside both stacks (e.g. lm_head)          refused when the batch has a mask:
+                                                          its stream cannot be told
+The stream is told at run time by hooks on the two stacks, never from tensor sizes: with equal
+encoder and decoder lengths the sizes agree and say nothing. A mask whose size does not match
+a layer's input rows (a pooler reads one row per sequence) is refused.
 """
 
 from __future__ import annotations
@@ -40,7 +55,8 @@ def collect_stats(
     if kind not in ("gram", "diag"):
         raise ValueError(f"calibration kind must be 'gram' or 'diag', got {kind!r}")
     stats: dict[str, dict] = {}
-    current: dict = {"mask": None, "seen": []}  # per-batch: the mask, [(input tensor, acc)]
+    current: dict = {"seen": []}  # per batch: [(input tensor, acc)]
+    streams = _Streams(model)
 
     def make_hook(name: str):
         def hook(module, args):
@@ -53,13 +69,13 @@ def collect_stats(
                     return
             acc = stats.setdefault(name, {"count": 0})
             rows = x.detach().reshape(-1, x.shape[-1])
-            mask = current["mask"]
+            key, mask = streams.mask_for(name, x)
             if mask is not None:
                 if mask.numel() != rows.shape[0]:
                     raise ValueError(
-                        f"attention_mask has {mask.numel()} positions but the input of {name} "
+                        f"{key} has {mask.numel()} positions but the input of {name} "
                         f"has {rows.shape[0]} rows {tuple(x.shape)}; exclude this layer from the "
-                        f"targets or pass batches without attention_mask"
+                        f"targets or pass batches without {key}"
                     )
                 rows = rows[mask.reshape(-1).to(rows.device).bool()]
             rows = rows.to(torch.float32)
@@ -77,6 +93,7 @@ def collect_stats(
 
     modes = {m: m.training for m in model.modules()}
     handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in targets]
+    handles += streams.hooks()
     try:
         model.eval()
         for m, mode in modes.items():
@@ -84,10 +101,11 @@ def collect_stats(
                 m.train(mode)
         with torch.no_grad():
             for batch in _progress(batches, progress):
-                current["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                streams.start(batch)
                 current["seen"] = []
                 _run(model, batch)
         current["seen"] = []
+        streams.start(None)
     finally:
         for h in handles:
             h.remove()
@@ -101,6 +119,80 @@ def collect_stats(
                 f"(the rank r): pass more or longer calibration batches"
             )
     return stats
+
+
+class _Streams:
+    """Which padding mask applies to a layer's input rows (the rule in the module docstring).
+
+    On an encoder-decoder model, hooks on the encoder and decoder stacks record which stack is
+    running and the encoder output tensors the decoder reads; `mask_for` answers from those."""
+
+    def __init__(self, model: nn.Module):
+        self.stacks: dict[str, nn.Module] = {}
+        self.unknown: str | None = None  # an encoder-decoder model whose stacks were not found
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            get_enc, get_dec = getattr(model, "get_encoder", None), getattr(model, "get_decoder", None)
+            enc, dec = (get_enc() if callable(get_enc) else None), (get_dec() if callable(get_dec) else None)
+            if isinstance(enc, nn.Module) and isinstance(dec, nn.Module) and enc is not dec:
+                self.stacks = {"encoder": enc, "decoder": dec}
+            else:
+                self.unknown = type(model).__name__
+        self.start(None)
+
+    def start(self, batch) -> None:
+        """Reset for a new batch (None: after the pass, drop every reference to activations)."""
+        get = batch.get if isinstance(batch, dict) else (lambda key: None)
+        self.masks = {"attention_mask": get("attention_mask"),
+                      "decoder_attention_mask": get("decoder_attention_mask")}
+        self.running: list[str] = []      # stacks entered and not yet left (innermost last)
+        self.encoder_out: list[torch.Tensor] = []
+
+    def hooks(self) -> list:
+        handles = []
+        for stack, module in self.stacks.items():
+            handles.append(module.register_forward_pre_hook(self._enter(stack), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._leave(stack)))
+        return handles
+
+    def _enter(self, stack: str):
+        def pre_hook(module, args, kwargs):
+            self.running.append(stack)
+            if stack == "decoder" and isinstance(kwargs.get("encoder_hidden_states"), torch.Tensor):
+                self.encoder_out.append(kwargs["encoder_hidden_states"])
+        return pre_hook
+
+    def _leave(self, stack: str):
+        def hook(module, args, out):
+            self.running.pop()
+            if stack == "encoder":
+                last = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+                if isinstance(last, torch.Tensor):
+                    self.encoder_out.append(last)
+        return hook
+
+    def mask_for(self, name: str, x: torch.Tensor) -> tuple[str, torch.Tensor | None]:
+        """(mask key, mask or None) for the rows of `x`, the input of target `name`."""
+        if not self.stacks:
+            if self.unknown and self.masks["attention_mask"] is not None:
+                raise ValueError(
+                    f"{self.unknown} is an encoder-decoder model without get_encoder()/get_decoder(), "
+                    f"so which padding mask applies to {name} cannot be told; pass calibration "
+                    f"batches without attention_mask"
+                )
+            return "attention_mask", self.masks["attention_mask"]
+        stack = self.running[-1] if self.running else None
+        if stack == "encoder" or (stack == "decoder" and any(x is e for e in self.encoder_out)):
+            return "attention_mask", self.masks["attention_mask"]
+        if stack == "decoder":
+            return "decoder_attention_mask", self.masks["decoder_attention_mask"]
+        given = [k for k, m in self.masks.items() if m is not None]
+        if given:
+            raise ValueError(
+                f"{name} runs outside the encoder and decoder stacks, so which token stream it "
+                f"reads (and which of {given} drops its padding) cannot be told; exclude it from "
+                f"the targets or pass batches without masks"
+            )
+        return "attention_mask", None
 
 
 def _run(model: nn.Module, batch) -> None:
