@@ -121,8 +121,11 @@ def _refused(model, exc, match, call):
 
 
 def test_no_matching_targets(model):
-    _refused(model, ValueError, r"no target layers match.*model\.layers\.0\.self_attn\.q_proj",
+    _refused(model, ValueError, r"target_names pattern 'nothing_here\$' matches no module.*"
+             r"model\.layers\.0\.self_attn\.q_proj",
              lambda: ll.attach(model, ll.LoRAConfig(target_names=(r"nothing_here$",))))
+    _refused(model, ValueError, r"no target layers match.*target_roles=\('inner',\)",
+             lambda: ll.attach(model, ll.LoRAConfig(target_roles=("inner",))))
 
 
 def test_rank_larger_than_layer(model):

@@ -81,18 +81,22 @@ ROWS = [
     ("config field of the wrong type or value, unknown field or dtype", "`ValueError` naming the field",
      "test_errors::test_config_rejects_bad_fields test_errors::test_from_dict_validates_untrusted_input"),
     ("not a config", "`TypeError`: expected an AdapterConfig", "test_errors::test_not_a_config"),
-    ("no layer matches the targets", "`ValueError`: no target layers match (with candidates)",
-     "test_errors::test_no_matching_targets"),
+    ("a `target_names` pattern selects no layer: typo, module type that cannot be adapted, a block, "
+     "removed by `exclude_names`/`layers`; nothing selected at all",
+     "`ValueError` naming the pattern and why (adaptable layers, the module's type, the filter)",
+     "test_errors::test_no_matching_targets test_targets::test_a_pattern_that_selects_nothing_says_why"),
     ("geometry: r > min(d_in, d_out), HRA r > d_in, RoAd group size not dividing d_out", "`ValueError` naming the layer",
      "test_errors::test_rank_larger_than_layer test_errors::test_hra_rank_larger_than_d_in "
      "test_errors::test_road_group_size_must_divide_d_out"),
     ("weight-reading variant on a non-`nn.Linear` layer", "`TypeError`: needs torch.nn.Linear",
      "test_errors::test_dense_weight_variants_refuse_other_layers "
      "test_calibration::test_weight_reading_variants_refuse_non_dense_layers_untouched"),
-    ("calibration: data for a variant without, none for one that needs it, bad batch type, misaligned mask, too few tokens",
+    ("calibration: data for a variant without, none for one that needs it, bad batch type, misaligned mask, too few tokens, "
+     "a masked layer outside an encoder–decoder's stacks",
      "`ValueError` saying what to pass",
      "test_calibration::test_failed_calibrated_attach_leaves_the_model_untouched "
-     "test_calibration::test_misaligned_mask_is_refused_untouched"),
+     "test_calibration::test_misaligned_mask_is_refused_untouched "
+     "test_calibration::test_a_layer_outside_both_stacks_is_refused_when_masks_are_given"),
     ("a calibration batch raises; Ctrl-C during calibration", "that exception; hooks removed, train/eval mode restored",
      "test_calibration::test_a_batch_that_raises_removes_the_hooks_and_restores_train_mode "
      "test_faults::test_keyboard_interrupt_during_calibration"),

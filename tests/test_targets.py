@@ -83,3 +83,62 @@ def test_layers_filter_drops_modules_without_an_index():
     model = make_qwen().model
     assert names(model, layers=(0,), exclude_names=()) == [
         n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers.0." in n]
+
+
+# --- every target_names pattern must select a layer; the error says why it does not ----------
+
+@pytest.mark.parametrize("kw,match", [
+    ({"target_names": (r"qproj$",)},
+     r"pattern 'qproj\$' matches no module of this model.*adaptable layers are: "
+     r"model\.layers\.0\.self_attn\.q_proj"),
+    ({"target_names": (r"q_proj$", r"attention.self.query$")},  # one dead pattern among live ones
+     r"pattern 'attention.self.query\$' matches no module"),
+    ({"target_names": (r"post_attention_layernorm$",)},
+     r"matches only modules lora-lite cannot adapt: model\.layers\.0\.post_attention_layernorm "
+     r"\(Qwen3RMSNorm\).*supported: torch\.nn\.Linear"),
+    ({"target_names": (r"self_attn$",)},
+     r"matches only blocks, not layers: model\.layers\.0\.self_attn \(Qwen3Attention\)"),
+    ({"target_names": (r"lm_head$",)},
+     r"matches 1 layer\(s\), but the other filters remove all of them: lm_head \(by exclude_names="
+     r".*pass exclude_names=\(\)"),
+    ({"target_names": (r"layers\.1\.mlp\.up_proj$",), "layers": (0,)},
+     r"model\.layers\.1\.mlp\.up_proj \(block 1, not in layers=\(0,\)\)"),
+])
+def test_a_pattern_that_selects_nothing_says_why(kw, match):
+    with pytest.raises(ValueError, match=match):
+        names(make_qwen().model, **kw)
+
+
+def test_alternatives_in_one_pattern_select_wherever_one_exists():
+    """The documented way to share a config across architectures."""
+    assert len(names(make_qwen().model, target_names=(r"\.(q_proj|query)$",))) == 2
+
+
+def test_roles_know_gpt2_and_gpt_neox_names():
+    """Square layers (intermediate size = width, as in small configs) resolved by name."""
+    from lora_lite.targets import role
+
+    square = nn.Linear(8, 8)
+    expected = {
+        "transformer.h.0.attn.c_attn": "reader", "transformer.h.0.attn.c_proj": "writer",
+        "transformer.h.0.mlp.c_fc": "reader", "transformer.h.0.mlp.c_proj": "writer",
+        "gpt_neox.layers.0.attention.query_key_value": "reader",
+        "gpt_neox.layers.0.attention.dense": "writer",
+        "gpt_neox.layers.0.mlp.dense_h_to_4h": "reader", "gpt_neox.layers.0.mlp.dense_4h_to_h": "writer",
+        "model.layers.0.mlp.down_proj": "writer", "model.layers.0.self_attn.qkv_proj": "reader",
+        "model.decoder.layers.0.fc1": "reader", "model.decoder.layers.0.fc2": "writer",
+        "bert.encoder.layer.0.intermediate.dense": "reader", "bert.encoder.layer.0.output.dense": "writer",
+    }
+    assert {n: role(n, square, 8) for n in expected} == expected
+
+
+def test_roles_on_a_square_gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=32, hidden_size=16, intermediate_size=16,
+                                             num_hidden_layers=1, num_attention_heads=2))
+    assert [n.split(".", 3)[-1] for n in names(model, target_roles=("reader",))] == [
+        "attention.query_key_value", "mlp.dense_h_to_4h"]
+    assert [n.split(".", 3)[-1] for n in names(model, target_roles=("writer",))] == [
+        "attention.dense", "mlp.dense_4h_to_h"]

@@ -6,6 +6,14 @@ qualify for hook-only variants. Filters apply in this order: `exclude_names`, `l
 for, and only for modules that survived the other filters, so an ambiguous square layer that
 the name filters exclude never raises.
 
+Every `target_names` pattern must select at least one layer (after `exclude_names` and
+`layers`, before roles); otherwise attach raises, naming the pattern and why: it matches no
+module (a typo, or a name from another architecture), only modules that cannot be adapted (with
+their types), or only layers the other filters remove. An error rather than a warning: a silently
+dropped pattern costs a whole training run on fewer layers, and warnings scroll by. A config
+meant for several architectures writes the alternatives in ONE pattern (`r"(q_proj|query)$"`),
+which selects wherever one alternative exists.
+
 Roles relative to the model width d_model (`model.config.hidden_size` when present):
     reader  d_model -> other   (q/k/v, up/gate, fc1)
     writer  other -> d_model   (o_proj, down_proj, fc2)
@@ -21,8 +29,22 @@ from torch import nn
 
 from .config import AdapterConfig
 
-_SQUARE_READER = re.compile(r"(^|[._])(q|k|v|query|key|value|q_proj|k_proj|v_proj|qkv|c_attn|wq|wk|wv)$")
-_SQUARE_WRITER = re.compile(r"(^|[._])(o|o_proj|out_proj|c_proj|wo|attention\.output\.dense)$")
+# Names that resolve a square (d_model -> d_model) layer's role: attention and FFN names of the
+# Llama/Qwen/Mistral/Gemma/Phi-3 (q_proj, qkv_proj, gate_up_proj, down_proj), GPT-2 (c_attn,
+# c_fc, c_proj), GPT-NeoX/Falcon/Bloom (query_key_value, dense_h_to_4h, dense_4h_to_h,
+# attention.dense), BERT (query, intermediate.dense, output.dense), OPT/BART (fc1, fc2,
+# out_proj) and T5 (q, wi, wo) families. FFN names matter when the intermediate size equals
+# the width, as in small configs. GPT-2's c_proj is a writer in both attention and MLP.
+_SQUARE_READER = re.compile(
+    r"(^|[._])(q|k|v|query|key|value|q_proj|k_proj|v_proj|qkv|qkv_proj|c_attn|wq|wk|wv|"
+    r"query_key_value|gate_proj|up_proj|gate_up_proj|c_fc|fc1|wi|wi_0|wi_1|dense_h_to_4h|"
+    r"intermediate\.dense)$"
+)
+_SQUARE_WRITER = re.compile(
+    r"(^|[._])(o|o_proj|out_proj|c_proj|wo|down_proj|fc2|dense_4h_to_h|"
+    r"(attention|attn|self_attention)\.dense|attention\.output\.dense|output\.dense)$"
+)
+ADAPTABLE = "torch.nn.Linear and linear-like modules (in_features, out_features, weight; e.g. quantized linears)"
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -75,7 +97,8 @@ def role(name: str, module: nn.Module, d_model: int | None) -> str:
 
 def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
     """Ordered (name, module) pairs the config selects; ValueError if there are none."""
-    candidates = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    candidates = [(n, m) for n, m in modules if is_linear_like(m)]
     selected = []
     for name, module in candidates:
         if any(re.search(p, name) for p in cfg.exclude_names):
@@ -85,6 +108,9 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Mod
         if cfg.target_names and not any(re.search(p, name) for p in cfg.target_names):
             continue
         selected.append((name, module))
+    for pattern in cfg.target_names:
+        if not any(re.search(pattern, n) for n, _ in selected):
+            raise ValueError(_why_unselected(pattern, modules, cfg))
     if cfg.target_roles:
         d_model = getattr(getattr(model, "config", None), "hidden_size", None)
         selected = [(n, m) for n, m in selected if role(n, m, d_model) in cfg.target_roles]
@@ -96,3 +122,41 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Mod
             f"exclude_names={cfg.exclude_names}; linear-like modules include: {some}"
         )
     return selected
+
+
+def _why_unselected(pattern: str, modules: list[tuple[str, nn.Module]], cfg: AdapterConfig) -> str:
+    """The error for a target_names pattern that selects no layer: no module matches, only
+    modules that cannot be adapted match, or the other filters remove every match."""
+    head = f"target_names pattern {pattern!r}"
+    matched = [(n, m) for n, m in modules if re.search(pattern, n)]
+    if not matched:
+        some = [n for n, m in modules if is_linear_like(m)]
+        listed = ", ".join(some[:8]) + (f" ... ({len(some)} in all)" if len(some) > 8 else "")
+        return (
+            f"{head} matches no module of this model (a typo, or a name from another "
+            f"architecture); its adaptable layers are: {listed or '(none)'}. For a config shared "
+            f"across architectures write the alternatives in one pattern, e.g. r'\\.(q_proj|query)$'"
+        )
+    linear = [n for n, m in matched if is_linear_like(m)]
+    if not linear:
+        leaves = [(n, m) for n, m in matched if next(m.children(), None) is None]
+        shown = leaves or matched
+        found = ", ".join(f"{n} ({type(m).__name__})" for n, m in shown[:5])
+        found += f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        if not leaves:  # only blocks matched: the pattern names a container, not its layers
+            return (
+                f"{head} matches only blocks, not layers: {found}; a pattern is searched in each "
+                f"layer's full name, so write e.g. r'attn\\.' to select the layers inside a block"
+            )
+        return f"{head} matches only modules lora-lite cannot adapt: {found}; supported: {ADAPTABLE}"
+    removed = [
+        f"{n} (by exclude_names={cfg.exclude_names})" if any(re.search(p, n) for p in cfg.exclude_names)
+        else f"{n} (block {layer_index(n)}, not in layers={cfg.layers})"
+        for n in linear
+    ]
+    hint = ("; exclude_names defaults to (r'(^|\\.)lm_head$',): pass exclude_names=() or a narrower "
+            "tuple to keep such a layer" if any("exclude_names" in r for r in removed) else "")
+    return (
+        f"{head} matches {len(linear)} layer(s), but the other filters remove all of them: "
+        f"{', '.join(removed[:5])}{hint}"
+    )
