@@ -124,7 +124,9 @@ IMPORTS = {
     "dora": (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=T, use_dora=True), "dora"),
     "dora_rslora": (lambda: peft.LoraConfig(r=4, lora_alpha=3, target_modules=T, use_dora=True, use_rslora=True), "dora"),
     "ia3": (lambda: peft.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]), "ia3"),
-    "ia3_ff": (lambda: peft.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]), "ia3_ff"),
+    "ia3_ff": (lambda: peft.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]), "ia3"),
+    "ia3_mixed": (lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                         feedforward_modules=["down_proj"]), "ia3"),
     "hra": (lambda: peft.HRAConfig(r=4, target_modules=T), "hra"),
     "delora": (lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=T, module_dropout=0.1), "delora"),
     "road_1": (lambda: peft.RoadConfig(variant="road_1", group_size=16, target_modules=T), "road"),
@@ -227,7 +229,6 @@ def test_import_refusals_of_real_peft_adapters(qwen, tmp_path):
     cases = {
         "rank_pattern": peft.LoraConfig(r=4, target_modules=T, rank_pattern={"q_proj": 2}),
         "alpha_pattern": peft.LoraConfig(r=4, target_modules=T, alpha_pattern={"down_proj": 2}),
-        "feedforward_modules": peft.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
         "apply_GS": peft.HRAConfig(r=4, target_modules=T, apply_GS=True),
         "HRAConfig.r must be even": peft.HRAConfig(r=3, target_modules=T),
         "peft_type='LOHA'": peft.LoHaConfig(r=4, target_modules=T),

@@ -268,7 +268,7 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
         raise CheckpointError(f"{where}: the saved {cfg.variant!r} adapter does not fit this model: {e}") from None
 
     for name, layer in targets:
-        specs = variant.param_specs(layer.in_features, layer.out_features, cfg)
+        specs = variant.at_target(name, cfg).param_specs(layer.in_features, layer.out_features, cfg)
         have = adapter.tensors[name]
         missing, unexpected = sorted(set(specs) - set(have)), sorted(set(have) - set(specs))
         if missing or unexpected:

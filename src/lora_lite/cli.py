@@ -64,7 +64,7 @@ def describe(path: str) -> dict:
         spec = None
         if name is not None:
             d_out, d_in = ((fingerprints.get(name) or {}).get("weight") or {}).get("shape", [None, None])
-            spec = variant.param_specs(d_in, d_out, cfg).get(pname) if d_in else None
+            spec = variant.at_target(name, cfg).param_specs(d_in, d_out, cfg).get(pname) if d_in else None
         if spec is not None and spec.trainable:
             trainable += t.numel()
         key = pname  # "lora_*" grouped over targets; "base.<parameter>" one each

@@ -86,7 +86,8 @@ def merge(model: nn.Module) -> None:
     with torch.no_grad():
         for i, (name, layer) in enumerate(targets):
             try:  # one layer at a time: peak extra memory is one layer's fp32 temporaries
-                W, b = _merged(layer, state.variant.effective_weight(layer, state.cfg), c)
+                placed = state.variant.at_target(name, state.cfg)
+                W, b = _merged(layer, placed.effective_weight(layer, state.cfg), c)
                 layer.weight.copy_(W)
                 if b is not None and layer.bias is None:
                     flag = state.requires_grad.get(f"{name}.weight", False)

@@ -87,7 +87,7 @@ def attach(
     def fill(name: str, layer: nn.Module, specs: dict[str, ParamSpec]) -> None:
         for pname, spec in specs.items():
             init_tensor(getattr(layer, pname), spec.init)
-        variant.init(layer, cfg, None if stats is None else stats[name])
+        variant.at_target(name, cfg).init(layer, cfg, None if stats is None else stats[name])
 
     install(model, cfg, variant, targets, fill)
 
@@ -176,7 +176,7 @@ def describe(model: nn.Module) -> Description | str:
         adapter_params=sum(t.numel() for t in trainable),
         base_params={n: model.get_parameter(n).numel() for n in state.originals},
         adapter_dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
-        hook="input (pre-hook)" if state.variant.delta_input is not None else "output",
+        hook=_hook_kinds(state),
         scale=state.scale,
         enabled=state.enabled,
     )
@@ -185,6 +185,17 @@ def describe(model: nn.Module) -> Description | str:
 def hook_only() -> list[str]:
     """Variants that never read the base weight: they run on any linear-like layer."""
     return [n for n, v in REGISTRY.items() if not v.needs_dense_weight]
+
+
+def _hook_kinds(state: AttachState) -> str:
+    """'output', 'input (pre-hook)', or both with their targets (a per-target placement)."""
+    kinds: dict[str, list[str]] = {}
+    for name in state.targets:
+        placed = state.variant.at_target(name, state.cfg)
+        kinds.setdefault("input (pre-hook)" if placed.delta_input is not None else "output", []).append(name)
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return "; ".join(f"{k} on {len(v)} ({', '.join(v[:2])}{', ...' if len(v) > 2 else ''})" for k, v in kinds.items())
 
 
 def variant_of(cfg: AdapterConfig) -> type[Variant]:
@@ -216,11 +227,12 @@ def validate(
     """Every check that can reject an attach/load; runs before anything is mutated."""
     ensure_free(model)
     for name, layer in targets:
+        placed = variant.at_target(name, cfg)
         leftover = [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(PREFIX)]
         leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(PREFIX)]
         if leftover:
             raise RuntimeError(f"{name} already holds adapter tensors {leftover}; use a pristine model")
-        if variant.needs_dense_weight and weight_storage(layer) is None:
+        if placed.needs_dense_weight and weight_storage(layer) is None:
             w = getattr(layer, "weight", None)
             raise TypeError(
                 f"{name}: variant {cfg.variant!r} reads the weight W and needs torch.nn.Linear, "
@@ -229,15 +241,16 @@ def validate(
                 f"torchao quantize_); variants that do not read W ({', '.join(hook_only())}) work on "
                 f"any linear-like layer"
             )
-        if variant.uses_rank and cfg.r > min(layer.in_features, layer.out_features):
+        if placed.uses_rank and cfg.r > min(layer.in_features, layer.out_features):
             raise ValueError(
                 f"{name}: r={cfg.r} exceeds min(d_in, d_out)=min({layer.in_features}, "
                 f"{layer.out_features}); use a smaller r or exclude this layer"
             )
         try:
-            variant.validate(layer, cfg)
+            placed.validate(layer, cfg)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
+    variant.validate_targets([n for n, _ in targets], cfg)
     trainable_params(model, cfg, targets)
 
 
@@ -308,7 +321,7 @@ def install(
         cfg=cfg,
         variant=variant,
         targets=dict(targets),
-        specs={n: variant.param_specs(m.in_features, m.out_features, cfg) for n, m in targets},
+        specs={n: variant.at_target(n, cfg).param_specs(m.in_features, m.out_features, cfg) for n, m in targets},
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
     # The base as it is now (pristine by contract); save() writes it, load() compares with it.
@@ -334,7 +347,7 @@ def install(
                     p.copy_(trainable_values[pname])
             p.requires_grad_(True)
         for name, layer in targets:
-            _add_hook(layer, variant, state, next(iter(state.specs[name])))
+            _add_hook(layer, variant.at_target(name, cfg), state, next(iter(state.specs[name])))
         setattr(model, STATE_ATTR, state)
     except BaseException:
         _remove_hooks(state)

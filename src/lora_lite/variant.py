@@ -4,12 +4,24 @@ A variant is a class of static functions (math only; no hooks, no model walking,
 
     param_specs(d_in, d_out, cfg) -> {name: ParamSpec}   tensors to create, names start "lora_"
     validate(layer, cfg)                                 optional; raise before anything mutates
+    validate_targets(names, cfg)                         optional; the same, over all target names
     init(layer, cfg, stats)                              optional; fill tensors from W / stats
     delta(layer, cfg, x, y) -> Δy                        output hook: the layer returns y + Δy, or
     delta_input(layer, cfg, x) -> Δx                     input pre-hook: the layer runs on x + Δx
     effective_weight(layer, cfg) -> (W_eff, b_eff)       closed form of the adapted layer
     low_rank_delta(layer, cfg) -> (B, A) | None          W_eff − W = B A when that is low-rank
                                                          and b_eff = b (exported as a plain LoRA)
+    at_target(name, cfg) -> variant class                optional placement per target (below)
+
+Placement. A method may act differently on different targets: IA3 gates the *outputs* of k/v
+and the *input* of the FFN down-projection, in one adapter. `at_target(name, cfg)` returns the
+variant class whose per-layer functions apply at target `name` (default: the class itself); the
+runtime, checkpoint load, merge, interop and tests read param_specs, validate, init, delta or
+delta_input (so the hook kind), effective_weight, low_rank_delta, params_per_layer, the PEFT
+tensor layout (`peft.tensors`) and the per-layer flags (uses_rank, needs_dense_weight) from that
+class, and everything else (config, calibration, identity and gradient declarations,
+runtime_fields, examples, the PEFT config and import, the registry entry) from the registered
+variant. The returned class must take the registered variant's config.
 
 Every variant is additive: it returns the *change* of the layer's output (or input), and the
 base weight is read, never written. The runtime adds the change, so `ll.scaled(model, c)` is
@@ -139,6 +151,11 @@ class Variant:
         """Raise ValueError/TypeError if this layer cannot take the adapter."""
 
     @staticmethod
+    def validate_targets(names: list[str], cfg: AdapterConfig) -> None:
+        """Raise ValueError if the selected targets (full names, model order) cannot take the
+        adapter as a whole, e.g. a per-target pattern in the config that matches none of them."""
+
+    @staticmethod
     def init(layer: nn.Module, cfg: AdapterConfig, stats: dict | None) -> None:
         """Fill tensors that depend on W or on calibration statistics (ParamSpec inits ran)."""
 
@@ -158,6 +175,11 @@ class Variant:
             raise NotImplementedError(f"{cls.__name__} defines neither effective_weight nor low_rank_delta")
         B, A = factors
         return dense_weight(layer) + B @ A, layer.bias
+
+    @classmethod
+    def at_target(cls, name: str, cfg: AdapterConfig) -> type[Variant]:
+        """The variant class whose per-layer functions apply at target `name` (see Placement)."""
+        return cls
 
     @staticmethod
     def low_rank_delta(layer: nn.Module, cfg: AdapterConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -208,6 +230,9 @@ class PeftMap:
               target must give the same fields); None = never imported as this variant
     reads     the PEFT config fields `imports` interprets (any other non-default field that
               changes the function is refused on import)
+    combine   ({target: fields from `imports`}) -> one config's fields, when the targets' fields
+              differ because the variant places differently per target (IA3's
+              feedforward_modules); None = differing fields are refused
     """
 
     method: str
@@ -216,6 +241,7 @@ class PeftMap:
     export: bool = True
     imports: Callable[[dict, str, dict], dict | None] | None = None
     reads: tuple[str, ...] = ()
+    combine: Callable[[dict[str, dict]], dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -97,10 +97,12 @@ def peft_config(cfg: AdapterConfig, targets: list[str]):
     return cls(**m.config(cfg, targets))
 
 
-def peft_tensors(layer, cfg: AdapterConfig) -> dict[str, torch.Tensor]:
-    """Our adapter tensors of `layer` (a module or a namespace of tensors) under PEFT's in-layer
-    paths and layout."""
-    return {path: _to_peft(getattr(layer, ours), layout) for ours, path, layout in _map(cfg.variant).tensors}
+def peft_tensors(name: str, layer, cfg: AdapterConfig) -> dict[str, torch.Tensor]:
+    """Our adapter tensors of target `name` (`layer`: a module or a namespace of tensors) under
+    PEFT's in-layer paths and layout (that of the variant placed there, `at_target`)."""
+    _map(cfg.variant)
+    placed = variant_of(cfg).at_target(name, cfg).peft
+    return {path: _to_peft(getattr(layer, ours), layout) for ours, path, layout in placed.tensors}
 
 
 @torch.no_grad()
@@ -110,7 +112,7 @@ def copy_to_peft(model: nn.Module, peft_model: nn.Module) -> None:
     inner = peft_model.base_model.model
     for name, layer in state.targets.items():
         target = inner.get_submodule(name)
-        for path, tensor in peft_tensors(layer, state.cfg).items():
+        for path, tensor in peft_tensors(name, layer, state.cfg).items():
             owner, _, leaf = path.rpartition(".")
             slot = getattr(target.get_submodule(owner), leaf)
             if slot.shape != tensor.shape:
@@ -159,7 +161,7 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike) -> dict:
         tensors = {
             f"{PREFIX}{name}.{_file_key(path)}": t
             for name, layer in layers.items()
-            for path, t in peft_tensors(layer, cfg).items()
+            for path, t in peft_tensors(name, layer, cfg).items()
         }
     else:
         fields, tensors = _low_rank_lora(cfg, layers)
@@ -175,7 +177,7 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike) -> dict:
 def _low_rank_lora(cfg: AdapterConfig, layers: dict) -> tuple[dict, dict]:
     """A plain PEFT LoRA with B A = W_eff − W at every target; r = lora_alpha = k (scale 1)."""
     variant = variant_of(cfg)
-    factors = {name: variant.low_rank_delta(layer, cfg) for name, layer in layers.items()}
+    factors = {name: variant.at_target(name, cfg).low_rank_delta(layer, cfg) for name, layer in layers.items()}
     if any(f is None for f in factors.values()):
         raise ValueError(
             f"variant {cfg.variant!r} cannot be exported to PEFT: its change is not a low-rank "
@@ -335,13 +337,17 @@ def _convert(where: str, conf: dict, shapes: dict, dtype: torch.dtype
             raise ValueError(f"{where}: {name}: tensors {sorted(found)} match no lora-lite variant's PEFT "
                              f"{ptype} layout (check use_dora)")
     distinct = {(v, tuple(sorted(f.items()))) for v, f in choice.values()}
+    combine = REGISTRY[next(iter(choice.values()))[0]].peft.combine
+    if len({v for v, _ in choice.values()}) == 1 and len(distinct) > 1 and combine is not None:
+        distinct = {(next(iter(distinct))[0], tuple(sorted(combine({n: f for n, (_, f) in choice.items()}).items())))}
     if len(distinct) > 1:
         raise ValueError(
             f"{where}: the targets map to different lora-lite configs {sorted(distinct)[:3]} (PEFT's "
-            f"rank_pattern / alpha_pattern / feedforward_modules); a lora-lite adapter is one variant "
+            f"rank_pattern / alpha_pattern); a lora-lite adapter is one variant "
             f"with one config: save them as separate PEFT adapters, import one, ll.merge it, then the next"
         )
-    variant, fields = next(iter(choice.values()))
+    variant, fields = next(iter(distinct))
+    fields = dict(fields)
     common = dict(target_names=[f"^{re.escape(n)}$" for n in per_target], exclude_names=[],
                   dtype=str(dtype).removeprefix("torch."))
     try:

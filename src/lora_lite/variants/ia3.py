@@ -1,27 +1,43 @@
-"""IA3: a learned elementwise gate on the layer output (arXiv 2205.05638).
+"""IA3: learned elementwise gates on layer outputs and, on feed-forward layers, inputs
+(arXiv 2205.05638).
 
-    y' = y ⊙ g = y + y ⊙ (g − 1)     g (d_out,) trainable, 1 at init  ->  Δy = 0 exactly
-                        (g − 1 is formed in fp32: a bf16 g·y would round y itself)
-    W_eff = diag(g) W,  b_eff = g ⊙ b                    (the bias is gated too)
+    output gate (default)     y' = y ⊙ g = y + y ⊙ (g − 1)    g (d_out,)   W_eff = diag(g) W, b_eff = g ⊙ b
+    input gate (a target that x' = x ⊙ g = x + x ⊙ (g − 1)    g (d_in,)    W_eff = W diag(g), b_eff = b
+      `feedforward_modules` matches; the math of `ia3_ff`)
+    g trainable, 1 at init  ->  Δ = 0 exactly  (g − 1 is formed in fp32: a bf16 g·y would round y)
 
-The paper gates the k/v outputs (this variant) and the FFN intermediate (`ia3_ff`, the input of
-down_proj): attach twice for the paper's placement. r and alpha are unused. Keep g in fp32
-(the default dtype): bf16 spacing above 1.0 is 2⁻⁷ and swallows small updates.
-Matches HF PEFT `IA3Config(feedforward_modules=[])`, ia3_l (d_out, 1) = g.
+The paper's placement is one adapter: gate the k/v outputs and the input of the FFN
+down-projection (its input is the FFN intermediate), e.g. on a Llama-style model
+`IA3Config(target_names=(r"\\.(k|v|down)_proj$",), feedforward_modules=(r"down_proj$",))`,
+PEFT's default there. `feedforward_modules` are regexes searched in each target's full name, like
+`target_names`; each must match at least one target. r and alpha are unused. Keep g in fp32 (the
+default dtype): bf16 spacing above 1.0 is 2⁻⁷ and swallows small updates.
+Matches HF PEFT `IA3Config(target_modules, feedforward_modules)`: ia3_l = g as (d_out, 1) on
+output-gated targets, (1, d_in) on feed-forward ones.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
+from .ia3_ff import IA3FF
 
 
 @dataclass(frozen=True, kw_only=True)
 class IA3Config(AdapterConfig):
     variant: str = field(default="ia3", init=False)
+    feedforward_modules: tuple[str, ...] = ()  # regexes: targets whose input is gated
+
+    def check(self) -> None:
+        for pattern in self.feedforward_modules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"IA3Config.feedforward_modules: invalid regex {pattern!r}: {e}") from None
 
 
 @register
@@ -29,6 +45,19 @@ class IA3(Variant):
     name = "ia3"
     config = IA3Config
     uses_rank = False
+
+    @classmethod
+    def at_target(cls, name, cfg):
+        return IA3FF if any(re.search(p, name) for p in cfg.feedforward_modules) else cls
+
+    @staticmethod
+    def validate_targets(names, cfg):
+        for pattern in cfg.feedforward_modules:
+            if not any(re.search(pattern, n) for n in names):
+                raise ValueError(
+                    f"feedforward_modules pattern {pattern!r} matches none of the {len(names)} targets "
+                    f"(e.g. {names[:3]}); it must name targets whose input IA3 gates"
+                )
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -44,12 +73,18 @@ class IA3(Variant):
         b = layer.bias
         return g[:, None] * dense_weight(layer), None if b is None else g * b.float()
 
-    params_per_layer = staticmethod(lambda d_in, d_out, cfg: d_out)
+    params_per_layer = staticmethod(lambda d_in, d_out, cfg: d_out)  # feed-forward targets: ia3_ff's
     examples = {"ia3": Example({})}
-    # PEFT's IA3 on a module outside feedforward_modules: ia3_l (d_out, 1) scales the output
+    # PEFT's IA3: ia3_l (d_out, 1) scales the output of a module outside feedforward_modules
+    # (feed-forward targets are ia3_ff's (1, d_in), through at_target). On import every target is
+    # IA3: a (1, d_in) gate makes it a feed-forward one, and the targets' fields are combined.
     peft = PeftMap(
         "IA3", (("lora_g", "ia3_l.default", "col"),),
-        lambda cfg, t: dict(target_modules=t, fan_in_fan_out=False, feedforward_modules=[], init_ia3_weights=True),
-        imports=lambda conf, name, shapes: {} if shapes["lora_g"][1] == 1 else None,
+        lambda cfg, t: dict(target_modules=t, fan_in_fan_out=False, init_ia3_weights=True,
+                            feedforward_modules=[n for n in t if IA3.at_target(n, cfg) is IA3FF]),
+        imports=lambda conf, name, shapes: {
+            "feedforward_modules": (f"^{re.escape(name)}$",) if shapes["lora_g"][0] == 1 else ()},
+        combine=lambda per_target: {
+            "feedforward_modules": tuple(p for f in per_target.values() for p in f["feedforward_modules"])},
     )
     bench = BenchSetting("gain", lambda r, g: {}, lambda i, o, c: (o, 0), peft="ia3")

@@ -4,6 +4,8 @@
     W_eff = W diag(g),  b_eff = b                        (the bias is not gated)
 
 Meant for the FFN down-projection (its input is the FFN intermediate). r and alpha are unused.
+This is IA3's input placement: `ia3` uses it at the targets its `feedforward_modules` match
+(the paper's mixed adapter); `ia3_ff` on its own is IA3 with every target feed-forward.
 Matches HF PEFT IA3 with the module in both target_modules and feedforward_modules,
 ia3_l (1, d_in) = g.
 """
@@ -46,6 +48,5 @@ class IA3FF(Variant):
     peft = PeftMap(
         "IA3", (("lora_g", "ia3_l.default", "row"),),
         lambda cfg, t: dict(target_modules=t, fan_in_fan_out=False, feedforward_modules=t, init_ia3_weights=True),
-        imports=lambda conf, name, shapes: {} if shapes["lora_g"][0] == 1 else None,
-    )
+    )  # not imported as ia3_ff: a PEFT IA3 adapter imports as `ia3` with its feedforward_modules
     bench = BenchSetting("gain", lambda r, g: {}, lambda i, o, c: (i, 0), peft="ia3_ff")
