@@ -45,7 +45,8 @@ class Probe:
         base = dict(pristine.named_modules())
         if self.state is not None:
             self.layers = dict(self.state.targets)
-            self.effective = REGISTRY[self.state.cfg.variant].effective_weight
+            variant, cfg = REGISTRY[self.state.cfg.variant], self.state.cfg
+            self.effective = lambda n, layer: variant.at_target(n, cfg).effective_weight(layer, cfg)
         else:  # full fine-tune: every linear of the encoder that trains
             self.layers = {n: m for n, m in encoder.named_modules()
                            if isinstance(m, nn.Linear) and m.weight.requires_grad}
@@ -75,7 +76,7 @@ class Probe:
         num = den = 0.0
         for n, W0 in self.W0.items():
             layer = self.layers[n]
-            W = self.effective(layer, self.state.cfg)[0] if self.effective else layer.weight
+            W = self.effective(n, layer)[0] if self.effective else layer.weight
             dW = W.detach().float() - W0
             norm = float(dW.norm())
             rec["dw"][n].append(float(f"{norm / float(W0.norm()):.4g}"))
