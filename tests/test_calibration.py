@@ -371,6 +371,30 @@ def make_t5():
     return T5ForConditionalGeneration(cfg).eval()
 
 
+BART_TARGETS = {
+    "model.encoder.layers.0.self_attn.q_proj": "attention_mask",
+    "model.encoder.layers.0.fc2": "attention_mask",
+    "model.decoder.layers.0.self_attn.q_proj": "decoder_attention_mask",
+    "model.decoder.layers.0.encoder_attn.q_proj": "decoder_attention_mask",
+    "model.decoder.layers.0.encoder_attn.k_proj": "attention_mask",
+    "model.decoder.layers.0.encoder_attn.v_proj": "attention_mask",
+    "model.decoder.layers.0.fc1": "decoder_attention_mask",
+}
+
+
+def make_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=0.0,
+                     attention_dropout=0.0, activation_dropout=0.0)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+ENCODER_DECODERS = {"t5": (make_t5, T5_TARGETS), "bart": (make_bart, BART_TARGETS)}
+
+
 def t5_batches(t_enc, t_dec, n=3):
     """Batches with padding in both streams, at different positions (so the encoder mask
     applied to decoder rows selects different rows even when the lengths are equal)."""
@@ -409,22 +433,24 @@ def t5_reference_grams(model, batches, masks=T5_TARGETS):
     return out
 
 
+@pytest.mark.parametrize("arch", ENCODER_DECODERS)
 @pytest.mark.parametrize("t_enc,t_dec", [(6, 6), (7, 5)], ids=["equal_lengths", "unequal_lengths"])
-def test_encoder_decoder_statistics_use_each_streams_mask(t_enc, t_dec):
-    model = make_t5()
+def test_encoder_decoder_statistics_use_each_streams_mask(arch, t_enc, t_dec):
+    make, targets = ENCODER_DECODERS[arch]
+    model = make()
     batches = t5_batches(t_enc, t_dec)
-    ref = t5_reference_grams(model, batches)
+    ref = t5_reference_grams(model, batches, targets)
     modules = dict(model.named_modules())
-    stats = collect_stats(model, [(n, modules[n]) for n in T5_TARGETS], "gram", batches, progress=False)
+    stats = collect_stats(model, [(n, modules[n]) for n in targets], "gram", batches, progress=False)
     for n, (gram, count) in ref.items():
         assert stats[n]["count"] == count, n
         assert rel_err(stats[n]["gram"], gram) < 1e-6, n
     # the test has power: the other stream's mask gives other statistics for every target
     swapped = {n: "decoder_attention_mask" if k == "attention_mask" else "attention_mask"
-               for n, k in T5_TARGETS.items()}
+               for n, k in targets.items()}
     if t_enc == t_dec:
         wrong = t5_reference_grams(model, batches, swapped)
-        for n in T5_TARGETS:
+        for n in targets:
             assert wrong[n][1] != ref[n][1] or rel_err(wrong[n][0], ref[n][0]) > 1e-3, n
 
 
