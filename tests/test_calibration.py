@@ -481,6 +481,19 @@ def test_a_layer_outside_both_stacks_is_refused_when_masks_are_given():
               calibration_data=unmasked, progress=False)
 
 
+def test_an_encoder_decoder_whose_stacks_are_not_found_is_refused_with_masks(monkeypatch):
+    model = make_t5()
+    monkeypatch.setattr(model, "get_decoder", lambda: None)
+    modules = dict(model.named_modules())
+    targets = [(n, modules[n]) for n in T5_TARGETS]
+    only_decoder_mask = [{k: v for k, v in b.items() if k != "attention_mask"} for b in t5_batches(6, 6)]
+    with pytest.raises(ValueError, match=r"without get_encoder\(\)/get_decoder\(\), so which of "
+                                         r"\['decoder_attention_mask'\] applies"):
+        collect_stats(model, targets, "gram", only_decoder_mask, progress=False)
+    unmasked = [{k: v for k, v in b.items() if "mask" not in k} for b in t5_batches(6, 6)]
+    assert collect_stats(model, targets, "gram", unmasked, progress=False)
+
+
 def test_calibrated_attach_on_t5_uses_the_streams_statistics():
     """End to end: EVA's A rows are the top right singular vectors of each layer's masked X."""
     model = make_t5()

@@ -172,12 +172,13 @@ class _Streams:
 
     def mask_for(self, name: str, x: torch.Tensor) -> tuple[str, torch.Tensor | None]:
         """(mask key, mask or None) for the rows of `x`, the input of target `name`."""
+        given = [k for k, m in self.masks.items() if m is not None]
         if not self.stacks:
-            if self.unknown and self.masks["attention_mask"] is not None:
+            if self.unknown and given:
                 raise ValueError(
                     f"{self.unknown} is an encoder-decoder model without get_encoder()/get_decoder(), "
-                    f"so which padding mask applies to {name} cannot be told; pass calibration "
-                    f"batches without attention_mask"
+                    f"so which of {given} applies to {name} cannot be told; pass calibration "
+                    f"batches without masks"
                 )
             return "attention_mask", self.masks["attention_mask"]
         stack = self.running[-1] if self.running else None
@@ -185,7 +186,6 @@ class _Streams:
             return "attention_mask", self.masks["attention_mask"]
         if stack == "decoder":
             return "decoder_attention_mask", self.masks["decoder_attention_mask"]
-        given = [k for k, m in self.masks.items() if m is not None]
         if given:
             raise ValueError(
                 f"{name} runs outside the encoder and decoder stacks, so which token stream it "
