@@ -506,6 +506,6 @@ def test_calibrated_attach_on_t5_uses_the_streams_statistics():
     for n in names:
         lam, Q = torch.linalg.eigh(ref[n][0])
         top = Q[:, -R:].T  # (R, d_in), ascending eigenvalues
-        A = modules[n].lora_A.double()
+        A = modules[n].lora_A.detach().double()
         # same subspace: the projection of A's rows onto the top-R eigenvectors keeps their norm
         assert rel_err((A @ top.T @ top).norm(dim=1), A.norm(dim=1)) < 1e-4, n
