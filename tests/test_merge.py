@@ -88,7 +88,7 @@ def test_merge_is_the_same_function(base, case):
     cfg = attach_case(base, case, model)
     perturb(model)
     state = state_of(model)
-    refs = {n: probed(layer, state.variant, cfg) for n, layer in state.targets.items()}
+    refs = {n: probed(layer, state.variant.at_target(n, cfg), cfg) for n, layer in state.targets.items()}
     had_bias = {n: layer.bias is not None for n, layer in state.targets.items()}
     y_hooked = base.out(model)
     ll.merge(model)

@@ -64,8 +64,8 @@ def configs(draw, name):
         layer = nn.Linear(d_in, d_out)
         if variant.uses_rank and getattr(cfg, "r", 0) > min(d_in, d_out):
             raise ValueError("rank")
-        variant.validate(layer, cfg)
-        variant.param_specs(d_in, d_out, cfg)
+        variant.at_target("0", cfg).validate(layer, cfg)  # "0": the layer's name in setups' model
+        variant.at_target("0", cfg).param_specs(d_in, d_out, cfg)
     except ValueError:
         reject()
     return d_in, d_out, cfg

@@ -83,9 +83,9 @@ def test_only_adapter_tensors_train(bench, case):
     names = set(trainables(model))
     assert names and all(".lora_" in n for n in names)
     state = state_of(model)
-    expected = sum(
-        TRAINABLE[cfg.variant](layer.in_features, layer.out_features, cfg)
-        for layer in state.targets.values()
+    expected = sum(  # the count of the variant placed at each target (IA3: gate on input or output)
+        REGISTRY[cfg.variant].at_target(name, cfg).params_per_layer(layer.in_features, layer.out_features, cfg)
+        for name, layer in state.targets.items()
     )
     assert sum(p.numel() for p in trainables(model).values()) == expected
     base = {n for n, _ in bench.model.named_parameters()}
@@ -204,7 +204,7 @@ def test_hooked_layer_equals_closed_form(qwen, case):
     for name, layer in state_of(model).targets.items():
         x = torch.randn(5, layer.in_features, generator=g)
         with torch.no_grad():
-            W_eff, b_eff = variant.effective_weight(layer, cfg)
+            W_eff, b_eff = variant.at_target(name, cfg).effective_weight(layer, cfg)
             expected = torch.nn.functional.linear(x, W_eff.float(), None if b_eff is None else b_eff.float())
             assert rel_err(layer(x), expected) <= 1e-5, name
 
