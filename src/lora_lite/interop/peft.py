@@ -100,7 +100,7 @@ def peft_config(cfg: AdapterConfig, targets: list[str]):
 def peft_tensors(name: str, layer, cfg: AdapterConfig) -> dict[str, torch.Tensor]:
     """Our adapter tensors of target `name` (`layer`: a module or a namespace of tensors) under
     PEFT's in-layer paths and layout (that of the variant placed there, `at_target`)."""
-    _map(cfg.variant)
+    _map(cfg.variant)  # KeyError for a variant without a PEFT counterpart
     placed = variant_of(cfg).at_target(name, cfg).peft
     return {path: _to_peft(getattr(layer, ours), layout) for ours, path, layout in placed.tensors}
 
@@ -337,9 +337,11 @@ def _convert(where: str, conf: dict, shapes: dict, dtype: torch.dtype
             raise ValueError(f"{where}: {name}: tensors {sorted(found)} match no lora-lite variant's PEFT "
                              f"{ptype} layout (check use_dora)")
     distinct = {(v, tuple(sorted(f.items()))) for v, f in choice.values()}
-    combine = REGISTRY[next(iter(choice.values()))[0]].peft.combine
-    if len({v for v, _ in choice.values()}) == 1 and len(distinct) > 1 and combine is not None:
-        distinct = {(next(iter(distinct))[0], tuple(sorted(combine({n: f for n, (_, f) in choice.items()}).items())))}
+    variants = {v for v, _ in choice.values()}
+    if len(distinct) > 1 and len(variants) == 1 and REGISTRY[min(variants)].peft.combine is not None:
+        # one variant placed differently per target (IA3's feed-forward targets): one config
+        combined = REGISTRY[min(variants)].peft.combine({n: f for n, (_, f) in choice.items()})
+        distinct = {(min(variants), tuple(sorted(combined.items())))}
     if len(distinct) > 1:
         raise ValueError(
             f"{where}: the targets map to different lora-lite configs {sorted(distinct)[:3]} (PEFT's "
