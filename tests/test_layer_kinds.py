@@ -10,7 +10,11 @@ variant refuses an embedding by name.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ from lora_lite.runtime import state_of
 from lora_lite.variant import REGISTRY, Variant, register
 
 from conftest import assert_untouched, rel_err, snapshot
+from test_readme import python_sections
 from test_variants import perturb
 
 peft = pytest.importorskip("peft")
@@ -183,11 +188,12 @@ def test_import_refuses_an_embedding_adapter_on_a_linear(qwen, tmp_path):
     st = tmp_path / "peft" / "adapter_model.safetensors"
     from safetensors.torch import load_file, save_file
 
-    tensors = {k.replace("model.embed_tokens", "model.layers.0.mlp.down_proj"): v for k, v in load_file(st).items()}
+    tensors = {k.replace("model.embed_tokens", "model.layers.0.mlp.down_proj"): v for k, v in load_file(st).items()
+               if "base_layer" not in k}
     save_file(tensors, st)
     model = qwen.fresh()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="down_proj is a Linear here, but PEFT saved an embedding adapter"):
+    with pytest.raises(ValueError, match="down_proj is a linear layer here, the adapter was made for an embedding one"):
         ll.import_peft(model, tmp_path / "peft")
     assert_untouched(model, before)
 
@@ -417,3 +423,22 @@ def test_experts_with_modules_and_copies(qwen_moe):
         assert torch.equal(qwen_moe.out(model), y)
     ll.detach(twin)
     assert torch.equal(qwen_moe.out(model), y)
+
+
+# ---- docs/layer-kinds.md runs as written --------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "layer-kinds.md"
+DOC_SECTIONS = python_sections(DOC.read_text(encoding="utf-8"))
+
+
+def test_the_doc_has_its_examples():
+    assert {"GPT-2 and other Conv1D models", "Embeddings", "Fused expert parameters (MoE)"} <= set(DOC_SECTIONS)
+
+
+@pytest.mark.parametrize("title", list(DOC_SECTIONS))
+def test_doc_section_runs(title, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DOC.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", DOC_SECTIONS[title]], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"docs/layer-kinds.md section {title!r} failed:\n{res.stderr[-3000:]}"

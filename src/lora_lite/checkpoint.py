@@ -275,7 +275,8 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
     for name, layer in targets:
         saved_kind, kind = adapter.kinds.get(name, "linear"), kind_of(layer)
         if saved_kind != kind and {saved_kind, kind} != {"linear", "conv1d"}:  # same tensors for these two
-            raise CheckpointError(f"{where}: {name} is a {kind} layer here, the adapter was made for a {saved_kind} one")
+            article = "an" if saved_kind[0] in "aeiou" else "a"
+            raise CheckpointError(f"{where}: {name} is a {kind} layer here, the adapter was made for {article} {saved_kind} one")
     try:
         validate(model, variant, cfg, targets)
     except (ValueError, TypeError) as e:
