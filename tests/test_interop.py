@@ -193,7 +193,6 @@ REFUSED_OPTIONS = [
     ("modules_to_save", ["lm_head"]),
     ("bias", "all"),
     ("lora_bias", True),
-    ("fan_in_fan_out", True),
     ("target_parameters", ["mlp.experts.gate_up_proj"]),
     ("layer_replication", [[0, 2], [1, 2]]),
     ("trainable_token_indices", [1, 2]),
@@ -248,7 +247,6 @@ def test_import_refusals_of_real_peft_adapters(qwen, tmp_path):
         "apply_GS": peft.HRAConfig(r=4, target_modules=T, apply_GS=True),
         "HRAConfig.r must be even": peft.HRAConfig(r=3, target_modules=T),
         "peft_type='LOHA'": peft.LoHaConfig(r=4, target_modules=T),
-        "embedding/conv adapters": peft.LoraConfig(r=4, target_modules=["embed_tokens"]),
         "modules_to_save": peft.LoraConfig(r=4, target_modules=T, modules_to_save=["lm_head"]),
     }
     for i, (msg, pcfg) in enumerate(cases.items()):
