@@ -180,7 +180,7 @@ def describe(model: nn.Module) -> Description | str:
         adapter_params=sum(t.numel() for t in trainable),
         base_params={n: model.get_parameter(n).numel() for n in state.originals},
         adapter_dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
-        hook="input (pre-hook)" if state.variant.delta_input is not None else "output",
+        hook=_hook_kinds(state),
         scale=state.scale,
         enabled=state.enabled,
     )
@@ -189,6 +189,15 @@ def describe(model: nn.Module) -> Description | str:
 def hook_only() -> list[str]:
     """Variants that never read the base weight: they run on any linear-like layer."""
     return [n for n, v in REGISTRY.items() if not v.needs_dense_weight]
+
+
+def _hook_kinds(state: AttachState) -> str:
+    fused = sum(isinstance(t, FusedParameter) for t in state.targets.values())
+    swap = "W + ΔW swapped in for the forward of each fused parameter's owner"
+    if fused == len(state.targets):
+        return swap
+    hook = "input (pre-hook)" if state.variant.delta_input is not None else "output"
+    return f"{hook}; {swap}" if fused else hook
 
 
 def variant_of(cfg: AdapterConfig) -> type[Variant]:
