@@ -40,7 +40,7 @@ def test_every_shared_method_has_a_case():
     assert {CASES[c](()).variant for c in PEFT_CASES} == set(peft_methods()) & set(REGISTRY)
 
 
-@pytest.fixture(params=["qwen", "minilm", "gpt2"])
+@pytest.fixture(params=["qwen", pytest.param("minilm", marks=pytest.mark.slow), "gpt2"])
 def bench(request):
     """The two linear-layer models and GPT-2, whose targets are Conv1D (PEFT: fan_in_fan_out)."""
     return request.getfixturevalue(request.param)
