@@ -49,7 +49,7 @@ class Bench:
             return self.output(model(**batch)) * batch["attention_mask"][..., None]
 
     def output(self, res):
-        return res.logits if self.kind == "qwen" else res.last_hidden_state
+        return res.logits if self.kind in ("qwen", "gpt2") else res.last_hidden_state
 
 
 def make_qwen():
@@ -73,6 +73,42 @@ def make_qwen():
         c_mask[0, :4] = 0
         calibration.append({"input_ids": c_ids, "attention_mask": c_mask})
     return Bench("qwen", model, {"input_ids": ids, "attention_mask": mask}, (), calibration)
+
+
+def make_gpt2():
+    """A random-init GPT-2 (n_embd 64, 2 blocks): its attention and MLP layers are transformers'
+    Conv1D, which stores W transposed as (d_in, d_out); wte is tied to lm_head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    model.loss_type = "ForCausalLM"  # unset, transformers logs a warning at every loss: a graph break
+    with torch.no_grad():  # GPT-2 initialises biases to 0: make the bias paths (ia3, road) count
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    qwen = make_qwen()  # the same token batches (vocabulary 256)
+    return Bench("gpt2", model, qwen.batch, (r"(c_attn|c_proj|c_fc)$",), qwen.calibration)
+
+
+def make_qwen_moe():
+    """A random-init Qwen3-MoE (2 blocks, 4 experts, top-2): transformers 5 keeps each block's
+    experts as fused parameters gate_up_proj (4, 64, 64) and down_proj (4, 64, 32)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=4, num_experts_per_tok=2, attn_implementation="eager",
+    )
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    qwen = make_qwen()
+    return Bench("qwen", model, qwen.batch, (), qwen.calibration)
 
 
 def make_minilm():
@@ -102,6 +138,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def qwen():
     return make_qwen()
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    return make_gpt2()
+
+
+@pytest.fixture(scope="session")
+def qwen_moe():
+    return make_qwen_moe()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """torch.compile of an attached model: no graph breaks, and the same outputs and gradients.
 
-For every case in tests/cases.py the attached tiny Qwen3 decoder is compiled whole with
+For every case in tests/cases.py the attached tiny Qwen3 decoder (and GPT-2, whose Conv1D
+layers store W transposed) is compiled whole with
 `fullgraph=True` (dynamo raises, naming the reason, at the first graph break) and the
 `aot_eager` backend (dynamo + AOTAutograd forward/backward graphs, without inductor's C++
 codegen, which is too slow for 23 cases on a 2-core box); logits and adapter gradients must
@@ -16,7 +17,7 @@ import torch
 import torch._dynamo
 
 from cases import CASES
-from conftest import make_qwen, rel_err
+from conftest import make_gpt2, make_qwen, rel_err
 from test_variants import attach_case
 
 # One case per kind of hook math: low-rank output hook, W read every call, compact-WY pre-hook,
@@ -27,9 +28,10 @@ CASE_PARAMS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    return make_qwen()
+@pytest.fixture(scope="module", params=["qwen", "gpt2"])
+def bench(request):
+    """The tiny Qwen3 (nn.Linear targets) and GPT-2 (transformers Conv1D targets)."""
+    return make_qwen() if request.param == "qwen" else make_gpt2()
 
 
 @pytest.fixture(autouse=True)

@@ -349,7 +349,7 @@ def test_load_refuses_tensor_mismatches(model, saved, tmp_path):
 
 def test_load_refuses_another_architecture(saved, minilm):
     bert = minilm.fresh()
-    _load_refused(bert, saved["lora"], "not linear layers of this model.*another architecture")
+    _load_refused(bert, saved["lora"], "not adaptable layers of this model.*another architecture")
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     wider = Qwen3ForCausalLM(Qwen3Config(

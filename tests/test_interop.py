@@ -24,6 +24,7 @@ import lora_lite as ll  # noqa: E402
 from lora_lite.interop.peft import native_export  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
 from lora_lite.targets import find_targets  # noqa: E402
+from lora_lite.variant import REGISTRY  # noqa: E402
 from lora_lite.variants.lora_xs import LoRAXS  # noqa: E402
 
 from cases import CASE_PARAMS  # noqa: E402
@@ -49,25 +50,41 @@ def peft_scales(pm):
 
 # ---- export -------------------------------------------------------------------------------------
 
+# PEFT has these methods for nn.Linear only: on GPT-2's Conv1D a low-rank change goes out as a
+# plain LoRA, any other is refused.
+LINEAR_ONLY_IN_PEFT = {"delora", "hra", "road"}
+
+
 @pytest.mark.parametrize("case", CASE_PARAMS)
-def test_export_loads_in_peft_with_our_outputs(qwen, case, tmp_path):
+@pytest.mark.parametrize("bench", ["qwen", "gpt2"])
+def test_export_loads_in_peft_with_our_outputs(request, bench, case, tmp_path):
+    qwen = request.getfixturevalue(bench)  # GPT-2: Conv1D targets, PEFT's fan_in_fan_out=True
     model = qwen.fresh()
     cfg = attach_case(qwen, case, model)
     perturb(model)
     y = qwen.out(model)
     assert rel_err(y, qwen.out(qwen.model)) > 1e-3, "adapter is a no-op; the check is vacuous"
+    native = cfg.variant in native_export() and not (bench == "gpt2" and cfg.variant in LINEAR_ONLY_IN_PEFT)
+    if bench == "gpt2" and cfg.variant in LINEAR_ONLY_IN_PEFT and REGISTRY[cfg.variant].low_rank_delta(
+            next(iter(state_of(model).targets.values())), cfg) is None:
+        with pytest.raises(ValueError, match=f"{cfg.variant!r} cannot be exported to PEFT on conv1d layers"):
+            ll.export_peft(model, tmp_path / "from_model")
+        return
 
     ll.export_peft(model, tmp_path / "from_model")
     ll.save(model, tmp_path / "a.safetensors")
     ll.export_peft(str(tmp_path / "a.safetensors"), tmp_path / "from_file")
+    targets = state_of(model).targets
     for d in ("from_model", "from_file"):
         conf, tensors = read_dir(tmp_path / d)
-        assert conf["peft_type"] == PEFT_TYPE.get(cfg.variant, "LORA")
-        assert all(k.startswith("base_model.model.model.layers.") for k in tensors)
-        assert sorted(conf["target_modules"]) == sorted(state_of(model).targets)
+        assert conf["peft_type"] == (PEFT_TYPE.get(cfg.variant, "LORA") if native else "LORA")
+        assert all(any(k.startswith(f"base_model.model.{t}.") for t in targets) for k in tensors)
+        assert sorted(conf["target_modules"]) == sorted(targets)
+        if "fan_in_fan_out" in conf:
+            assert conf["fan_in_fan_out"] == (bench == "gpt2")
         pm = peft.PeftModel.from_pretrained(qwen.fresh(), tmp_path / d).eval()
         assert rel_err(qwen.out(pm), y) <= 1e-5, d
-        if cfg.variant not in native_export():  # a plain LoRA of W_eff − W with PEFT scale 1
+        if not native:  # a plain LoRA of W_eff − W with PEFT scale 1
             assert conf["r"] == conf["lora_alpha"] == (2 * cfg.r if cfg.variant == "pissa" else cfg.r)
             assert not conf["use_rslora"] and not conf["use_dora"] and conf["bias"] == "none"
             assert peft_scales(pm) == {1.0}
@@ -178,7 +195,6 @@ REFUSED_OPTIONS = [
     ("modules_to_save", ["lm_head"]),
     ("bias", "all"),
     ("lora_bias", True),
-    ("fan_in_fan_out", True),
     ("target_parameters", ["mlp.experts.gate_up_proj"]),
     ("layer_replication", [[0, 2], [1, 2]]),
     ("trainable_token_indices", [1, 2]),
@@ -232,7 +248,6 @@ def test_import_refusals_of_real_peft_adapters(qwen, tmp_path):
         "apply_GS": peft.HRAConfig(r=4, target_modules=T, apply_GS=True),
         "HRAConfig.r must be even": peft.HRAConfig(r=3, target_modules=T),
         "peft_type='LOHA'": peft.LoHaConfig(r=4, target_modules=T),
-        "embedding/conv adapters": peft.LoraConfig(r=4, target_modules=["embed_tokens"]),
         "modules_to_save": peft.LoraConfig(r=4, target_modules=T, modules_to_save=["lm_head"]),
     }
     for i, (msg, pcfg) in enumerate(cases.items()):
@@ -259,7 +274,7 @@ def test_import_needs_a_free_model_and_a_safetensors_dir(qwen, lora_dir, tmp_pat
         ll.import_peft(qwen.fresh(), tmp_path)
     toy = make_toy().fresh()
     before = snapshot(toy)
-    with pytest.raises(ValueError, match=r"6 target\(s\) are not linear layers of this model"):
+    with pytest.raises(ValueError, match=r"6 target\(s\) are not adaptable layers of this model"):
         ll.import_peft(toy, lora_dir)
     assert_untouched(toy, before)
 

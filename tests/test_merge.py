@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_lite as ll
+from lora_lite.kinds import dims, is_transposed
 from lora_lite.runtime import STATE_ATTR, state_of
 from lora_lite.variant import REGISTRY
 
@@ -52,7 +53,7 @@ def toy():
 
 
 @pytest.fixture(params=["qwen", pytest.param("qwen_bf16", marks=pytest.mark.slow),
-                        pytest.param("toy", marks=pytest.mark.slow)])
+                        pytest.param("toy", marks=pytest.mark.slow), "gpt2"])
 def base(request):
     return request.getfixturevalue(request.param)
 
@@ -60,9 +61,9 @@ def base(request):
 @torch.no_grad()
 def probed(layer, variant, cfg):
     """(W_eff, b_eff) in fp32 from the hook math on x = 0 and x = e_i."""
-    d_in = layer.in_features
+    d_in = dims(layer)[0]
     X = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)])
-    W = layer.weight.float()
+    W = stored_W(layer).float()
     b = None if layer.bias is None else layer.bias.float()
     if variant.delta_input is not None:
         Y = F.linear(X + variant.delta_input(layer, cfg, X), W, b)
@@ -70,6 +71,11 @@ def probed(layer, variant, cfg):
         Y0 = F.linear(X, W, b)
         Y = Y0 + variant.delta(layer, cfg, X, Y0)
     return (Y[1:] - Y[0]).T, Y[0]
+
+
+def stored_W(layer):
+    """The layer's W in the nn.Linear layout (d_out, d_in), as stored (GPT-2's Conv1D holds Wᵀ)."""
+    return layer.weight.T if is_transposed(layer) else layer.weight
 
 
 def assert_one_rounding(merged: torch.Tensor, ref: torch.Tensor, what: str):
@@ -103,11 +109,11 @@ def test_merge_is_the_same_function(base, case):
         layer = model.get_submodule(name)
         assert (layer.bias is not None) == had_bias[name], "merge created or dropped a bias"
         if base.dtype == torch.float32:
-            assert rel_err(layer.weight, W_ref) <= 1e-5, name
+            assert rel_err(stored_W(layer), W_ref) <= 1e-5, name
             if had_bias[name]:
                 assert rel_err(layer.bias, b_ref) <= 1e-5, name
         else:
-            assert_one_rounding(layer.weight, W_ref, name)
+            assert_one_rounding(stored_W(layer), W_ref, name)
     if base.dtype == torch.float32:
         assert rel_err(base.out(model), y_hooked) <= 1e-5
 
@@ -188,9 +194,9 @@ def check_strengths(model):
     g = torch.Generator().manual_seed(7)
     moved = 0
     for name, layer in state.targets.items():
-        x = torch.randn(2, 3, layer.in_features, generator=g).to(layer.weight.dtype)
+        x = torch.randn(2, 3, dims(layer)[0], generator=g).to(layer.weight.dtype)
         with torch.no_grad():
-            y_plain = F.linear(x, layer.weight, layer.bias)
+            y_plain = type(layer).forward(layer, x)  # the layer's own math, no hooks
             y1 = layer(x)
             with ll.disabled(model):
                 y0 = layer(x)
@@ -208,7 +214,9 @@ def check_strengths(model):
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
-def test_disabled_and_scaled_for_every_variant(qwen, case, tmp_path):
+@pytest.mark.parametrize("bench", ["qwen", "gpt2"])
+def test_disabled_and_scaled_for_every_variant(request, bench, case, tmp_path):
+    qwen = request.getfixturevalue(bench)
     model = qwen.fresh()
     cfg = attach_case(qwen, case, model)
     perturb(model)

@@ -51,7 +51,7 @@ ROWS = [
     # ---- load: the model
     ("missing, unexpected, mis-shaped or mis-typed tensor", f"{CE}: missing/unexpected [keys], shape or dtype expected vs got",
      "test_errors::test_load_refuses_tensor_mismatches"),
-    ("another architecture", f"{CE}: targets are not linear layers of this model / shape mismatch",
+    ("another architecture", f"{CE}: targets are not adaptable layers of this model / shape mismatch",
      "test_errors::test_load_refuses_another_architecture"),
     ("a different base (any variant: none rewrites W)", "loads the saved change onto it; `UserWarning`: base weights of n targets differ",
      "test_errors::test_a_different_base_warns_and_loads_the_saved_change "

@@ -90,7 +90,7 @@ def test_layers_filter_drops_modules_without_an_index():
 @pytest.mark.parametrize("kw,match", [
     ({"target_names": (r"qproj$",)},
      r"pattern 'qproj\$' matches no module of this model.*adaptable layers are: "
-     r"model\.layers\.0\.self_attn\.q_proj"),
+     r"model\.embed_tokens, model\.layers\.0\.self_attn\.q_proj"),
     ({"target_names": (r"q_proj$", r"attention.self.query$")},  # one dead pattern among live ones
      r"pattern 'attention.self.query\$' matches no module"),
     ({"target_names": (r"post_attention_layernorm$",)},

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 import lora_lite as ll
+from lora_lite.kinds import dims
 from lora_lite.runtime import state_of
 from lora_lite.variant import REGISTRY
 
@@ -22,10 +23,11 @@ from conftest import assert_untouched, rel_err, snapshot
 
 
 @pytest.fixture(params=["qwen", pytest.param("minilm", marks=pytest.mark.slow),
-                        pytest.param("qwen_bf16", marks=pytest.mark.slow)])
+                        pytest.param("qwen_bf16", marks=pytest.mark.slow), "gpt2"])
 def bench(request):
-    """Every invariant on the fp32 models and on the tiny Qwen3 with a bf16 base (the fast
-    tier: the fp32 tiny Qwen3)."""
+    """Every invariant on the fp32 models, on the tiny Qwen3 with a bf16 base, and on a tiny
+    GPT-2 whose targets are transformers' Conv1D (W stored transposed) (the fast tier: the fp32
+    tiny Qwen3 and GPT-2)."""
     return request.getfixturevalue(request.param)
 
 
@@ -84,7 +86,7 @@ def test_only_adapter_tensors_train(bench, case):
     assert names and all(".lora_" in n for n in names)
     state = state_of(model)
     expected = sum(  # the count of the variant placed at each target (IA3: gate on input or output)
-        REGISTRY[cfg.variant].at_target(name, cfg).params_per_layer(layer.in_features, layer.out_features, cfg)
+        REGISTRY[cfg.variant].at_target(name, cfg).params_per_layer(*dims(layer), cfg)
         for name, layer in state.targets.items()
     )
     assert sum(p.numel() for p in trainables(model).values()) == expected
@@ -194,15 +196,18 @@ def test_second_attach_is_refused_untouched(bench, case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
-def test_hooked_layer_equals_closed_form(qwen, case):
-    """Each hooked target computes x W_effᵀ + b_eff with the variant's closed-form weights."""
-    model = qwen.fresh()
-    cfg = attach_case(qwen, case, model)
+@pytest.mark.parametrize("base", ["qwen", "gpt2"])
+def test_hooked_layer_equals_closed_form(request, base, case):
+    """Each hooked target computes x W_effᵀ + b_eff with the variant's closed-form weights
+    (on GPT-2's Conv1D, W_eff is in the nn.Linear layout, the transpose of what it stores)."""
+    bench = request.getfixturevalue(base)
+    model = bench.fresh()
+    cfg = attach_case(bench, case, model)
     perturb(model)
     variant = REGISTRY[cfg.variant]
     g = torch.Generator().manual_seed(0)
     for name, layer in state_of(model).targets.items():
-        x = torch.randn(5, layer.in_features, generator=g)
+        x = torch.randn(5, dims(layer)[0], generator=g)
         with torch.no_grad():
             W_eff, b_eff = variant.at_target(name, cfg).effective_weight(layer, cfg)
             expected = torch.nn.functional.linear(x, W_eff.float(), None if b_eff is None else b_eff.float())

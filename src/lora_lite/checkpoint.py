@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from ._version import __version__
 from .config import AdapterConfig
 from .fingerprint import fingerprint, same_base
-from .runtime import ensure_free, install, state_of, trainable_params, validate, variant_of
+from .kinds import KINDS, kind_of
+from .runtime import ensure_free, install, layer_specs, state_of, trainable_params, validate, variant_of
 from .targets import named_linear_layers
 
 try:
@@ -73,12 +74,15 @@ class Adapter:
     trainable: {base parameter name: trained value} of `trainable_modules` (empty if none).
     fingerprints: {target: sketch of the base layer it was made on} (fingerprint.py); None when
     unknown (an imported PEFT adapter), which skips the different-base warning.
+    kinds: {target: layer kind} (kinds.py) of the targets that are not nn.Linear ("conv1d",
+    "embedding", "fused"): exporters name their tensors by kind.
     """
 
     config: AdapterConfig
     tensors: dict[str, dict[str, torch.Tensor]]
     trainable: dict[str, torch.Tensor] = field(default_factory=dict)
     fingerprints: dict[str, dict] | None = None
+    kinds: dict[str, str] = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
     library_version: str = __version__
     source: str = "<memory>"                    # the file it was read from, for messages
@@ -117,6 +121,7 @@ def adapter_of(model: nn.Module) -> Adapter:
         tensors=tensors,
         trainable={n: model.get_parameter(n).detach().to("cpu").contiguous() for n in state.originals},
         fingerprints=state.fingerprints,
+        kinds={n: k for n, m in state.targets.items() if (k := kind_of(m)) != "linear"},
     )
 
 
@@ -142,6 +147,8 @@ def write(adapter: Adapter, path: str | os.PathLike) -> None:
     }
     if adapter.trainable:
         metadata["trainable"] = json.dumps(list(adapter.trainable))
+    if adapter.kinds:  # an exporter without the model needs them (PEFT's names differ per kind)
+        metadata["kinds"] = json.dumps(adapter.kinds)
     metadata["metadata_sha256"] = _metadata_digest(metadata)
     write_atomic(path, serialize(tensors, metadata=metadata))
 
@@ -241,7 +248,10 @@ def read(path: str | os.PathLike) -> Adapter:
     if missing:
         raise CheckpointError(f"{path}: the trained base parameter {BASE + missing[0]} is missing")
     trainable = {n: trainable[n] for n in trained}  # the saved (model) order
-    return Adapter(config=cfg, tensors=tensors, trainable=trainable, fingerprints=fps,
+    kinds = _parse_json(path, meta, "kinds", dict) if "kinds" in meta else {}
+    if not set(kinds) <= set(names) or not set(kinds.values()) <= set(KINDS):
+        raise CheckpointError(f"{path}: metadata 'kinds' must map listed targets to one of {KINDS}")
+    return Adapter(config=cfg, tensors=tensors, trainable=trainable, fingerprints=fps, kinds=kinds,
                    format_version=meta["format_version"],
                    library_version=str(meta.get("library_version", "?")), source=path)
 
@@ -257,18 +267,23 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
     found, absent = named_linear_layers(model, names)
     if absent:
         raise CheckpointError(
-            f"{where}: {len(absent)} target(s) are not linear layers of this model, e.g. "
+            f"{where}: {len(absent)} target(s) are not adaptable layers of this model, e.g. "
             f"{absent[:3]}; was the adapter made on another architecture, or for another model class "
             f"(AutoModelForCausalLM and AutoModel name their modules differently)?"
         )
     targets = found  # model order (an imported adapter lists them in its file's order)
+    for name, layer in targets:
+        saved_kind, kind = adapter.kinds.get(name, "linear"), kind_of(layer)
+        if saved_kind != kind and {saved_kind, kind} != {"linear", "conv1d"}:  # same tensors for these two
+            article = "an" if saved_kind[0] in "aeiou" else "a"
+            raise CheckpointError(f"{where}: {name} is a {kind} layer here, the adapter was made for {article} {saved_kind} one")
     try:
         validate(model, variant, cfg, targets)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: the saved {cfg.variant!r} adapter does not fit this model: {e}") from None
 
     for name, layer in targets:
-        specs = variant.at_target(name, cfg).param_specs(layer.in_features, layer.out_features, cfg)
+        specs = layer_specs(variant.at_target(name, cfg), layer, cfg)
         have = adapter.tensors[name]
         missing, unexpected = sorted(set(specs) - set(have)), sorted(set(have) - set(specs))
         if missing or unexpected:

@@ -44,6 +44,11 @@ class AdapterConfig:
                  and the change back (more precise on a low-precision base, more memory).
     target_names regexes; a linear-like module is a candidate if any matches its full name.
     target_roles subset of {"reader", "writer", "inner"} (see targets.py); empty = no role filter.
+    target_parameters  regexes over parameter names (PEFT's field of that name): fused
+                 parameters such as MoE experts (`mlp.experts.gate_up_proj`, (E, d_out, d_in))
+                 adapted per expert, for variants that adapt the "fused" kind (kinds.py). With
+                 target_parameters and neither target_names nor target_roles, no module is a
+                 target (as PEFT's target_modules=[]).
     exclude_names regexes that remove candidates (default: the LM head).
     layers       block indices (the first integer in the module path) to keep; None = all.
     trainable_modules  regexes naming base modules (a classifier head, an embedding) whose
@@ -58,6 +63,7 @@ class AdapterConfig:
     compute: Literal["input", "adapter"] = "input"
     target_names: tuple[str, ...] = ()
     target_roles: tuple[Literal["reader", "writer", "inner"], ...] = ()
+    target_parameters: tuple[str, ...] = ()
     exclude_names: tuple[str, ...] = (r"(^|\.)lm_head$",)
     layers: tuple[int, ...] | None = None
     trainable_modules: tuple[str, ...] = ()
@@ -105,7 +111,7 @@ class AdapterConfig:
                 )
         if self.r < 1:
             raise ValueError(f"{type(self).__name__}.r: must be >= 1, got {self.r}")
-        for fname in ("target_names", "exclude_names", "trainable_modules"):
+        for fname in ("target_names", "target_parameters", "exclude_names", "trainable_modules"):
             for pattern in getattr(self, fname):
                 try:
                     re.compile(pattern)

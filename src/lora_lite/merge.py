@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .kinds import bias, is_dense, to_storage
+from .quant import dense_weight
 from .runtime import detach, state_of
 
 
@@ -68,18 +70,21 @@ def merge(model: nn.Module) -> None:
     state = state_of(model)
     for name, layer in state.targets.items():
         W = layer.weight
-        dense = (
-            isinstance(layer, nn.Linear)
-            and type(W) in (nn.Parameter, torch.Tensor)
-            and W.dtype.is_floating_point
-            and tuple(W.shape) == (layer.out_features, layer.in_features)
-        )
-        if not dense:
+        if not is_dense(layer):
             raise TypeError(
-                f"{name}: merge writes a dense weight and needs torch.nn.Linear with a floating-point "
-                f"(d_out, d_in) weight, got {type(layer).__name__} with a {W.dtype} weight of shape "
+                f"{name}: merge writes a dense weight and needs torch.nn.Linear, Conv1D or nn.Embedding "
+                f"with a floating-point weight, got {type(layer).__name__} with a {W.dtype} weight of shape "
                 f"{tuple(W.shape)}; keep the adapter attached (hooks) on quantised layers, or merge "
                 f"into a dequantised copy"
+            )
+        shared = [n for n, p in model.named_parameters(remove_duplicate=False)
+                  if p is W and n != name and not n.startswith(name + ".")]
+        if shared:
+            raise RuntimeError(
+                f"{name}: its weight is also {shared[0]} (tied weights), so merging would change that "
+                f"layer too, while the adapter changes only {name}; untie first (e.g. "
+                f"model.{shared[0]} = nn.Parameter(model.{shared[0]}.detach().clone())) or keep the "
+                f"adapter attached / export it to PEFT"
             )
     c = state.scale if state.enabled else 0.0
     targets = list(state.targets.items())
@@ -88,7 +93,7 @@ def merge(model: nn.Module) -> None:
             try:  # one layer at a time: peak extra memory is one layer's fp32 temporaries
                 placed = state.variant.at_target(name, state.cfg)
                 W, b = _merged(layer, placed.effective_weight(layer, state.cfg), c)
-                layer.weight.copy_(W)
+                layer.weight.copy_(to_storage(layer, W))
                 if b is not None and layer.bias is None:
                     flag = state.requires_grad.get(f"{name}.weight", False)
                     layer.bias = nn.Parameter(b, requires_grad=flag)
@@ -107,14 +112,15 @@ def _merged(layer: nn.Module, eff, c: float):
     """(W + c·(W_eff − W), b + c·(b_eff − b)) in fp32, rounded once to the layer's dtypes;
     the bias is None when it does not change."""
     W_eff, b_eff = eff
-    W0 = layer.weight
+    W0 = dense_weight(layer)
     if c != 1.0:
-        W_eff = W0.float() + c * (W_eff.float() - W0.float())
-    b0 = layer.bias
+        W_eff = W0 + c * (W_eff.float() - W0)
+    dtype = layer.weight.dtype
+    b0 = bias(layer)
     if b_eff is None or b_eff is b0:
         b = None
     else:
         base = torch.zeros_like(b_eff, dtype=torch.float32) if b0 is None else b0.float()
         b = b_eff.float() if c == 1.0 else base + c * (b_eff.float() - base)
-        b = b.to(W0.dtype if b0 is None else b0.dtype)
-    return W_eff.to(W0.dtype), b
+        b = b.to(dtype if b0 is None else b0.dtype)
+    return W_eff.to(dtype), b

@@ -6,6 +6,7 @@ dequantized into a new fp32 tensor and never re-quantized or written back: the s
 quantized weight stays bit for bit what it was. Supported storages:
 
     torch.nn.Linear with a floating-point weight     W itself, as fp32 (no copy when it is fp32)
+    transformers Conv1D, nn.Embedding (kinds.py)     the stored weight transposed (a view)
     bitsandbytes Linear4bit (nf4/fp4), Params4bit     dequantize_4bit(packed, quant_state)
     bitsandbytes Linear8bitLt, Int8Params (int8)      CB · SCB / 127 (row-wise absmax scales)
     torchao quantize_ weights (TorchAOBaseTensor)     weight.dequantize()
@@ -21,6 +22,8 @@ import sys
 
 import torch
 from torch import nn
+
+from .kinds import dims, is_transposed, kind_of
 
 
 def weight_storage(layer: nn.Module) -> str | None:
@@ -58,15 +61,21 @@ def is_quantized(layer: nn.Module) -> bool:
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """W (d_out, d_in) as an fp32 tensor, dequantized when stored quantized; read-only use.
+    (For a fused parameter, kinds.py: (E, d_out, d_in), one W per expert.)
 
     For a dense fp32 nn.Linear this is `layer.weight` itself (autograd sees it as usual); a
     quantized weight gives a fresh tensor on the weight's device, outside autograd."""
     w = getattr(layer, "weight", None)
-    if type(w) is nn.Parameter and w.dtype.is_floating_point and isinstance(layer, nn.Linear):
-        return w.float()  # the common case first: DoRA reads W on every call
+    if type(w) is nn.Parameter and w.dtype.is_floating_point:  # the common cases first: DoRA reads W every call
+        if isinstance(layer, nn.Linear):
+            return w.float()
+        if is_transposed(layer):
+            return w.mT.float()
+        if kind_of(layer) == "fused":
+            return w.float()
     kind = weight_storage(layer)
     if kind == "dense":
-        return w.float()
+        return (w.mT if is_transposed(layer) else w).float()
     with torch.no_grad():
         if kind == "bnb_4bit" and getattr(w.quant_state, "packing_format_for_cpu", False):
             W = _bnb4_cpu_packed(w.data, w.quant_state)
@@ -92,7 +101,8 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
                 f"torch.nn.Linear, bitsandbytes Linear4bit / Linear8bitLt and torchao-quantized "
                 f"linears; variants that do not read W (needs_dense_weight = False) need no dense weight"
             )
-    expected = (layer.out_features, layer.in_features)
+    d_in, d_out = dims(layer)
+    expected = (d_out, d_in)
     if tuple(W.shape) != expected:
         raise TypeError(
             f"{type(layer).__name__}: dequantized weight has shape {tuple(W.shape)}, expected "
@@ -120,5 +130,7 @@ def _bnb4_cpu_packed(packed: torch.Tensor, qs) -> torch.Tensor:
 
 def _float_or_none(layer: nn.Module, w: torch.Tensor) -> str | None:
     """An nn.Linear with a floating-point weight (also a bitsandbytes weight not quantized yet)
-    holds W itself; other layer classes may store it differently (GPT-2's Conv1D: transposed)."""
-    return "dense" if isinstance(layer, nn.Linear) and w.dtype.is_floating_point else None
+    holds W itself; Conv1D and nn.Embedding hold it transposed (kinds.py); other layer classes
+    may store it in ways this module does not know."""
+    plain = isinstance(layer, nn.Linear) or kind_of(layer) in ("conv1d", "embedding", "fused")
+    return "dense" if plain and w.dtype.is_floating_point else None

@@ -29,9 +29,10 @@ from torch import nn
 from .calibration import collect_stats
 from .config import AdapterConfig
 from .fingerprint import fingerprint
+from .kinds import DESCRIBED, FusedParameter, dims, kind_of, label
 from .quant import weight_storage
 from .targets import find_targets
-from .variant import REGISTRY, ParamSpec, Variant, init_tensor
+from .variant import REGISTRY, ParamSpec, Variant, init_tensor, like
 
 STATE_ATTR = "_lora_lite"
 PREFIX = "lora_"
@@ -101,6 +102,8 @@ def detach(model: nn.Module) -> None:
     for name, layer in state.targets.items():
         for pname in state.specs[name]:
             _delete(layer, pname)
+        if isinstance(layer, FusedParameter):
+            layer.owner._modules.pop(layer.slot, None)
     _restore_values(model, state.originals)
     _restore_flags(model, state.requires_grad)
     delattr(model, STATE_ATTR)
@@ -139,8 +142,8 @@ class Description:
         cfg = self.config
         default = type(cfg)()
         fields = [f"{k}={v!r}" for k, v in cfg.to_dict().items()
-                  if k not in ("variant", "target_names", "target_roles", "exclude_names", "layers",
-                               "trainable_modules") and (k in ("r", "alpha", "dtype") or v != default.to_dict()[k])]
+                  if k not in ("variant", "target_names", "target_roles", "target_parameters", "exclude_names",
+                               "layers", "trainable_modules") and (k in ("r", "alpha", "dtype") or v != default.to_dict()[k])]
         some = self.targets if len(self.targets) <= 3 else [*self.targets[:2], "...", self.targets[-1]]
         compute = ("in the activation's dtype (AMP-style)" if cfg.compute == "input"
                    else "in the adapter dtype (activations cast)")
@@ -148,7 +151,8 @@ class Description:
             f"lora-lite adapter: {self.variant} ({type(cfg).__name__})",
             f"  config: {', '.join(fields)}",
             f"  targets: {len(self.targets)} layers ({', '.join(some)}); selected by "
-            f"target_names={cfg.target_names}, target_roles={cfg.target_roles}, layers={cfg.layers}",
+            f"target_names={cfg.target_names}, target_roles={cfg.target_roles}, layers={cfg.layers}"
+            + (f", target_parameters={cfg.target_parameters}" if cfg.target_parameters else ""),
             f"  trainable: {self.adapter_params:,} adapter parameters"
             + (f" + {sum(self.base_params.values()):,} in trainable_modules ({', '.join(self.base_params)})"
                if self.base_params else ""),
@@ -188,11 +192,16 @@ def hook_only() -> list[str]:
 
 
 def _hook_kinds(state: AttachState) -> str:
-    """'output', 'input (pre-hook)', or both with their targets (a per-target placement)."""
+    """'output', 'input (pre-hook)', the weight swap of fused parameters, or several of them with
+    their targets (a per-target placement)."""
     kinds: dict[str, list[str]] = {}
-    for name in state.targets:
-        placed = state.variant.at_target(name, state.cfg)
-        kinds.setdefault("input (pre-hook)" if placed.delta_input is not None else "output", []).append(name)
+    for name, layer in state.targets.items():
+        if isinstance(layer, FusedParameter):
+            key = "W + ΔW swapped in for the forward of each fused parameter's owner"
+        else:
+            placed = state.variant.at_target(name, state.cfg)
+            key = "input (pre-hook)" if placed.delta_input is not None else "output"
+        kinds.setdefault(key, []).append(name)
     if len(kinds) == 1:
         return next(iter(kinds))
     return "; ".join(f"{k} on {len(v)} ({', '.join(v[:2])}{', ...' if len(v) > 2 else ''})" for k, v in kinds.items())
@@ -232,6 +241,7 @@ def validate(
         leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(PREFIX)]
         if leftover:
             raise RuntimeError(f"{name} already holds adapter tensors {leftover}; use a pristine model")
+        check_kind(name, layer, variant)
         if placed.needs_dense_weight and weight_storage(layer) is None:
             w = getattr(layer, "weight", None)
             raise TypeError(
@@ -241,10 +251,11 @@ def validate(
                 f"torchao quantize_); variants that do not read W ({', '.join(hook_only())}) work on "
                 f"any linear-like layer"
             )
-        if placed.uses_rank and cfg.r > min(layer.in_features, layer.out_features):
+        d_in, d_out = dims(layer)
+        if placed.uses_rank and cfg.r > min(d_in, d_out):
             raise ValueError(
-                f"{name}: r={cfg.r} exceeds min(d_in, d_out)=min({layer.in_features}, "
-                f"{layer.out_features}); use a smaller r or exclude this layer"
+                f"{name}: r={cfg.r} exceeds min(d_in, d_out)=min({d_in}, {d_out}); use a smaller r "
+                f"or exclude this layer"
             )
         try:
             placed.validate(layer, cfg)
@@ -252,6 +263,29 @@ def validate(
             raise type(e)(f"{name}: {e}") from None
     variant.validate_targets([n for n, _ in targets], cfg)
     trainable_params(model, cfg, targets)
+
+
+def check_kind(name: str, layer: nn.Module, variant: type[Variant]) -> None:
+    """Refuse a layer whose kind (kinds.py) the variant does not adapt, naming what it adapts."""
+    kind = kind_of(layer)
+    if kind not in variant.kinds:
+        others = sorted(n for n, v in REGISTRY.items() if kind in v.kinds)
+        hint = f"; variants that adapt it: {', '.join(others)}" if others else ""
+        raise TypeError(
+            f"{name}: variant {variant.name!r} does not adapt {label(kind, layer)}; it adapts "
+            f"{'; '.join(DESCRIBED[k] for k in variant.kinds)}{hint}"
+        )
+    if kind == "embedding":
+        if layer.max_norm is not None:
+            raise TypeError(
+                f"{name}: nn.Embedding with max_norm={layer.max_norm} renormalises rows in place at "
+                f"every lookup, which an additive adapter cannot follow; use max_norm=None"
+            )
+        if type(layer).forward is not nn.Embedding.forward:
+            raise TypeError(
+                f"{name}: {type(layer).__name__} overrides nn.Embedding.forward (e.g. scales the "
+                f"lookup), so its output is not embed(ids, W); only plain lookups are adapted"
+            )
 
 
 def trainable_params(
@@ -321,14 +355,18 @@ def install(
         cfg=cfg,
         variant=variant,
         targets=dict(targets),
-        specs={n: variant.at_target(n, cfg).param_specs(m.in_features, m.out_features, cfg) for n, m in targets},
+        specs={n: layer_specs(variant.at_target(n, cfg), m, cfg) for n, m in targets},
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
     # The base as it is now (pristine by contract); save() writes it, load() compares with it.
     state.fingerprints = fingerprints or {n: fingerprint(m) for n, m in targets}
     created: list[tuple[nn.Module, str]] = []
+    placed: list[FusedParameter] = []
     try:
         for name, layer in targets:
+            if isinstance(layer, FusedParameter):  # registered beside its parameter: .to(), copies, state_dict
+                layer.owner.add_module(layer.slot, layer)
+                placed.append(layer)
             for pname, spec in state.specs[name].items():
                 _create(layer, pname, spec, cfg.dtype)
                 created.append((layer, pname))
@@ -353,9 +391,28 @@ def install(
         _remove_hooks(state)
         for layer, pname in created:
             _delete(layer, pname)
+        for layer in placed:
+            layer.owner._modules.pop(layer.slot, None)
         _restore_values(model, state.originals)
         _restore_flags(model, state.requires_grad)
         raise
+
+
+def layer_specs(variant: type[Variant], layer: nn.Module, cfg: AdapterConfig) -> dict[str, ParamSpec]:
+    """The variant's tensors for this layer; for a fused parameter one per expert: a leading
+    expert dimension, each slice initialised as the variant's own tensor."""
+    specs = variant.param_specs(*dims(layer), cfg)
+    if not isinstance(layer, FusedParameter):
+        return specs
+    E = layer.num_experts
+    return {n: dataclasses.replace(s, shape=(E, *s.shape), init=_per_expert(s.init)) for n, s in specs.items()}
+
+
+def _per_expert(init):
+    def fill(t):
+        for e in range(t.shape[0]):
+            init_tensor(t[e], init)
+    return fill
 
 
 class AdapterHook:
@@ -396,8 +453,62 @@ class AdapterPreHook(AdapterHook):
         return (x + d.to(x.dtype),) + args[1:]
 
 
+class EmbeddingHook(AdapterHook):
+    """Forward hook of an nn.Embedding target: y + scale·Δy, Δy = variant.delta_embedding(layer,
+    cfg, ids, y); the input is token ids, so the change is computed in y's dtype."""
+
+    def __call__(self, module: nn.Module, args: tuple, y: torch.Tensor):
+        state = self.state
+        if not state.enabled:
+            return None
+        dt = getattr(module, self.first).dtype if state.cfg.compute == "adapter" else y.dtype
+        d = self.delta(module, state.cfg, args[0], y.to(dt))
+        if state.scale != 1.0:
+            d = d * state.scale
+        return y + d.to(y.dtype)
+
+
+class FusedPreHook(AdapterHook):
+    """Forward pre-hook on the module owning a fused parameter (kinds.FusedParameter): for its
+    forward the parameter slot holds W + scale·B A per expert (one baddbmm in W's dtype, B A
+    from the variant's `low_rank_delta`). The Parameter is kept aside on the FusedParameter
+    and never written."""
+
+    def __init__(self, state: AttachState, delta: Callable, target: FusedParameter):
+        super().__init__(state, delta, "")
+        self.target = target
+
+    def __call__(self, module: nn.Module, args: tuple):
+        state, target = self.state, self.target
+        if not state.enabled:
+            return None
+        W = module._parameters[target.parameter_name]
+        B, A = self.delta(target, state.cfg)                        # (E, d_out, k), (E, k, d_in)
+        B, A = like(W, B * state.scale if state.scale != 1.0 else B, A)
+        W_eff = torch.baddbmm(W, A.mT, B.mT) if target.transposed else torch.baddbmm(W, B, A)
+        target.__dict__["_parameter"] = W
+        module._parameters[target.parameter_name] = W_eff          # what module.<name> reads now
+        return None
+
+
+class FusedPostHook(FusedPreHook):
+    """Forward hook (always called, also when the forward raises): the Parameter back in its slot."""
+
+    def __call__(self, module: nn.Module, args: tuple, output=None):
+        W = self.target.__dict__.pop("_parameter", None)
+        if W is not None:
+            module._parameters[self.target.parameter_name] = W
+        return None
+
+
 def _add_hook(layer: nn.Module, variant: type[Variant], state: AttachState, first: str) -> None:
-    if variant.delta_input is not None:
+    kind = kind_of(layer)
+    if kind == "fused":
+        layer.owner.register_forward_pre_hook(FusedPreHook(state, variant.low_rank_delta, layer))
+        layer.owner.register_forward_hook(FusedPostHook(state, variant.low_rank_delta, layer), always_call=True)
+    elif kind == "embedding":
+        layer.register_forward_hook(EmbeddingHook(state, variant.delta_embedding, first))
+    elif variant.delta_input is not None:
         layer.register_forward_pre_hook(AdapterPreHook(state, variant.delta_input, first))
     else:
         layer.register_forward_hook(AdapterHook(state, variant.delta, first))
@@ -406,7 +517,8 @@ def _add_hook(layer: nn.Module, variant: type[Variant], state: AttachState, firs
 def _remove_hooks(state: AttachState) -> None:
     """Remove the hooks that read `state` from its targets (found by identity, so this works on
     a deepcopied or unpickled model as on the original)."""
-    for layer in state.targets.values():
+    for target in state.targets.values():
+        layer = target.owner if isinstance(target, FusedParameter) else target
         for hooks, extra in ((layer._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
                              (layer._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",))):
             for key in [k for k, h in hooks.items() if isinstance(h, AdapterHook) and h.state is state]:

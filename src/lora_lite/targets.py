@@ -1,7 +1,8 @@
 """Target discovery: which linear-like modules an adapter attaches to.
 
-Linear-like = has `in_features`, `out_features`, `weight` and is callable, so quantised linears
-qualify for hook-only variants. Filters apply in this order: `exclude_names`, `layers`,
+Linear-like = nn.Linear, a quantised linear (has `in_features`, `out_features`, `weight`; for
+hook-only variants) or transformers' Conv1D (kinds.py). An nn.Embedding is a candidate only
+when a `target_names` pattern names it. Filters apply in this order: `exclude_names`, `layers`,
 `target_names`, then `target_roles`. Roles are classified only when role filtering is asked
 for, and only for modules that survived the other filters, so an ambiguous square layer that
 the name filters exclude never raises.
@@ -28,6 +29,7 @@ import re
 from torch import nn
 
 from .config import AdapterConfig
+from .kinds import DESCRIBED, FusedParameter, dims, fused_parameters, kind_of
 
 # Names that resolve a square (d_model -> d_model) layer's role: attention and FFN names of the
 # Llama/Qwen/Mistral/Gemma/Phi-3 (q_proj, qkv_proj, gate_up_proj, down_proj), GPT-2 (c_attn,
@@ -44,26 +46,48 @@ _SQUARE_WRITER = re.compile(
     r"(^|[._])(o|o_proj|out_proj|c_proj|wo|down_proj|fc2|dense_4h_to_h|"
     r"(attention|attn|self_attention)\.dense|attention\.output\.dense|output\.dense)$"
 )
-ADAPTABLE = "torch.nn.Linear and linear-like modules (in_features, out_features, weight; e.g. quantized linears)"
+ADAPTABLE = "; ".join(DESCRIBED.values())
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return (
-        hasattr(module, "in_features")
-        and hasattr(module, "out_features")
-        and getattr(module, "weight", None) is not None
-        and callable(module)
-    )
+    """A layer computing x Wᵀ + b on features: nn.Linear, a quantized linear or a Conv1D."""
+    return kind_of(module) in ("linear", "conv1d")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer of a kind lora-lite adapts (kinds.py): linear-like or an embedding."""
+    return kind_of(module) is not None
 
 
 def named_linear_layers(model: nn.Module, names) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    """([(name, layer)] for the `names` that are linear-like layers of `model`, in model order;
+    """([(name, layer)] for the `names` that are adaptable layers of `model`, in model order;
     the names that are not) — how a saved or imported adapter finds its targets."""
     wanted = set(names)
-    found = [(n, m) for n, m in model.named_modules() if n in wanted and is_linear_like(m)]
+    found = [(n, m) for n, m in model.named_modules() if n in wanted and is_adaptable(m)]
+    found += [(n, FusedParameter(owner, p)) for n, owner, p in fused_parameters(model) if n in wanted]
     have = {n for n, _ in found}
     return found, [n for n in names if n not in have]
+
+
+def find_fused(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """(parameter name, FusedParameter) for the 3-D parameters `cfg.target_parameters` names
+    (after exclude_names and layers); ValueError naming a pattern that matches none of them."""
+    fused = fused_parameters(model)
+    selected = []
+    for pattern in cfg.target_parameters:
+        hits = [f for f in fused if re.search(pattern, f[0])]
+        if not hits:
+            others = [n for n, p in model.named_parameters() if re.search(pattern, n)]
+            found = (f"it matches {others[0]} of shape {tuple(model.get_parameter(others[0]).shape)}, not a "
+                     f"3-D fused parameter; adapt its module with target_names") if others else \
+                f"fused (3-D) parameters of this model: {', '.join(f[0] for f in fused[:4]) or 'none'}"
+            raise ValueError(f"target_parameters: {pattern!r} matches no fused parameter; {found}")
+        selected += [f for f in hits if f not in selected]
+    selected = [f for f in fused if f in selected]  # model order
+    return [(name, FusedParameter(owner, pname)) for name, owner, pname in selected
+            if not any(re.search(p, name) for p in cfg.exclude_names)
+            and (cfg.layers is None or layer_index(name) in cfg.layers)]
 
 
 def layer_index(name: str) -> int | None:
@@ -78,7 +102,7 @@ def role(name: str, module: nn.Module, d_model: int | None) -> str:
             "target_roles needs the model width: the model has no config.hidden_size; "
             "use target_names instead"
         )
-    d_in, d_out = module.in_features, module.out_features
+    d_in, d_out = dims(module)
     if d_in == d_model and d_out != d_model:
         return "reader"
     if d_out == d_model and d_in != d_model:
@@ -98,7 +122,9 @@ def role(name: str, module: nn.Module, d_model: int | None) -> str:
 def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
     """Ordered (name, module) pairs the config selects; ValueError if there are none."""
     modules = [(n, m) for n, m in model.named_modules() if n]
-    candidates = [(n, m) for n, m in modules if is_linear_like(m)]
+    # An embedding is never adapted by default: only a target_names pattern can select it.
+    candidates = [(n, m) for n, m in modules
+                  if is_linear_like(m) or (cfg.target_names and kind_of(m) == "embedding")]
     selected = []
     for name, module in candidates:
         if any(re.search(p, name) for p in cfg.exclude_names):
@@ -114,6 +140,10 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Mod
     if cfg.target_roles:
         d_model = getattr(getattr(model, "config", None), "hidden_size", None)
         selected = [(n, m) for n, m in selected if role(n, m, d_model) in cfg.target_roles]
+    if cfg.target_parameters:
+        if not (cfg.target_names or cfg.target_roles):
+            selected = []  # parameters only, as PEFT's target_modules=[]
+        selected += find_fused(model, cfg)
     if not selected:
         some = ", ".join(n for n, _ in candidates[:8]) or "(the model has no linear-like modules)"
         raise ValueError(
@@ -130,14 +160,14 @@ def _why_unselected(pattern: str, modules: list[tuple[str, nn.Module]], cfg: Ada
     head = f"target_names pattern {pattern!r}"
     matched = [(n, m) for n, m in modules if re.search(pattern, n)]
     if not matched:
-        some = [n for n, m in modules if is_linear_like(m)]
+        some = [n for n, m in modules if is_adaptable(m)]
         listed = ", ".join(some[:8]) + (f" ... ({len(some)} in all)" if len(some) > 8 else "")
         return (
             f"{head} matches no module of this model (a typo, or a name from another "
             f"architecture); its adaptable layers are: {listed or '(none)'}. For a config shared "
             f"across architectures write the alternatives in one pattern, e.g. r'\\.(q_proj|query)$'"
         )
-    linear = [n for n, m in matched if is_linear_like(m)]
+    linear = [n for n, m in matched if is_adaptable(m)]
     if not linear:
         leaves = [(n, m) for n, m in matched if next(m.children(), None) is None]
         shown = leaves or matched

@@ -11,7 +11,22 @@ A variant is a class of static functions (math only; no hooks, no model walking,
     effective_weight(layer, cfg) -> (W_eff, b_eff)       closed form of the adapted layer
     low_rank_delta(layer, cfg) -> (B, A) | None          W_eff − W = B A when that is low-rank
                                                          and b_eff = b (exported as a plain LoRA)
+    delta_embedding(layer, cfg, ids, y) -> Δy            output hook of an nn.Embedding target:
+                                                         the input is token ids (see kinds below)
     at_target(name, cfg) -> variant class                optional placement per target (below)
+
+Layer kinds (kinds.py). W is always the dense (d_out, d_in) matrix `dense_weight(layer)`, so
+the math above holds on every kind; what differs is the input of an embedding: token ids, i.e.
+x = onehot(ids) and x Aᵀ = embed(ids, Aᵀ). A variant lists the kinds it adapts:
+
+    kinds               default ("linear", "conv1d"); add "embedding" together with
+                        `delta_embedding`, and "fused" (a 3-D parameter of E experts) when
+                        `low_rank_delta` computes B A from the adapter tensors alone with
+                        batched matmuls: on a fused target every tensor gets a leading expert
+                        dimension (ParamSpec shape (E, ...), each slice initialised as one
+                        tensor) and the runtime adds scale·B A to the parameter for the owner's
+                        forward. Attach refuses any other kind, naming the variant, the module
+                        and the kinds the variant adapts.
 
 Placement. A method may act differently on different targets: IA3 gates the *outputs* of k/v
 and the *input* of the FFN down-projection, in one adapter. `at_target(name, cfg)` returns the
@@ -68,6 +83,7 @@ import torch
 from torch import nn
 
 from .config import CONFIGS, AdapterConfig
+from .kinds import KINDS, bias
 from .quant import dense_weight
 
 INITS = ("zeros", "ones", "near_zero", "near_one", "kaiming")
@@ -138,9 +154,11 @@ class Variant:
     @staticmethod
     def params_per_layer(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
         raise NotImplementedError
+    kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
 
     delta: ClassVar[Callable | None] = None
     delta_input: ClassVar[Callable | None] = None
+    delta_embedding: ClassVar[Callable | None] = None
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: AdapterConfig) -> dict[str, ParamSpec]:
@@ -174,7 +192,7 @@ class Variant:
         if factors is None:
             raise NotImplementedError(f"{cls.__name__} defines neither effective_weight nor low_rank_delta")
         B, A = factors
-        return dense_weight(layer) + B @ A, layer.bias
+        return dense_weight(layer) + B @ A, bias(layer)
 
     @classmethod
     def at_target(cls, name: str, cfg: AdapterConfig) -> type[Variant]:
@@ -279,6 +297,12 @@ def register(cls: type[Variant]) -> type[Variant]:
         raise ValueError(f"{cfg_cls.__name__}.variant defaults to {default!r}, expected {name!r}")
     if (cls.delta is None) == (cls.delta_input is None):
         raise TypeError(f"{cls.__name__}: define exactly one of delta / delta_input")
+    if not set(cls.kinds) <= set(KINDS):
+        raise ValueError(f"{cls.__name__}.kinds: unknown kinds {sorted(set(cls.kinds) - set(KINDS))}; known: {KINDS}")
+    if ("embedding" in cls.kinds) != (cls.delta_embedding is not None):
+        raise TypeError(f"{cls.__name__}: an 'embedding' in kinds goes with a delta_embedding, and only then")
+    if "fused" in cls.kinds and cls.low_rank_delta is Variant.low_rank_delta:
+        raise TypeError(f"{cls.__name__}: a 'fused' in kinds needs low_rank_delta (the per-expert B A)")
     if cls.calibration not in (None, "gram", "diag"):
         raise ValueError(f"{cls.__name__}.calibration must be None, 'gram' or 'diag'")
     if cls.requires_calibration and cls.calibration is None:

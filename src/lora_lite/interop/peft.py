@@ -19,12 +19,22 @@ Import (`read_peft` -> `Adapter`, `import_peft` = `ll.load` of it): the variants
 `imports` the saved config; every PEFT option that would change the function without a
 lora-lite equivalent is refused, naming it, before the model is touched.
 
+Layer kinds (kinds.py). PEFT's LoRA and IA3 keep the same tensors on transformers' Conv1D
+(`fan_in_fan_out=True` only says the base weight is stored transposed; PEFT sets it per layer
+from the layer's type). On an nn.Embedding PEFT's LoRA names the pair `lora_embedding_A` (r, V) /
+`lora_embedding_B` (dim, r), our layout, and saves the base embedding beside it
+(`<module>.base_layer.weight`). A fused parameter (MoE experts, `target_parameters`) has its
+LoRA on a ParamWrapper replacing the owning module, with A and B 2-D ((E·r, d_in) and (d_out,
+r·E), `_to_peft`); several parameters of one module nest (`_peft_module`). Which kinds each
+PEFT method adapts is `PEFT_KINDS`; an export that PEFT could not load is refused.
+
 Parity helpers: `peft_config(cfg, targets)` builds the PEFT config of the same method and
 `copy_to_peft` writes our tensors into a PEFT model. Only these two need peft installed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -37,12 +47,23 @@ from torch import nn
 
 from ..checkpoint import _DTYPE_CODES, Adapter, adapter_of, load, read, write_atomic
 from ..config import AdapterConfig
+from ..kinds import fused_parameters, kind_of
 from ..runtime import ensure_free, state_of, variant_of
 from ..variant import REGISTRY, PeftMap
+from ..variants.lora import PEFT_LORA_TENSORS  # the plain-LoRA form every low-rank change exports as
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# Layer kinds each PEFT method adapts (the others PEFT has for nn.Linear only).
+PEFT_KINDS = {"LORA": ("linear", "conv1d", "embedding", "fused"), "IA3": ("linear", "conv1d")}
+# An embedding's LoRA pair: PEFT's in-layer paths for our lora_A / lora_B there.
+_EMBEDDING_PATHS = {"lora_A.default.weight": "lora_embedding_A.default",
+                    "lora_B.default.weight": "lora_embedding_B.default"}
+_EMBEDDING_KEYS = {"lora_embedding_A": "lora_A.weight", "lora_embedding_B": "lora_B.weight"}
+_BASE_KEY = ".base_layer.weight"  # the base embedding PEFT saves beside an embedding adapter
+# A fused parameter's LoRA pair in PEFT's 2-D layout.
+_EXPERT_LAYOUTS = {"lora_A": "experts_A", "lora_B": "experts_B"}
 
 
 def peft_methods() -> list[str]:
@@ -67,15 +88,47 @@ def _to_peft(t: torch.Tensor, layout: str | None) -> torch.Tensor:
         return t
     if layout == "T":
         return t.T
+    if layout == "experts_A":  # (E, r, d_in) -> (E·r, d_in)
+        return t.reshape(-1, t.shape[-1])
+    if layout == "experts_B":  # (E, d_out, r) -> (d_out, r·E), column j·E + e = B_e[:, j]
+        return t.permute(1, 2, 0).reshape(t.shape[1], -1)
     return t.reshape({"col": (-1, 1), "row": (1, -1), "1": (1,)}[layout])
 
 
-def _from_peft(t: torch.Tensor, layout: str | None) -> torch.Tensor:
+def _from_peft(t: torch.Tensor, layout: str | None, experts: int = 1) -> torch.Tensor:
+    if layout == "experts_A":
+        return t.reshape(experts, -1, t.shape[-1]).contiguous()
+    if layout == "experts_B":
+        return t.reshape(t.shape[0], -1, experts).permute(2, 0, 1).contiguous()
     if layout == "T":
         return t.T.contiguous()
     if layout == "1":
         return t.reshape(())
     return t.reshape(-1) if layout in ("col", "row") else t
+
+
+def _peft_module(name: str, kinds: dict[str, str]) -> str:
+    """Where PEFT keeps the adapter of target `name`. A fused parameter's LoRA lives on a
+    ParamWrapper that replaces its owner; several parameters of one owner nest, the first in
+    model order innermost: owner.base_layer…base_layer, one per later sibling."""
+    if kinds.get(name) != "fused":
+        return name
+    owner = name.rpartition(".")[0]
+    siblings = [n for n, k in kinds.items() if k == "fused" and n.rpartition(".")[0] == owner]
+    return owner + ".base_layer" * (len(siblings) - 1 - siblings.index(name))
+
+
+def _kind_fields(fields: dict, names: list[str], kinds: dict[str, str]) -> dict:
+    """PEFT config fields adjusted to the targets' kinds: fan_in_fan_out on Conv1D, fused
+    parameters under target_parameters (PEFT matches them by exact name)."""
+    fields = dict(fields)
+    if "fan_in_fan_out" in fields:
+        fields["fan_in_fan_out"] = "conv1d" in kinds.values()
+    fused = [n for n in names if kinds.get(n) == "fused"]
+    if fused:
+        fields["target_modules"] = [n for n in names if n not in fused]
+        fields["target_parameters"] = fused
+    return fields
 
 
 def _file_key(path: str) -> str:
@@ -87,22 +140,30 @@ def _file_key(path: str) -> str:
 
 # ---- parity: our adapter in a live PEFT model ---------------------------------------------------
 
-def peft_config(cfg: AdapterConfig, targets: list[str]):
-    """The PEFT config object of the same method, rank and scale on the given module names."""
+def peft_config(cfg: AdapterConfig, targets: list[str], kinds: dict[str, str] | None = None):
+    """The PEFT config object of the same method, rank and scale on the given targets (of the
+    given kinds, kinds.py; default nn.Linear)."""
     import peft
 
     m = _map(cfg.variant)
     cls = {"LORA": peft.LoraConfig, "DELORA": peft.DeloraConfig, "HRA": peft.HRAConfig,
            "IA3": peft.IA3Config, "ROAD": peft.RoadConfig}[m.method]
-    return cls(**m.config(cfg, targets))
+    return cls(**_kind_fields(m.config(cfg, targets), targets, kinds or {}))
 
 
-def peft_tensors(name: str, layer, cfg: AdapterConfig) -> dict[str, torch.Tensor]:
-    """Our adapter tensors of target `name` (`layer`: a module or a namespace of tensors) under
-    PEFT's in-layer paths and layout (that of the variant placed there, `at_target`)."""
+def peft_tensors(name: str, layer, cfg: AdapterConfig, kind: str = "linear") -> dict[str, torch.Tensor]:
+    """Our adapter tensors of target `name` (`layer`: a module or a namespace of tensors, of that
+    kind) under PEFT's in-layer paths and layout (that of the variant placed there, `at_target`)."""
     _map(cfg.variant)  # KeyError for a variant without a PEFT counterpart
-    placed = variant_of(cfg).at_target(name, cfg).peft
-    return {path: _to_peft(getattr(layer, ours), layout) for ours, path, layout in placed.tensors}
+    return _in_peft_layout(variant_of(cfg).at_target(name, cfg).peft.tensors, layer, kind)
+
+
+def _in_peft_layout(tensors, layer, kind: str) -> dict[str, torch.Tensor]:
+    """{PEFT in-layer path: tensor} for a PeftMap's tensor map on a target of that kind."""
+    if kind == "fused":
+        return {path: _to_peft(getattr(layer, ours), _EXPERT_LAYOUTS[ours]) for ours, path, _ in tensors}
+    rename = _EMBEDDING_PATHS if kind == "embedding" else {}
+    return {rename.get(path, path): _to_peft(getattr(layer, ours), layout) for ours, path, layout in tensors}
 
 
 @torch.no_grad()
@@ -110,9 +171,10 @@ def copy_to_peft(model: nn.Module, peft_model: nn.Module) -> None:
     """Copy the adapter attached to `model` into the same-method PEFT model `peft_model`."""
     state = state_of(model)
     inner = peft_model.base_model.model
+    kinds = {n: kind_of(m) for n, m in state.targets.items()}
     for name, layer in state.targets.items():
-        target = inner.get_submodule(name)
-        for path, tensor in peft_tensors(name, layer, state.cfg).items():
+        target = inner.get_submodule(_peft_module(name, kinds))
+        for path, tensor in peft_tensors(name, layer, state.cfg, kinds[name]).items():
             owner, _, leaf = path.rpartition(".")
             slot = getattr(target.get_submodule(owner), leaf)
             if slot.shape != tensor.shape:
@@ -154,17 +216,28 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike) -> dict:
             f"with ll.save"
         )
     cfg, names = adapter.config, adapter.targets
+    kinds = {n: adapter.kinds.get(n, "linear") for n in names}
     layers = {n: SimpleNamespace(**t) for n, t in adapter.tensors.items()}
     m = REGISTRY[cfg.variant].peft
-    if m is not None and m.export:
-        fields = {"peft_type": m.method, **m.config(cfg, names)}
+    native = m is not None and m.export
+    if native:
+        unsupported = sorted({k for k in kinds.values() if k not in PEFT_KINDS.get(m.method, ("linear",))})
+        if unsupported and variant_of(cfg).low_rank_delta(next(iter(layers.values())), cfg) is None:
+            raise ValueError(
+                f"variant {cfg.variant!r} cannot be exported to PEFT on {', '.join(unsupported)} layers: "
+                f"PEFT's {m.method} adapts only {', '.join(PEFT_KINDS.get(m.method, ('linear',)))} layers "
+                f"and the change is not a low-rank W_eff − W; merge it with ll.merge instead"
+            )
+        native = not unsupported  # else: a plain LoRA of its low-rank change
+    if native:
+        fields = {"peft_type": m.method, **_kind_fields(m.config(cfg, names), names, kinds)}
         tensors = {
-            f"{PREFIX}{name}.{_file_key(path)}": t
+            f"{PREFIX}{_peft_module(name, kinds)}.{_file_key(path)}": t
             for name, layer in layers.items()
-            for path, t in peft_tensors(name, layer, cfg).items()
+            for path, t in peft_tensors(name, layer, cfg, kinds[name]).items()
         }
     else:
-        fields, tensors = _low_rank_lora(cfg, layers)
+        fields, tensors = _low_rank_lora(cfg, layers, kinds)
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     fields = {**fields, "inference_mode": True, "modules_to_save": None, "task_type": None,
               "base_model_name_or_path": None, "revision": None}
@@ -174,7 +247,7 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike) -> dict:
     return fields
 
 
-def _low_rank_lora(cfg: AdapterConfig, layers: dict) -> tuple[dict, dict]:
+def _low_rank_lora(cfg: AdapterConfig, layers: dict, kinds: dict[str, str]) -> tuple[dict, dict]:
     """A plain PEFT LoRA with B A = W_eff − W at every target; r = lora_alpha = k (scale 1)."""
     variant = variant_of(cfg)
     factors = {name: variant.at_target(name, cfg).low_rank_delta(layer, cfg) for name, layer in layers.items()}
@@ -190,13 +263,14 @@ def _low_rank_lora(cfg: AdapterConfig, layers: dict) -> tuple[dict, dict]:
     k = ranks.pop()
     tensors = {}
     for name, (B, A) in factors.items():  # fp32, as low_rank_delta computes them
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = A
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = B
+        lora = {"lora_A": A, "lora_B": B}
+        for path, t in _in_peft_layout(PEFT_LORA_TENSORS, SimpleNamespace(**lora), kinds[name]).items():
+            tensors[f"{PREFIX}{_peft_module(name, kinds)}.{_file_key(path)}"] = t
     fields = dict(
         peft_type="LORA", r=k, lora_alpha=k, lora_dropout=0.0, target_modules=list(layers),
         bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True,
     )
-    return fields, tensors
+    return _kind_fields(fields, list(layers), kinds), tensors
 
 
 # ---- import -------------------------------------------------------------------------------------
@@ -210,6 +284,10 @@ _INERT = {
     "lora_dropout", "module_dropout", "init_weights", "init_ia3_weights", "eva_config", "corda_config",
     "loftq_config", "lora_ga_config", "megatron_core", "qalora_group_size", "ensure_weight_tying",
     "runtime_config", "lambda_pattern", "feedforward_modules",
+    # PEFT decides it per layer from the layer's type (Conv1D: True, nn.Linear: False), as we do
+    "fan_in_fan_out",
+    # read from the saved keys with the model (`read_peft(dir, model)`)
+    "target_parameters",
 }
 # Inits that leave the base weight alone; PiSSA/CorDA/OLoRA/LoftQ/LoRA-GA write a residual base.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
@@ -217,8 +295,6 @@ _WHY = {
     "modules_to_save": "PEFT trains full copies of these modules; a lora-lite adapter holds adapter tensors only",
     "bias": "PEFT trains the base layers' biases, which lora-lite never changes",
     "lora_bias": "PEFT adds a trainable bias to lora_B, which no lora-lite variant has",
-    "fan_in_fan_out": "the base stores W transposed (GPT-2 Conv1D); lora-lite targets nn.Linear-like layers",
-    "target_parameters": "PEFT adapts bare nn.Parameters (e.g. MoE experts), not linear layers",
     "layer_replication": "PEFT duplicates base layers, which changes the model itself",
     "trainable_token_indices": "PEFT trains embedding rows, not a linear layer",
     "apply_GS": "Gram-Schmidt orthogonalised reflections are a different parametrisation than lora-lite's HRA",
@@ -232,23 +308,100 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> AdapterConfig:
     to a pristine `model` as the matching lora-lite variant; returns its config. Everything is
     checked before the model is touched (`ll.load` of `read_peft(peft_dir)`)."""
     ensure_free(model)
-    adapter = read_peft(peft_dir)
+    adapter = read_peft(peft_dir, model)
     load(model, adapter)
     return adapter.config
 
 
-def read_peft(peft_dir: str | os.PathLike) -> Adapter:
+def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Adapter:
     """A saved PEFT adapter as an `Adapter` of the matching variant (no fingerprints: PEFT
-    records none); ValueError naming the option for anything without an exact equivalent."""
+    records none); ValueError naming the option for anything without an exact equivalent.
+
+    `model` (the base it is for) is needed for a `target_parameters` adapter: which parameter a
+    nested ParamWrapper holds, and the expert count, come from the model. With a model, a base
+    embedding PEFT saved beside an embedding adapter must be that model's (PEFT loads it over the
+    base); without one it is not read."""
     peft_dir = os.fspath(peft_dir)
     conf, weights = _read_peft_dir(peft_dir)
     with safe_open(weights, framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        dtypes = {_DTYPE_CODES.get(f.get_slice(k).get_dtype()) for k in f.keys()}
-        cfg, plan = _convert(peft_dir, conf, shapes, torch.float32 if None in dtypes or len(dtypes) != 1 else dtypes.pop())
-        tensors = {name: {ours: _from_peft(f.get_tensor(key), layout) for ours, (key, layout) in per.items()}
+        bases = [k for k in shapes if k.endswith(_BASE_KEY)]
+        if model is not None:
+            _check_saved_bases(peft_dir, model, {k: f.get_tensor(k) for k in bases})
+        shapes = {k: v for k, v in shapes.items() if k not in bases}
+        dtypes = {_DTYPE_CODES.get(f.get_slice(k).get_dtype()) for k in shapes}
+        # every key under the name a linear layer's LoRA would have: stored key -> that name
+        alias = _unnest_parameters(peft_dir, model, conf, shapes)
+        kinds = {}
+        for key in shapes:
+            module, _, leaf = alias.get(key, (key, None))[0].rpartition(".")
+            if leaf in _EMBEDDING_KEYS:
+                alias[key] = (f"{module}.{_EMBEDDING_KEYS[leaf]}", None)
+                kinds[module.removeprefix(PREFIX)] = "embedding"
+        experts = {new: E for new, E in alias.values() if E}
+        for new, E in alias.values():
+            if E:
+                kinds[new.removeprefix(PREFIX).rpartition(".lora_")[0]] = "fused"
+        original = {alias.get(k, (k, None))[0]: k for k in shapes}
+
+        def per_expert(key, shape):  # PEFT's (E·r, d_in) / (d_out, r·E) as one expert's (r, d_in) / (d_out, r)
+            E = experts.get(key)
+            return shape if not E else ((shape[0] // E, shape[1]) if key.endswith("lora_A.weight") else (shape[0], shape[1] // E))
+
+        cfg, plan = _convert(peft_dir, conf, {k: per_expert(k, shapes[v]) for k, v in original.items()},
+                             torch.float32 if None in dtypes or len(dtypes) != 1 else dtypes.pop())
+        tensors = {name: {ours: _from_peft(f.get_tensor(original[key]),
+                                           _EXPERT_LAYOUTS[ours] if key in experts else layout, experts.get(key, 1))
+                          for ours, (key, layout) in per.items()}
                    for name, per in plan.items()}
-    return Adapter(config=cfg, tensors=tensors, fingerprints=None, source=peft_dir)
+    fused = [n for n, k in kinds.items() if k == "fused"]
+    if fused:  # parameters are named by target_parameters
+        patterns = {n: f"^{re.escape(n)}$" for n in fused}
+        cfg = dataclasses.replace(cfg, target_names=tuple(p for p in cfg.target_names if p not in patterns.values()),
+                                  target_parameters=tuple(patterns.values()))
+    return Adapter(config=cfg, tensors=tensors, fingerprints=None, kinds=kinds, source=peft_dir)
+
+
+def _check_saved_bases(where: str, model: nn.Module, bases: dict[str, torch.Tensor]) -> None:
+    for key, t in bases.items():
+        name = key.removeprefix(PREFIX)[: -len(_BASE_KEY)]
+        try:
+            W = model.get_submodule(name).weight
+        except AttributeError:
+            W = None
+        if W is None or not torch.equal(t, W.detach().cpu()):
+            raise ValueError(
+                f"{where}: {key} is a base weight that differs from this model's {name}.weight "
+                f"(PEFT saves the base embedding with the adapter, save_embedding_layers=True, and "
+                f"loads it over the base); load the base model the adapter was trained on"
+            )
+
+
+def _unnest_parameters(where: str, model: nn.Module | None, conf: dict, shapes: dict
+                       ) -> dict[str, tuple[str, int]]:
+    """{PEFT key of a `target_parameters` adapter (on nested ParamWrappers, `_peft_module`):
+    (the key under the parameter's own name, number of experts)}."""
+    wanted = conf.get("target_parameters") or []
+    if not wanted:
+        return {}
+    if model is None:
+        raise ValueError(f"{where}: a target_parameters adapter needs the model to read (read_peft(dir, model))")
+    hits = [(n, owner, p) for n, owner, p in fused_parameters(model)
+            if n in wanted or any(n.endswith("." + t) for t in wanted)]
+    if not hits:
+        raise ValueError(
+            f"{where}: target_parameters={wanted} names no fused (3-D) parameter of this model; "
+            f"load the base model the adapter was trained on"
+        )
+    kinds = {n: "fused" for n, _, _ in hits}
+    where_is = {_peft_module(n, kinds): (n, owner.get_parameter(p).shape[0]) for n, owner, p in hits}
+    alias = {}
+    for key in shapes:
+        module, _, leaf = key.removeprefix(PREFIX).rpartition(".lora_")
+        if module in where_is:
+            name, E = where_is[module]
+            alias[key] = (f"{PREFIX}{name}.lora_{leaf}", E)
+    return alias
 
 
 def _read_peft_dir(peft_dir: str) -> tuple[dict, str]:
@@ -311,8 +464,8 @@ def _convert(where: str, conf: dict, shapes: dict, dtype: torch.dtype
         per_target.setdefault(rest[: -len(suffix) - 1], {})[suffix] = key
     if unknown:
         raise ValueError(
-            f"{where}: tensors that are not {ptype} adapter tensors of linear layers: {unknown[:5]} "
-            f"(embedding/conv adapters or saved modules are not supported)"
+            f"{where}: tensors that are not {ptype} adapter tensors of linear, Conv1D, embedding or "
+            f"fused-parameter targets: {unknown[:5]} (conv adapters or saved modules are not supported)"
         )
     if not per_target:
         raise ValueError(f"{where}: no adapter tensors in {WEIGHTS_NAME}")

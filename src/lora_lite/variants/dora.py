@@ -11,9 +11,12 @@ are computed in fp32 (W read in fp32) and only then cast to the activation dtype
 g − 1 = 0 and B = 0 give Δy = 0 exactly even on a bf16 base with a bias (forming y' from
 g ⊙ (y − b) would round y − b and g in bf16).
 
+On an nn.Embedding (W = weightᵀ, (dim, V)) the norms are over the vocabulary for each embedding
+dimension, the base has no bias, and s·(x Aᵀ) Bᵀ is the lookup s·embed(ids, Aᵀ) Bᵀ (lora.py).
+
 Reads W on every call: a quantized base (bitsandbytes, torchao) is dequantized per call, never
 written. Matches HF PEFT `LoraConfig(use_dora=True, lora_dropout=0)` with
-lora_magnitude_vector = m.
+lora_magnitude_vector = m (PEFT's DoRA on embeddings: the same tensors and formula).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import AdapterConfig
+from ..kinds import bias
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 from .lora import (
-    PEFT_LORA_READS, PEFT_LORA_TENSORS, lora_params, lora_specs, low_rank, peft_lora_fields, peft_lora_import,
+    PEFT_LORA_READS, PEFT_LORA_TENSORS, embedding_low_rank, lora_params, lora_specs, low_rank, peft_lora_fields,
+    peft_lora_import,
 )
 
 
@@ -55,19 +60,20 @@ class DoRA(Variant):
     def init(layer, cfg, stats):
         layer.lora_m.copy_(dense_weight(layer).norm(dim=1))
 
+    kinds = ("linear", "conv1d", "embedding")
+
     @staticmethod
     def delta(layer, cfg, x, y):
-        _, n = _direction(layer, cfg)
-        g = layer.lora_m.float() / n                              # (d_out,), fp32
-        b = layer.bias
-        y_lin = y if b is None else y - like(y, b)                # x Wᵀ
-        g_minus_1, g = like(y, g - 1.0, g)
-        return g_minus_1 * y_lin + g * low_rank(x, layer.lora_A, layer.lora_B, cfg.scale)
+        return _rescaled(layer, cfg, y, low_rank(x, layer.lora_A, layer.lora_B, cfg.scale))
+
+    @staticmethod
+    def delta_embedding(layer, cfg, ids, y):
+        return _rescaled(layer, cfg, y, embedding_low_rank(layer, ids, layer.lora_A, layer.lora_B, cfg.scale, y))
 
     @staticmethod
     def effective_weight(layer, cfg):
         V, n = _direction(layer, cfg)
-        return (layer.lora_m.float() / n)[:, None] * V, layer.bias
+        return (layer.lora_m.float() / n)[:, None] * V, bias(layer)
 
     @staticmethod
     def params_per_layer(d_in, d_out, cfg):
@@ -80,3 +86,13 @@ class DoRA(Variant):
     # the row norms of W + sBA every call: r·d_in·d_out + d_in·d_out MACs per call
     bench = BenchSetting("lora", lambda r, g: {"r": r, "alpha": 2.0 * r},
                          lambda i, o, c: (c.r * (i + o) + 2 * o, c.r * i * o + i * o), peft="dora")
+
+
+def _rescaled(layer, cfg, y, lora_out):
+    """Δy = (g − 1) ⊙ (y − b) + g ⊙ lora_out with g = m / n, lora_out = s·(x Aᵀ) Bᵀ."""
+    _, n = _direction(layer, cfg)
+    g = layer.lora_m.float() / n                                  # (d_out,), fp32
+    b = bias(layer)
+    y_lin = y if b is None else y - like(y, b)                    # x Wᵀ
+    g_minus_1, g = like(y, g - 1.0, g)
+    return g_minus_1 * y_lin + g * lora_out

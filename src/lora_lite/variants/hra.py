@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
+from ..kinds import dims
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
@@ -65,10 +66,9 @@ class HRA(Variant):
 
     @staticmethod
     def validate(layer, cfg):
-        if cfg.r > layer.in_features:
-            raise ValueError(
-                f"r={cfg.r} reflections exceed d_in={layer.in_features}; use r <= d_in"
-            )
+        d_in = dims(layer)[0]
+        if cfg.r > d_in:
+            raise ValueError(f"r={cfg.r} reflections exceed d_in={d_in}; use r <= d_in")
 
     @staticmethod
     def delta_input(layer, cfg, x):

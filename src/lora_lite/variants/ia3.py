@@ -75,9 +75,9 @@ class IA3(Variant):
 
     params_per_layer = staticmethod(lambda d_in, d_out, cfg: d_out)  # feed-forward targets: ia3_ff's
     # ia3_mixed: the paper's placement on the generic suites' models: input gates on the tiny
-    # Qwen3's down_proj, MiniLM's FFN output.dense and a one-layer model's layer "0"
+    # Qwen3's down_proj, MiniLM's FFN output.dense, GPT-2's mlp.c_proj and a one-layer model's "0"
     examples = {"ia3": Example({}),
-                "ia3_mixed": Example({"feedforward_modules": [r"(down_proj|\d\.output\.dense|^\d+)$"]})}
+                "ia3_mixed": Example({"feedforward_modules": [r"(down_proj|\d\.output\.dense|mlp\.c_proj|^\d+)$"]})}
     # PEFT's IA3: ia3_l (d_out, 1) scales the output of a module outside feedforward_modules
     # (feed-forward targets are ia3_ff's (1, d_in), through at_target). On import every target is
     # IA3: a (1, d_in) gate makes it a feed-forward one, and the targets' fields are combined.

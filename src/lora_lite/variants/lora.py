@@ -5,8 +5,17 @@
     B (d_out, r)  trainable, 0  ->  identity at init, bit for bit; at step 0 grad A = 0
     W_eff = W + s·B A,  b_eff = b           (the bias stays inside y, untouched)
 
+On an nn.Embedding (d_in = vocabulary size V, d_out = embedding dim, W = weightᵀ) x is a
+one-hot token, so x Aᵀ is the row lookup embed(ids, Aᵀ):  Δy = s · embed(ids, Aᵀ) Bᵀ.
+
 Matches HF PEFT `LoraConfig(r, lora_alpha=alpha, lora_dropout=0, use_rslora=False)` with
-lora_A.weight = A, lora_B.weight = B. No dropout and no rsLoRA here: rsLoRA's α/√r is
+lora_A.weight = A, lora_B.weight = B (on an embedding lora_embedding_A = A (r, V),
+lora_embedding_B = B (dim, r)).
+
+On a fused parameter of E experts (MoE, kinds.py) each expert e has its own pair:
+W_e' = W_e + s·B_e A_e with A (E, r, d_in), B (E, d_out, r) — PEFT's `target_parameters` LoRA
+(its lora_A.weight (E·r, d_in) = A reshaped, lora_B.weight (d_out, r·E) with column j·E + e =
+B_e[:, j]). No dropout and no rsLoRA here: rsLoRA's α/√r is
 alpha = α_peft·√r.
 """
 
@@ -41,9 +50,23 @@ def low_rank(x, A, B, scale):
     return F.linear(F.linear(x, A) * scale, B)
 
 
+def embedding_low_rank(layer, ids, A, B, scale, y):
+    """scale·embed(ids, Aᵀ) Bᵀ in y's dtype: (onehot(ids) Aᵀ) Bᵀ without the one-hot. The
+    embedding's padding_idx and gradient options apply to the lookup in Aᵀ as to the base."""
+    A, B = like(y, A, B)
+    after_A = F.embedding(ids, A.T, padding_idx=layer.padding_idx,
+                          scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)
+    return F.linear(after_A * scale, B)
+
+
 def lora_delta(layer, cfg, x, y):
     """Δy = s·(x Aᵀ) Bᵀ."""
     return low_rank(x, layer.lora_A, layer.lora_B, cfg.scale)
+
+
+def lora_delta_embedding(layer, cfg, ids, y):
+    """Δy = s·embed(ids, Aᵀ) Bᵀ."""
+    return embedding_low_rank(layer, ids, layer.lora_A, layer.lora_B, cfg.scale, y)
 
 
 def lora_low_rank_delta(layer, cfg):
@@ -102,12 +125,14 @@ class LoRA(Variant):
     name = "lora"
     config = LoRAConfig
     zero_grad_at_init = ("lora_A",)  # grad A = s·Bᵀ(...) = 0 while B = 0
+    kinds = ("linear", "conv1d", "embedding", "fused")
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
         return lora_specs(d_in, d_out, cfg.r)
 
     delta = staticmethod(lora_delta)
+    delta_embedding = staticmethod(lora_delta_embedding)
     low_rank_delta = staticmethod(lora_low_rank_delta)
 
     params_per_layer = staticmethod(lora_params)

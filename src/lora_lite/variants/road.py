@@ -30,6 +30,7 @@ import math
 import torch
 
 from ..config import AdapterConfig
+from ..kinds import dims
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
@@ -85,9 +86,10 @@ class Road(Variant):
 
     @staticmethod
     def validate(layer, cfg):
-        if layer.out_features % cfg.group_size:
+        d_out = dims(layer)[1]
+        if d_out % cfg.group_size:
             raise ValueError(
-                f"group_size={cfg.group_size} does not divide d_out={layer.out_features}; "
+                f"group_size={cfg.group_size} does not divide d_out={d_out}; "
                 f"choose an even group_size that divides every target's d_out"
             )
 
@@ -100,7 +102,7 @@ class Road(Variant):
     @staticmethod
     def effective_weight(layer, cfg):
         f, s = _coefficients(layer, cfg)
-        eye = torch.eye(layer.out_features, dtype=f.dtype, device=f.device)
+        eye = torch.eye(dims(layer)[1], dtype=f.dtype, device=f.device)
         R = f[:, None] * eye + s[:, None] * _swap_halves(eye, cfg.group_size)  # swap is symmetric
         b = layer.bias
         return R @ dense_weight(layer), None if b is None else R @ b.float()
