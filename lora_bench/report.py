@@ -396,7 +396,7 @@ def steering_plot(data: dict, path: Path) -> bool:
         color = colors.setdefault(s["arm"], cmap(len(colors) % 10))
         pts = [(c, a) for c, a in zip(s["coeffs"], s["accs"]) if a is not None]
         ax.plot(*zip(*pts), "o-" if s["how"] == "scaled" else "s--", color=color, ms=4, lw=1.2,
-                label=f"{s['row']}{' ' + _knob_text(s['knobs']) if s['knobs'] else ''} "
+                label=f"{s['row']}{' ' + _knob_text(s['knobs']) if s['knobs'] else ''} lr {_sci(s['lr'])} "
                       f"({'ll.scaled' if s['how'] == 'scaled' else 'coeff'})")
     ax.axhline(0.5, color="tab:gray", ls=":", lw=0.8)
     ax.axvline(0.0, color="tab:gray", ls=":", lw=0.8)
