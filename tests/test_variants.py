@@ -250,7 +250,7 @@ def test_bf16_base_with_fp32_adapter(qwen):
     assert rel_err((y.float() - y0.float()), (y_ref - y0_ref)) <= 0.05
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_steering_coefficient_zero_is_the_base_bit_for_bit(bench, case):
     """A trained adapter (every trainable perturbed) steered to 0 — `ll.scaled(model, 0)` for
     every variant, `coeff = 0` where the variant has a run-time coeff — gives the base model's
