@@ -27,6 +27,11 @@ Curves: the loss of every step and the accuracy on the first `--eval-n` held-out
 trainable family and ‖ΔW‖/‖W‖ per layer (bench/diagnose.py). `--device cuda` runs on a GPU;
 `--jobs N` runs independent runs in N worker processes with `--threads` torch threads each.
 
+Steering: after training, every lora-lite row is scored on the held-out split at coefficients
+STEER_COEFFS through `ll.scaled(model, c)` (y + c·Δy at every target; 0 is the base encoder with
+the trained head) and, where the variant has a run-time `coeff`, through `ll.reconfigure(model,
+coeff=c·coeff)`; stored as the run's "steer" record (`--no-steer` skips it).
+
 Learning rates: each row is swept over its family's grid (FAMILY_GRID) on seed 100 and
 --sweep-steps steps, scored on a held-out set re-sampled with that seed; the final run uses
 the lr with the best mean accuracy over the rows of each family (`best_lrs`) unless `--lr`
@@ -218,6 +223,35 @@ def train(clf, tok, data, *, steps: int, batch_size: int, lr: float, seed: int, 
     return time.perf_counter() - t0, losses
 
 
+STEER_COEFFS = (-1.0, -0.5, 0.0, 0.5, 1.0)
+
+
+def steer(encoder, clf, tok, data, device) -> dict:
+    """Held-out accuracy at each of STEER_COEFFS: "scaled" through ll.scaled (every variant),
+    "coeff" through the config's run-time coeff (variants that have one; None where the config
+    refuses the value, e.g. suppress_only at c < 0). The adapter is left as it was."""
+    import lora_lite as ll
+    from lora_lite.runtime import state_of
+
+    out = {"coeffs": list(STEER_COEFFS), "scaled": []}
+    for c in STEER_COEFFS:
+        with ll.scaled(encoder, c):
+            out["scaled"].append(evaluate(clf, tok, data, device)[0])
+    state = state_of(encoder)
+    if "coeff" in state.variant.runtime_fields:
+        trained = state.cfg.coeff
+        out["coeff"] = []
+        for c in STEER_COEFFS:
+            try:
+                ll.reconfigure(encoder, coeff=c * trained)
+            except ValueError:
+                out["coeff"].append(None)
+                continue
+            out["coeff"].append(evaluate(clf, tok, data, device)[0])
+        ll.reconfigure(encoder, coeff=trained)
+    return out
+
+
 def run_one(base, spec: dict, p: dict) -> dict:
     """Train one run (row, knobs, lr, steps, schedule, seed); accuracy on the held-out split,
     the training curve and, with p["diagnose"], the diagnostics."""
@@ -269,6 +303,8 @@ def run_one(base, spec: dict, p: dict) -> dict:
     }
     if probe is not None:
         out["diag"] = probe.record
+    if p.get("steer", True) and row not in ANCHORS and not row.startswith("peft:"):
+        out["steer"] = steer(encoder, clf, tok, test_set, device)
     out["id"] = run_id(out)
     return out
 
@@ -352,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=250)
     ap.add_argument("--diagnose", action="store_true",
                     help="log gradient norms per trainable family and ‖ΔW‖/‖W‖ per layer every --eval-every steps")
+    ap.add_argument("--no-steer", action="store_true",
+                    help="skip the steering evaluation (accuracy at coefficients -1 ... 1) after training")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
     ap.add_argument("--name", help="JSON file stem under --out (default quality / quality_sweep)")
@@ -374,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: torch sees no CUDA device")
     p = {"task": a.task, "batch_size": a.batch_size, "n_train": a.n_train, "n_test": a.n_test,
          "rank": a.rank, "head_lr": a.head_lr, "calib_batches": a.calib_batches}
-    run_p = {**p, "device": a.device, "eval_every": a.eval_every, "eval_n": a.eval_n, "diagnose": a.diagnose}
+    run_p = {**p, "device": a.device, "eval_every": a.eval_every, "eval_n": a.eval_n, "diagnose": a.diagnose,
+             "steer": not a.no_steer}
     out = Path(a.out)
     suffix = "_quick" if a.quick else ""
     name = a.name or f"quality{'_sweep' if a.sweep else ''}{suffix}"

@@ -330,6 +330,87 @@ def curves_plot(data: dict, path: Path) -> bool:
     return True
 
 
+# ---- steering ----------------------------------------------------------------------------------
+
+def steering_rows(data: dict) -> list[dict]:
+    """Per arm with a steering record: mean held-out accuracy over seeds at each coefficient,
+    through ll.scaled ("scaled") and, where the variant has it, its run-time coeff ("coeff")."""
+    out = []
+    for arm, runs in _runs_by_arm(data).items():
+        runs = [r for r in runs if r.get("steer")]
+        if not runs:
+            continue
+        for how in ("scaled", "coeff"):
+            if how not in runs[0]["steer"]:
+                continue
+            cols = list(zip(*(r["steer"][how] for r in runs)))
+            accs = [None if None in col else statistics.fmean(col) for col in cols]
+            out.append({"arm": arm, "row": runs[0]["row"], "knobs": runs[0].get("knobs") or {}, "lr": runs[0]["lr"],
+                        "steps": runs[0]["steps"], "schedule": _schedule(runs[0]), "n": len(runs), "how": how,
+                        "coeffs": runs[0]["steer"]["coeffs"], "accs": accs})
+    return out
+
+
+def steering_markdown(data: dict) -> str:
+    """Accuracy against the steering coefficient; "reversal" = acc(−1) − acc(0), the push the
+    reversed adapter gives (negative: the other way), beside acc(+1) − acc(0)."""
+    rows_ = steering_rows(data)
+    if not rows_:
+        return ""
+    coeffs = rows_[0]["coeffs"]
+    many = {k for k in ("steps", "schedule") if len({s[k] for s in rows_}) > 1}
+    i0, ip, im = coeffs.index(0.0), coeffs.index(1.0), coeffs.index(-1.0)
+    rows = []
+    for s in rows_:
+        a = s["accs"]
+        extra = [_knob_text(s["knobs"])] if s["knobs"] else []
+        extra += [f"{s['steps']} steps"] if "steps" in many else []
+        extra += [s["schedule"]] if "schedule" in many else []
+        label = f"`{s['row']}`" + (f" ({'; '.join(extra)})" if extra else "")
+        diff = lambda j: "—" if a[j] is None else f"{a[j] - a[i0]:+.3f}"  # noqa: E731
+        rows.append([label, _sci(s["lr"]), "`ll.scaled`" if s["how"] == "scaled" else "`coeff`", str(s["n"]),
+                     *("—" if x is None else f"{x:.3f}" for x in a), diff(ip), diff(im)])
+    r0 = data["runs"][0]
+    note = (f"Held-out accuracy ({data['protocol']['n_test']} sentences) of each trained arm at steering "
+            f"coefficient c, mean over seeds: `ll.scaled` gives y + c·Δy at every target (every variant); "
+            f"`coeff` sets the config's run-time coefficient to c times its trained value (the AntiPaSTO "
+            f"family: S ⊙ (1 + ELU(c·g)), not linear in c). c = 0 is the base encoder with the trained "
+            f"head (bit-exact, tests/test_variants.py). Training: {r0['steps']} steps, {_schedule(r0)}.\n\n")
+    head = ["arm", "lr", "via", "seeds", *(f"c = {c:g}" for c in coeffs), "acc(+1) − acc(0)", "acc(−1) − acc(0)"]
+    return note + _table(head, rows, "lrlr" + "r" * (len(coeffs) + 2))
+
+
+def steering_plot(data: dict, path: Path) -> bool:
+    rows_ = steering_rows(data)
+    if not rows_:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    cmap = plt.get_cmap("tab10")
+    colors = {}
+    for s in rows_:
+        color = colors.setdefault(s["arm"], cmap(len(colors) % 10))
+        pts = [(c, a) for c, a in zip(s["coeffs"], s["accs"]) if a is not None]
+        ax.plot(*zip(*pts), "o-" if s["how"] == "scaled" else "s--", color=color, ms=4, lw=1.2,
+                label=f"{s['row']}{' ' + _knob_text(s['knobs']) if s['knobs'] else ''} lr {_sci(s['lr'])} "
+                      f"({'ll.scaled' if s['how'] == 'scaled' else 'coeff'})")
+    ax.axhline(0.5, color="tab:gray", ls=":", lw=0.8)
+    ax.axvline(0.0, color="tab:gray", ls=":", lw=0.8)
+    ax.set_xlabel("steering coefficient c (0 = base encoder + trained head)")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"MiniLM-L6 on '{data['protocol']['task']}': steering both ways")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ---- ablations ----------------------------------------------------------------------------------
 
 # The seed's single-seed GSM8K results (SPEC B6.2) for the arms it ablated, to compare orderings.
@@ -398,6 +479,8 @@ def write_quality_file(out: Path, name: str, *, sweep: bool = False) -> None:
         (out / f"{name}.md").write_text((sweep_markdown if sweep else quality_markdown)(data))
         if not sweep:
             quality_plot(data, out / f"{name}.png")
+        if steering_plot(data, out / f"{name}_steering.png"):
+            (out / f"{name}_steering.md").write_text(steering_markdown(data))
     curves_plot(data, out / f"{name}_curves.png")
 
 

@@ -168,6 +168,26 @@ def test_quality_smoke_run_and_report(tmp_path):
     assert json.loads((tmp_path / "quality.json").read_text())["runs"] == data["runs"]
 
 
+def test_steering_evaluation_is_stored_and_reported(tmp_path):
+    """Every lora-lite row gets accuracy at c = −1 … 1 through ll.scaled, a variant with a run-time
+    coeff also through it; c = 1 is the trained model and c = 0 the base encoder with the trained
+    head, whichever knob turns it; anchors get none; the report writes the table and the plot."""
+    args = ["--rows", "head,lora,antipasto", "--seeds", "0", "--steps", "2", "--n-train", "64",
+            "--n-test", "32", "--calib-batches", "8", "--batch-size", "8", "--eval-every", "0",
+            "--name", "steer", "--out", str(tmp_path)]
+    assert quality.main(args) == 0
+    head, lora, anti = json.loads((tmp_path / "steer.json").read_text())["runs"]
+    assert "steer" not in head
+    assert lora["steer"]["coeffs"] == [-1.0, -0.5, 0.0, 0.5, 1.0] and "coeff" not in lora["steer"]
+    for r in (lora, anti):
+        assert r["steer"]["scaled"][4] == r["acc"]
+    assert anti["steer"]["coeff"][4] == anti["acc"]
+    assert anti["steer"]["coeff"][2] == anti["steer"]["scaled"][2]
+    md = (tmp_path / "steer_steering.md").read_text()
+    assert "| `antipasto` | 5e-3 | `coeff` | 1 |" in md and "| `lora` | 5e-4 | `ll.scaled` | 1 |" in md
+    assert (tmp_path / "steer_steering.png").stat().st_size > 0
+
+
 def test_knob_sweeps_and_lrs_are_separate_arms_that_resume_by_run_id(tmp_path):
     """--set gives the cartesian product of knob values for the rows that have the field (the
     others run once), --lr ROW=... overrides one row's lr, every arm gets its own id, the

@@ -253,3 +253,25 @@ def test_bf16_base_with_fp32_adapter(qwen):
     ref = model.float()  # in place: the bf16 base weights exactly, and the fp32 adapter
     y_ref, y0_ref = qwen.out(ref), qwen.out(qwen.fresh().to(torch.bfloat16).float())
     assert rel_err((y.float() - y0.float()), (y_ref - y0_ref)) <= 0.05
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_steering_coefficient_zero_is_the_base_bit_for_bit(bench, case):
+    """A trained adapter (every trainable perturbed) steered to 0 — `ll.scaled(model, 0)` for
+    every variant, `coeff = 0` where the variant has a run-time coeff — gives the base model's
+    outputs bit for bit (y + 0·Δy, and ELU(0·g) = 0 exactly), and the adapter's own output back
+    after the context / a reconfigure to the trained coeff."""
+    model = bench.fresh()
+    y0 = bench.out(model)
+    cfg = attach_case(bench, case, model)
+    perturb(model)
+    y1 = bench.out(model)
+    assert not torch.equal(y1, y0)
+    with ll.scaled(model, 0.0):
+        assert torch.equal(bench.out(model), y0)
+    assert torch.equal(bench.out(model), y1)
+    if "coeff" in REGISTRY[cfg.variant].runtime_fields:
+        ll.reconfigure(model, coeff=0.0)
+        assert torch.equal(bench.out(model), y0)
+        ll.reconfigure(model, coeff=cfg.coeff)
+        assert torch.equal(bench.out(model), y1)

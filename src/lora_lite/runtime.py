@@ -1,6 +1,6 @@
 """attach / detach: the whole runtime.
 
-attach = validate -> calibrate -> create tensors -> init -> freeze -> hooks.
+attach = validate -> advise -> calibrate -> create tensors -> init -> freeze -> hooks.
 Everything that can reject the call runs before the first change; if anything still fails,
 the model is rolled back. Adapter tensors live on the target layers as `lora_*` parameters or
 buffers, so the model's class, forward and base state_dict entries stay what they were: no
@@ -68,6 +68,7 @@ def attach(
     ensure_free(model)
     targets = find_targets(model, cfg)
     validate(model, variant, cfg, targets)
+    variant.advise(dict(targets), cfg)
     kind, required = variant.calibration_needs(cfg)
     if calibration_data is not None and kind is None:
         which = "" if variant.calibration is None else f" with this {type(cfg).__name__}"

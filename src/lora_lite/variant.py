@@ -5,6 +5,8 @@ A variant is a class of static functions (math only; no hooks, no model walking,
     param_specs(d_in, d_out, cfg) -> {name: ParamSpec}   tensors to create, names start "lora_"
     validate(layer, cfg)                                 optional; raise before anything mutates
     validate_targets(names, cfg)                         optional; the same, over all target names
+    advise(layers, cfg)                                  optional; once per attach, all targets:
+                                                         warn about a config known to train badly
     init(layer, cfg, stats)                              optional; fill tensors from W / stats
     delta(layer, cfg, x, y) -> Δy                        output hook: the layer returns y + Δy, or
     delta_input(layer, cfg, x) -> Δx                     input pre-hook: the layer runs on x + Δx
@@ -172,6 +174,12 @@ class Variant:
     def validate_targets(names: list[str], cfg: AdapterConfig) -> None:
         """Raise ValueError if the selected targets (full names, model order) cannot take the
         adapter as a whole, e.g. a per-target pattern in the config that matches none of them."""
+
+    @staticmethod
+    def advise(layers: dict[str, nn.Module], cfg: AdapterConfig) -> None:
+        """Warn (never raise, never mutate) when `cfg` will attach to these layers {name: layer}
+        but is measured to train badly there. Runs once per attach, after every layer validated,
+        so one warning can summarise all targets; load and PEFT import do not call it."""
 
     @staticmethod
     def init(layer: nn.Module, cfg: AdapterConfig, stats: dict | None) -> None:
