@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
+from ..kinds import dims
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 from .lora import lora_params, lora_specs
@@ -73,7 +74,7 @@ class DeLoRA(Variant):
 
     @staticmethod
     def advise(layers, cfg):
-        d_in = {name: layer.in_features for name, layer in layers.items()}
+        d_in = {name: dims(layer)[0] for name, layer in layers.items()}
         risky = {n: d for n, d in d_in.items() if cfg.lambda0 / math.sqrt(cfg.r * d) >= COLLAPSE_RATIO}
         if not risky:
             return
