@@ -118,9 +118,8 @@ def arch(request):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_on_architecture(arch, variant, tmp_path):
     name, base, batch, y0 = arch
-    if name == "gpt2" and not is_linear_like(base.transformer.h[0].attn.c_attn):
-        pytest.skip("GPT-2's layers are transformers Conv1D (W stored transposed), not adaptable yet "
-                    "(issue 16 item 1)")
+    if name == "gpt2":  # transformers Conv1D layers (W stored transposed), adapted like nn.Linear
+        assert is_linear_like(base.transformer.h[0].attn.c_attn)
     cfg = VARIANTS[variant](name)
     model = copy.deepcopy(base)
 
