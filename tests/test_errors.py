@@ -203,6 +203,55 @@ def test_reconfigure_refuses_fields_that_are_not_runtime(model):
     assert_untouched(model, before)
 
 
+def test_reconfigure_names_a_field_that_does_not_exist(model):
+    """A typo (`coef`) is not a field at all: the message lists the fields, not 'detach and attach'."""
+    ll.attach(model, ll.AntiPaSTOConfig(r=2, layers=(0,)))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"\['coef'\] is not a field of AntiPaSTOConfig; its fields: \[.*'coeff'.*\] "
+                                         r"\(changeable while attached: \['coeff'\]\)") as e:
+        ll.reconfigure(model, coef=1.0)
+    assert "detach" not in str(e.value)
+    assert_untouched(model, before)
+
+
+def test_a_torch_compile_wrapper_is_the_model_it_wraps(tmp_path):
+    """torch.compile returns an OptimizedModule that holds the model as `_orig_mod`: every
+    public function reaches the adapter through it (before, save/describe said no adapter was
+    attached, and save's trainable_modules keys got an `_orig_mod.` prefix)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    ll.attach(net, ll.LoRAConfig(r=2, target_names=(r"^0$",), trainable_modules=(r"^2$",)))
+    compiled = torch.compile(net, backend="eager")
+    assert ll.describe(compiled).targets == ["0"]
+    ll.save(compiled, tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["0.lora_A", "0.lora_B", "base.2.bias", "base.2.weight"]
+    with pytest.raises(ValueError, match="cannot change while attached"):  # found the adapter
+        ll.reconfigure(compiled, r=4)
+    with ll.scaled(compiled, 0.5), ll.disabled(compiled):
+        pass
+    ll.detach(compiled)
+    assert ll.describe(net) == "no lora-lite adapter is attached to this model"
+    fresh = torch.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), backend="eager")
+    ll.load(fresh, tmp_path / "a.safetensors")
+    assert ll.describe(fresh._orig_mod).targets == ["0"]
+    ll.merge(fresh)
+    assert ll.describe(fresh) == "no lora-lite adapter is attached to this model"
+
+
+def test_a_peft_folder_points_to_import_peft(model, tmp_path):
+    """`ll.load` on a PEFT adapter folder (or the safetensors inside it) names ll.import_peft and
+    the CLI's import-peft instead of 'no such file' / 'not a lora-lite checkpoint'."""
+    folder = tmp_path / "peft_dir"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+    for path in (folder, folder / "adapter_model.safetensors"):
+        _load_refused(model, path, r"HF PEFT adapter folder.*ll\.import_peft\(model, folder\).*lora-lite import-peft")
+    (tmp_path / "empty").mkdir()
+    _load_refused(model, tmp_path / "empty", "a folder, not a file")
+
+
 # ----------------------------------------------------------------------------- rollback
 @pytest.fixture()
 def temp_variant():

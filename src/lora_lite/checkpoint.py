@@ -46,7 +46,7 @@ from ._version import __version__
 from .config import AdapterConfig
 from .fingerprint import fingerprint, same_base
 from .kinds import KINDS, kind_of
-from .runtime import ensure_free, install, layer_specs, state_of, trainable_params, validate, variant_of
+from .runtime import ensure_free, install, layer_specs, state_of, trainable_params, unwrap, validate, variant_of
 from .targets import named_linear_layers
 
 try:
@@ -114,6 +114,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 def adapter_of(model: nn.Module) -> Adapter:
     """The adapter attached to `model` as data (tensors gathered to the CPU; a collective under
     FSDP2, see `save`)."""
+    model = unwrap(model)
     state = state_of(model)
     tensors = _full_adapter_tensors(state)
     return Adapter(
@@ -259,6 +260,7 @@ def read(path: str | os.PathLike) -> Adapter:
 def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
     """Attach the adapter saved at `source` (a file, or an `Adapter` from `read` or an
     importer) to a pristine `model`, exactly as it was saved."""
+    model = unwrap(model)
     ensure_free(model)
     adapter = source if isinstance(source, Adapter) else read(source)
     where, cfg = adapter.source, adapter.config
@@ -356,7 +358,10 @@ def _open(path: str, read):
     """(metadata, read(handle)) of a lora-lite checkpoint of a readable version whose tensors
     all have allowed dtypes; CheckpointError otherwise."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
+        peft = os.path.join(path, "adapter_config.json")
+        if os.path.isfile(peft):
+            raise CheckpointError(f"{path}: {_PEFT_HINT}")
+        raise CheckpointError(f"{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -374,10 +379,17 @@ def _open(path: str, read):
                 if code not in _DTYPE_CODES:
                     raise CheckpointError(f"{path}: {key} has dtype {code}; adapters are {list(_DTYPE_CODES)}")
             return meta, read(f)
-    except CheckpointError:
+    except CheckpointError as e:
+        if os.path.isfile(os.path.join(os.path.dirname(path) or ".", "adapter_config.json")):
+            raise CheckpointError(f"{e}; its folder holds adapter_config.json: {_PEFT_HINT}") from None
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt/truncated/empty files
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+_PEFT_HINT = ("an HF PEFT adapter folder (adapter_config.json), not a lora-lite checkpoint: convert it "
+              "with ll.import_peft(model, folder), or on the command line `lora-lite import-peft "
+              "FOLDER OUT.safetensors --base-model BASE`")
 
 
 def _verify(path: str, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:

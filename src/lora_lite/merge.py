@@ -27,14 +27,14 @@ from torch import nn
 
 from .kinds import bias, is_dense, to_storage
 from .quant import dense_weight
-from .runtime import detach, state_of
+from .runtime import detach, state_of, unwrap
 
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Base-model outputs while the adapter stays attached (e.g. the reference model of a
     preference loss). Restores the previous state on exit, also on an exception."""
-    state = state_of(model)
+    state = state_of(unwrap(model))
     before = state.enabled
     state.enabled = False
     try:
@@ -49,7 +49,7 @@ def scaled(model: nn.Module, c: float) -> Iterator[nn.Module]:
     edit). Inside another `scaled(model, b)` the strength is b·c. Restores on exit."""
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
         raise ValueError(f"scaled(model, c): c must be a finite number, got {c!r}")
-    state = state_of(model)
+    state = state_of(unwrap(model))
     before = state.scale
     state.scale = before * float(c)
     try:
@@ -67,6 +67,7 @@ def merge(model: nn.Module) -> None:
     current strength is merged (c, or 0). Layers that are not dense (quantised linears, whose
     `weight` is not a floating-point (d_out, d_in) tensor) are refused before anything changes.
     """
+    model = unwrap(model)
     state = state_of(model)
     for name, layer in state.targets.items():
         W = layer.weight

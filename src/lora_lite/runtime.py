@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ def attach(
     model(b)) for variants that read input statistics; `attention_mask` in dict batches drops
     padding. `progress` shows a progress bar over calibration batches (needs tqdm).
     """
+    model = unwrap(model)
     variant = variant_of(cfg)
     ensure_free(model)
     targets = find_targets(model, cfg)
@@ -98,6 +100,7 @@ def detach(model: nn.Module) -> None:
     """Remove the adapter: hooks, `lora_*` tensors and the attach state; grad flags back.
     The base weights were never written, and the parameters of `trainable_modules` get their
     values from attach time back, so the model is the pristine base bit for bit."""
+    model = unwrap(model)
     state = state_of(model)
     _remove_hooks(state)
     for name, layer in state.targets.items():
@@ -114,12 +117,20 @@ def reconfigure(model: nn.Module, **changes) -> AdapterConfig:
     """Change config fields of an attached adapter in place, e.g. a steering coefficient:
     `reconfigure(model, coeff=-1.0)`. Only the variant's `runtime_fields` may change; the
     next forward uses the new values, and save() records them. Returns the new config."""
-    state = state_of(model)
+    state = state_of(unwrap(model))
+    changeable = list(state.variant.runtime_fields) or "none"
+    fields = [f.name for f in dataclasses.fields(state.cfg) if f.name != "variant"]
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{unknown} {'is not a field' if len(unknown) == 1 else 'are not fields'} of "
+            f"{type(state.cfg).__name__}; its fields: {fields} (changeable while attached: {changeable})"
+        )
     frozen = set(changes) - set(state.variant.runtime_fields)
     if frozen:
         raise ValueError(
             f"{sorted(frozen)} cannot change while attached to a {state.cfg.variant!r} adapter "
-            f"(changeable: {list(state.variant.runtime_fields) or 'none'}); detach and attach again"
+            f"(changeable: {changeable}); detach and attach again"
         )
     state.cfg = dataclasses.replace(state.cfg, **changes)  # validates like a new config
     return state.cfg
@@ -168,6 +179,7 @@ class Description:
 def describe(model: nn.Module) -> Description | str:
     """What is attached to `model`: variant, key config fields, targets, trainable parameter
     counts, adapter dtype, compute policy, hook state. `print(ll.describe(model))`."""
+    model = unwrap(model)
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         return "no lora-lite adapter is attached to this model"
@@ -214,6 +226,16 @@ def variant_of(cfg: AdapterConfig) -> type[Variant]:
     if cfg.variant not in REGISTRY:
         raise KeyError(f"unknown variant {cfg.variant!r}; registered: {sorted(REGISTRY)}")
     return REGISTRY[cfg.variant]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a `torch.compile` wrapper (OptimizedModule) compiles, else `model`: the
+    adapter state, the targets and the parameter names live on that module, and the wrapper
+    runs its forward, so every public function accepts either."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # no wrapper can exist before it loads
+    while dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 def state_of(model: nn.Module) -> AttachState:

@@ -48,7 +48,7 @@ from torch import nn
 from ..checkpoint import _DTYPE_CODES, Adapter, adapter_of, load, read, write_atomic
 from ..config import AdapterConfig
 from ..kinds import fused_parameters, kind_of
-from ..runtime import ensure_free, state_of, variant_of
+from ..runtime import ensure_free, state_of, unwrap, variant_of
 from ..variant import REGISTRY, PeftMap
 from ..variants.lora import PEFT_LORA_TENSORS  # the plain-LoRA form every low-rank change exports as
 
@@ -189,6 +189,7 @@ def export_peft(source: nn.Module | str | os.PathLike | Adapter, out_dir: str | 
     PEFT adapter directory that `peft.PeftModel.from_pretrained(pristine_base, out_dir)` loads
     and that computes the same outputs. Returns the PEFT config written."""
     if isinstance(source, nn.Module):
+        source = unwrap(source)
         state = state_of(source)
         if not state.enabled or state.scale != 1.0:
             raise RuntimeError(
@@ -307,6 +308,7 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> AdapterConfig:
     """Attach the PEFT adapter saved in `peft_dir` (adapter_config.json + adapter_model.safetensors)
     to a pristine `model` as the matching lora-lite variant; returns its config. Everything is
     checked before the model is touched (`ll.load` of `read_peft(peft_dir)`)."""
+    model = unwrap(model)
     ensure_free(model)
     adapter = read_peft(peft_dir, model)
     load(model, adapter)
