@@ -1,5 +1,6 @@
-"""The `lora-lite` commands as a user runs them: subprocesses of `python -m lora_lite.cli` (one per
-command: each pays the torch import), and the error paths in-process through `cli.main`."""
+"""The `lora-lite` commands as a user runs them: subprocesses of `python -m lora_lite_cli` (the
+console script's module; a command that runs pays the torch import), and error paths in-process
+through `cli.main`."""
 
 from __future__ import annotations
 
@@ -24,22 +25,82 @@ pytestmark = pytest.mark.slow  # fresh interpreters (the console entry point) an
 
 
 def cli(*args, without_peft=False):
-    """`python -m lora_lite.cli ARGS`; without_peft: with `import peft` made to fail."""
-    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = ["-m", "lora_lite.cli"]
+    """`lora-lite ARGS` (`python -m lora_lite_cli`); without_peft: with `import peft` made to fail."""
+    run = ["-m", "lora_lite_cli"]
     if without_peft:
         run = ["-c", "import sys, runpy; sys.modules['peft'] = None; "
-                     "runpy.run_module('lora_lite.cli', run_name='__main__')"]
+                     "runpy.run_module('lora_lite_cli', run_name='__main__')"]
     return subprocess.run([sys.executable, *run, *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=300)
+                          text=True, env=ENV, timeout=300)
+
+
+ENV = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_help_lists_the_commands(capsys):
     res = cli("--help")
     assert res.returncode == 0
     for command in ("demo", "inspect", "export-peft", "import-peft"):
-        assert f"\n  {command} " in res.stdout
+        assert f"\n    {command} " in res.stdout or f"\n    {command}\n" in res.stdout
+
+
+def test_version_and_an_unknown_command():
+    res = cli("--version")
+    assert (res.returncode, res.stdout) == (0, f"lora-lite {ll.__version__}\n")
+    res = cli("frobnicate")
+    assert res.returncode == 2
+    assert "lora-lite: unknown command 'frobnicate'; commands: demo, inspect, export-peft, import-peft" in res.stderr
     assert main(["frobnicate"]) == 2
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """The console script answers --help, --version and bad arguments without importing torch
+    (seconds on a busy CPU box; this answers in a fraction of one)."""
+    calls = [["--help"], ["--version"], ["demo", "--help"], ["inspect"], ["inspect", "--bogus", "f"],
+             ["import-peft", "a", "b"], ["frobnicate"], []]
+    code = ("import sys, contextlib, io\nfrom lora_lite_cli import main\ncodes = []\n"
+            f"for argv in {calls!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "        codes.append(main(argv))\n"
+            "print(codes, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lora_lite')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert res.stdout.strip() == "[0, 0, 0, 2, 2, 2, 2, 2] []", res.stderr
+
+
+def _tiny_checkpoint(path):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    ll.attach(net, ll.LoRAConfig(r=2))
+    ll.save(net, path)
+    return path
+
+
+def test_an_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    for args in (["inspect", tmp_path / "missing.safetensors"],
+                 ["export-peft", tmp_path / "missing.safetensors", tmp_path / "out"]):
+        res = cli(*args)
+        assert res.returncode == 1
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.startswith(f"lora-lite {args[0]}: {tmp_path / 'missing.safetensors'}: no such file")
+        res = cli(*args, "--debug")
+        assert res.returncode == 1 and "Traceback" in res.stderr and "CheckpointError" in res.stderr
+
+
+def test_inspect_on_a_peft_folder_names_import_peft(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    res = cli("inspect", tmp_path)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert "an HF PEFT adapter folder" in res.stderr and "lora-lite import-peft" in res.stderr
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`lora-lite inspect --json f | head -1`: the reader is gone before the command writes."""
+    path = _tiny_checkpoint(tmp_path / "a.safetensors")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_lite_cli", "inspect", "--json", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_inspect(qwen, tmp_path, capsys):
@@ -102,17 +163,24 @@ def test_import_peft(qwen, tmp_path, capsys):
     ll.load(model, tmp_path / "a.safetensors")  # same base: no fingerprint warning
     assert rel_err(qwen.out(model), qwen.out(pm)) <= 1e-5
 
+    res = cli("import-peft", tmp_path / "peft", tmp_path / "b.safetensors", "--base-model", tmp_path / "nonexistent")
+    assert res.returncode == 1
+    assert res.stderr.startswith("lora-lite import-peft: ") and "nonexistent" in res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+
     conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     conf["bias"] = "all"
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(conf))
     args = ["import-peft", str(tmp_path / "peft"), str(tmp_path / "b.safetensors"), "--base-model", str(tmp_path / "base")]
+    capsys.readouterr()  # drop save_pretrained's progress bars
     assert main(args) == 1
-    assert "PEFT option bias='all' is not supported" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "PEFT option bias='all' is not supported" in err and err.count("\n") == 1
     assert not (tmp_path / "b.safetensors").exists()
 
 
 def test_readme_deploy_examples_run(tmp_path, monkeypatch):
-    """The README's Deploy section is one script; run it as written."""
+    """The README's Deploy section is one script; run it as written and look at what it computed."""
     pytest.importorskip("peft")
     text = (Path(SRC).parent / "README.md").read_text()
     section = text.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]

@@ -1,9 +1,6 @@
-"""`lora-lite` command line: demo, inspect, export-peft, import-peft.
-
-    lora-lite inspect ADAPTER.safetensors [--json]       what a checkpoint holds; no model loaded
-    lora-lite export-peft ADAPTER.safetensors OUT_DIR    a PEFT adapter dir, from the file alone
-    lora-lite import-peft PEFT_DIR OUT.safetensors --base-model PATH [--model-class causal-lm]
-                                                         a PEFT adapter as a lora-lite checkpoint
+"""What the `lora-lite` commands run: inspect, export-peft, import-peft (the demo is
+`lora_lite.demo`). Their arguments are parsed in `lora_lite_cli` (no torch import), which
+calls `inspect(args)`, `export(args)`, `import_(args)` here; `main` is that entry point.
 
 import-peft loads the base model because a lora-lite checkpoint records fingerprints of the base
 weights it was made on (load warns when they differ); the conversion itself reads only the PEFT
@@ -12,36 +9,12 @@ directory and goes through `ll.import_peft`, so it refuses exactly what that ref
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 from collections import Counter
 
-COMMANDS = {
-    "demo": ("lora_lite.demo", "fine-tune the embedded MiniLM with LoRA, save, reload, verify"),
-    "inspect": ("lora_lite.cli:inspect_main", "show a lora-lite checkpoint: variant, config, targets, tensors"),
-    "export-peft": ("lora_lite.cli:export_main", "write a lora-lite checkpoint as an HF PEFT adapter directory"),
-    "import-peft": ("lora_lite.cli:import_main", "convert an HF PEFT adapter directory into a lora-lite checkpoint"),
-}
-
-
-def dispatch(usage: str, commands: dict[str, tuple[str, str]], argv: list[str]) -> int:
-    """Run the entry point of `commands[argv[0]]` ("module" -> its `main`, "module:function")
-    with argv[1:], or print the usage and the commands."""
-    if not argv or argv[0] not in commands:
-        print(f"usage: {usage} [options]\n\ncommands:")
-        for name, (_, help_) in commands.items():
-            print(f"  {name:12s} {help_}")
-        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
-    module_name, _, func = commands[argv[0]][0].partition(":")
-    module = __import__(module_name, fromlist=[func or "main"])
-    return getattr(module, func or "main")(argv[1:])
-
-
-def main(argv: list[str] | None = None) -> int:
-    return dispatch("lora-lite <command>", COMMANDS, sys.argv[1:] if argv is None else argv)
+from lora_lite_cli import MODEL_CLASSES, main  # noqa: F401  (main: `python -m lora_lite.cli`)
 
 
 # ---- inspect ------------------------------------------------------------------------------------
@@ -140,18 +113,8 @@ def _print_description(d: dict) -> None:
     print(f"parameters  {d['trainable_parameters']:,} trainable of {d['stored_parameters']:,} stored")
 
 
-def inspect_main(argv: list[str]) -> int:
-    from .checkpoint import CheckpointError
-
-    p = argparse.ArgumentParser(prog="lora-lite inspect", description="Show a lora-lite checkpoint without loading a model.")
-    p.add_argument("path", help="a file written by lora_lite.save")
-    p.add_argument("--json", action="store_true", help="print the description as JSON")
-    args = p.parse_args(argv)
-    try:
-        d = describe(args.path)
-    except (CheckpointError, KeyError) as e:
-        print(f"lora-lite inspect: {e}", file=sys.stderr)
-        return 1
+def inspect(args) -> int:
+    d = describe(args.path)
     if args.json:
         print(json.dumps(d, indent=2))
     else:
@@ -161,61 +124,25 @@ def inspect_main(argv: list[str]) -> int:
 
 # ---- PEFT ---------------------------------------------------------------------------------------
 
-def export_main(argv: list[str]) -> int:
-    from .checkpoint import CheckpointError
+def export(args) -> int:
     from .interop.peft import export_peft_file
 
-    p = argparse.ArgumentParser(
-        prog="lora-lite export-peft",
-        description="Write a lora-lite checkpoint as an HF PEFT adapter directory (adapter_config.json + "
-        "adapter_model.safetensors), from the file alone: no base model is loaded.",
-    )
-    p.add_argument("adapter", help="a file written by lora_lite.save")
-    p.add_argument("out_dir", help="the PEFT adapter directory to write")
-    args = p.parse_args(argv)
-    try:
-        fields = export_peft_file(args.adapter, args.out_dir)
-    except (CheckpointError, ValueError, KeyError) as e:
-        print(f"lora-lite export-peft: {e}", file=sys.stderr)
-        return 1
+    fields = export_peft_file(args.adapter, args.out_dir)
     rank = f", r={fields['r']}" if "r" in fields else ""
     print(f"wrote {args.out_dir}: PEFT {fields['peft_type']}{rank} on {len(fields['target_modules'])} modules")
     return 0
 
 
-MODEL_CLASSES = {  # --model-class -> transformers auto class (an allow-list, never getattr on input)
-    "causal-lm": "AutoModelForCausalLM",
-    "base": "AutoModel",
-    "masked-lm": "AutoModelForMaskedLM",
-    "seq-cls": "AutoModelForSequenceClassification",
-    "seq2seq-lm": "AutoModelForSeq2SeqLM",
-}
-
-
-def import_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="lora-lite import-peft",
-        description="Convert an HF PEFT adapter directory into a lora-lite checkpoint. The base model is "
-        "loaded (transformers) to check the targets and record its fingerprints in the file.",
-    )
-    p.add_argument("peft_dir", help="directory with adapter_config.json and adapter_model.safetensors")
-    p.add_argument("out", help="the lora-lite checkpoint to write")
-    p.add_argument("--base-model", required=True, help="path (or cached hub id) of the base model")
-    p.add_argument("--model-class", choices=sorted(MODEL_CLASSES), default="causal-lm",
-                   help="the transformers class PEFT wrapped (module names depend on it); default causal-lm")
-    args = p.parse_args(argv)
-
+def import_(args) -> int:
     import transformers
 
     import lora_lite as ll
+    from lora_lite.interop.peft import _convert, _read_peft_dir
     from lora_lite.runtime import state_of
 
+    _convert(args.peft_dir, *_read_peft_dir(args.peft_dir))  # refusals come before the (slow) base load
     model = getattr(transformers, MODEL_CLASSES[args.model_class]).from_pretrained(args.base_model)
-    try:
-        cfg = ll.import_peft(model, args.peft_dir)
-    except (ValueError, TypeError, RuntimeError) as e:
-        print(f"lora-lite import-peft: {e}", file=sys.stderr)
-        return 1
+    cfg = ll.import_peft(model, args.peft_dir)
     ll.save(model, args.out)
     print(f"wrote {args.out}: {cfg.variant} on {len(state_of(model).targets)} modules")
     return 0

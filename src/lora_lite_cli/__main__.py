@@ -1,0 +1,3 @@
+from lora_lite_cli import main
+
+raise SystemExit(main())
