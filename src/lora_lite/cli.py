@@ -133,14 +133,26 @@ def export(args) -> int:
     return 0
 
 
+def _has_target_parameters(peft_dir: str) -> bool:
+    import json
+    import os
+
+    try:
+        with open(os.path.join(peft_dir, "adapter_config.json")) as f:
+            return bool(json.load(f).get("target_parameters"))
+    except (OSError, ValueError, AttributeError):
+        return False  # read_peft names what is wrong with the folder
+
+
 def import_(args) -> int:
     import transformers
 
     import lora_lite as ll
-    from lora_lite.interop.peft import _convert, _read_peft_dir
+    from lora_lite.interop.peft import read_peft
     from lora_lite.runtime import state_of
 
-    _convert(args.peft_dir, *_read_peft_dir(args.peft_dir))  # refusals come before the (slow) base load
+    if not _has_target_parameters(args.peft_dir):  # those need the model to be read
+        read_peft(args.peft_dir)  # refusals come before the (slow) base load
     model = getattr(transformers, MODEL_CLASSES[args.model_class]).from_pretrained(args.base_model)
     cfg = ll.import_peft(model, args.peft_dir)
     ll.save(model, args.out)
