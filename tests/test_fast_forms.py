@@ -39,7 +39,7 @@ def test_pissa_one_product_has_the_outputs_and_gradients_of_the_two_product_form
     model.double()
     x = torch.randn(5, 7, 48, dtype=torch.float64)
     g = torch.randn(5, 7, 40, dtype=torch.float64)
-    fast = PiSSA.delta(layer, cfg, x, None)
+    fast = PiSSA.change(layer, cfg, x, None)
     grads_fast = torch.autograd.grad((fast * g).sum(), [layer.lora_A, layer.lora_B])
     ref = _two_products(layer, cfg, x)
     grads_ref = torch.autograd.grad((ref * g).sum(), [layer.lora_A, layer.lora_B])
@@ -55,7 +55,7 @@ def test_pissa_change_is_exactly_zero_at_init_in_every_dtype():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         model, layer, cfg = _pissa_layer(d_in=256, d_out=192, r=32, dtype=torch.float32)
         x = (100 * torch.randn(3, 33, 256)).to(dtype)
-        d = PiSSA.delta(layer, cfg, x, None)
+        d = PiSSA.change(layer, cfg, x, None)
         assert d.dtype == dtype
         assert torch.count_nonzero(d) == 0, dtype
 
@@ -73,7 +73,7 @@ def test_pissa_trained_update_is_not_lost_to_cancellation_in_bf16():
         type("L", (), {k: getattr(layer, k).double() for k in ("lora_A", "lora_B", "lora_A0", "lora_B0")}),
         cfg, x.double())
     with torch.no_grad():
-        fast = PiSSA.delta(layer, cfg, x.bfloat16(), None).double()
+        fast = PiSSA.change(layer, cfg, x.bfloat16(), None).double()
         old = _two_products(
             type("L", (), {k: getattr(layer, k).bfloat16() for k in ("lora_A", "lora_B", "lora_A0", "lora_B0")}),
             cfg, x.bfloat16()).double()

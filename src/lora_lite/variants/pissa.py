@@ -46,6 +46,7 @@ class PiSSA(Variant):
     name = "pissa"
     config = PiSSAConfig
     needs_dense_weight = True
+    scale_outside = True
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -69,7 +70,7 @@ class PiSSA(Variant):
     @staticmethod
     def delta(layer, cfg, x, y):
         A, A0, B, B0 = layer.lora_A, layer.lora_A0, layer.lora_B, layer.lora_B0
-        return low_rank(x, torch.cat([A - A0, A0]), torch.cat([B, B - B0], dim=1), cfg.scale)
+        return low_rank(x, torch.cat([A - A0, A0]), torch.cat([B, B - B0], dim=1))  # / s: scale_outside
 
     @staticmethod
     def low_rank_delta(layer, cfg):
