@@ -44,7 +44,7 @@ class DoRAConfig(AdapterConfig):
 def _direction(layer, cfg):
     """V = W + s·sg(BA) and n = sg(row norms of V), fp32; outside autograd (nothing here takes a
     gradient), so no graph is recorded only to be detached."""
-    V = torch.addmm(dense_weight(layer), layer.lora_B.float(), layer.lora_A.float(), alpha=cfg.scale)
+    V = dense_weight(layer) + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
     return V, torch.linalg.vector_norm(V, dim=1).clamp_min(1e-12)
 
 
