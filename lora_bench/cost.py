@@ -2,6 +2,9 @@
 
     python -m lora_bench cost              MiniLM-L6 and a Qwen3-0.6B-shaped random decoder, all variants
     python -m lora_bench cost --quick      toy sizes, two variants, few repeats (a CI smoke run)
+    python -m lora_bench cost --models tiny64 --no-memory
+                                           per-target overhead: 56 64-wide targets, 2 x 32 tokens,
+                                           where a step's overhead over the base is the hooks' cost
 
 For each model the rows are grouped by method: a group holds the frozen base, our adapter and
 PEFT's adapter for the same method (same targets, same rank, same batch), each on its own copy
@@ -64,6 +67,7 @@ DEFAULTS = {
     "minilm": {"layers": 6, "batch_size": 16, "seq_len": 64},
     "qwen": {"layers": 2, "batch_size": 2, "seq_len": 128},
     "tiny": {"layers": 2, "batch_size": 2, "seq_len": 16},
+    "tiny64": {"layers": 8, "batch_size": 2, "seq_len": 32},
 }
 QUICK = {
     "minilm": {"layers": 6, "batch_size": 2, "seq_len": 16},
@@ -210,6 +214,12 @@ def _median_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
     r = sorted(x / y for x, y in zip(a, b))
     q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0], r[0], r[0]]
     return statistics.median(r), q[0], q[2]
+
+
+def _per_target_us(times: list[float], base: list[float], n: int) -> float:
+    """Median over repeats of (time − paired base time) / targets, in µs: what each hooked
+    layer adds to one step (on `tiny64`, where layer compute is negligible, the hooks' own cost)."""
+    return 1e6 * statistics.median((t - b) / n for t, b in zip(times, base))
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -387,6 +397,10 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
                 row["fwd_overhead_pct"] = 100 * (_median_ratio(fwd, base_fwd)[0] - 1)
                 row["step_overhead_pct"] = 100 * (_median_ratio(stp, base_step)[0] - 1)
             if lib in ("ours", "peft"):
+                n = len(setup.target_layers(setup.config(name)))
+                row.update(targets=n, fwd_us_per_target=_per_target_us(fwd, base_fwd, n),
+                           step_us_per_target=_per_target_us(stp, base_step, n))
+            if lib in ("ours", "peft"):
                 cfg = setup.config(name)
                 per_tok, per_call = adapters.added_macs(name, cfg, setup.target_layers(cfg))
                 row.update(macs_per_token=per_tok, macs_per_call=per_call,
@@ -431,7 +445,7 @@ def _summary(kind: str, row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_bench cost", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", help="comma-separated: minilm, qwen, tiny (default minilm,qwen; "
+    ap.add_argument("--models", help="comma-separated: minilm, qwen, tiny, tiny64 (default minilm,qwen; "
                     "--quick: tiny,minilm)")
     ap.add_argument("--variants", help="comma-separated variant names (default: every known one)")
     ap.add_argument("--rank", type=int, default=16)

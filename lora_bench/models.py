@@ -4,6 +4,9 @@
     qwen    a random-init Qwen3 decoder with Qwen3-0.6B layer shapes (hidden 1024,
             intermediate 3072, 16 heads / 8 kv heads, head_dim 128) and few layers
     tiny    the same architecture at toy sizes (hidden 64), for --quick runs and tests
+    tiny64  the toy sizes with 8 blocks (56 targets) and a 2 x 32-token batch: each layer's own
+            compute is so small that a step's overhead over the frozen base is the per-call cost
+            of the hooks (Python, dispatch, casts), reported per hooked layer
 
 Targets are q/k/v/o and the MLP projections of every block (the LM head and the MiniLM
 pooler are left alone). Every model runs eager attention in fp32.
@@ -25,6 +28,7 @@ TARGETS = {
     "minilm": (r"^encoder\.",),  # query/key/value, attention.output, intermediate, output
     "qwen": (r"\.(q|k|v|o|gate|up|down)_proj$",),
     "tiny": (r"\.(q|k|v|o|gate|up|down)_proj$",),
+    "tiny64": (r"\.(q|k|v|o|gate|up|down)_proj$",),
 }
 
 
@@ -47,13 +51,14 @@ def qwen_like(layers: int = 2, vocab: int = 2048, tiny: bool = False, seed: int 
 
 
 def build(kind: str, layers: int = 2) -> tuple[nn.Module, object | None]:
-    """(model, tokenizer or None) for kind in {"minilm", "qwen", "tiny"}."""
+    """(model, tokenizer or None) for kind in {"minilm", "qwen", "tiny", "tiny64"}."""
     if kind == "minilm":
         from lora_lite.demo import load_minilm
 
         return load_minilm()
-    if kind in ("qwen", "tiny"):
-        return qwen_like(layers=layers, vocab=256 if kind == "tiny" else 2048, tiny=kind == "tiny"), None
+    if kind in ("qwen", "tiny", "tiny64"):
+        tiny = kind != "qwen"
+        return qwen_like(layers=layers, vocab=256 if tiny else 2048, tiny=tiny), None
     raise KeyError(f"unknown benchmark model {kind!r}; choose from {sorted(TARGETS)}")
 
 

@@ -490,7 +490,8 @@ def write_quality(out: Path, *, sweep: bool = False, suffix: str = "") -> None:
 
 # ---- C1 cost ----------------------------------------------------------------------------------
 
-MODEL_LABELS = {"minilm": "MiniLM-L6", "qwen": "Qwen3-0.6B-shaped decoder", "tiny": "toy Qwen3"}
+MODEL_LABELS = {"minilm": "MiniLM-L6", "qwen": "Qwen3-0.6B-shaped decoder", "tiny": "toy Qwen3",
+                "tiny64": "64-wide Qwen3 (per-target overhead)"}
 
 
 def _model_title(m: dict) -> str:
@@ -597,10 +598,41 @@ def ratio_markdown(data: dict, name: str = "cost") -> str:
     return note + _table(head, rows, "l" + "r" * (len(head) - 1))
 
 
+def per_target_markdown(data: dict) -> str | None:
+    """µs each hooked layer adds to a training step (ours, PEFT), per method, for every model
+    that has the per-target columns; None when none has them."""
+    models = [m for m in data["models"] if any("step_us_per_target" in r for r in m["rows"])]
+    if not models:
+        return None
+    out = ["Per-target overhead: (step − the paired frozen-base step) / number of hooked layers, "
+           "median over interleaved repeats, in µs per hooked layer per training step (forward µs "
+           "in brackets). On the 64-wide model each layer's own compute is negligible, so this is "
+           "the cost of the hook or PEFT module call itself.\n"]
+    for m in models:
+        rows = []
+        pairs: dict[str, dict] = {}
+        for r in m["rows"]:
+            if "step_us_per_target" in r:
+                pairs.setdefault(r["group"], {})[r["lib"]] = r
+        for group, pair in pairs.items():
+            ours, peft = pair.get("ours"), pair.get("peft")
+
+            def cell(r):
+                return "—" if r is None else f"{r['step_us_per_target']:.0f} ({r['fwd_us_per_target']:.0f})"
+            rows.append([f"`{group}`", str((ours or peft)["targets"]), cell(ours), cell(peft),
+                         f"**{ours['ratio_vs_peft']:.2f}**" if ours and "ratio_vs_peft" in ours else "—"])
+        out.append(f"\n**{_model_title(m)}**, measured {m.get('date', data['env']['date'])}\n\n" + _table(
+            ["method", "targets", "ours µs/target (fwd)", "PEFT µs/target (fwd)", "ours / PEFT step"],
+            rows, "lrrrr"))
+    return "".join(out)
+
+
 def write_cost_file(out: Path, name: str) -> None:
     data = read_json(out / f"{name}.json")
     if data and data["models"]:
-        (out / f"{name}.md").write_text(ratio_markdown(data, name) + "\n" + cost_markdown(data))
+        per_target = per_target_markdown(data)
+        (out / f"{name}.md").write_text(ratio_markdown(data, name) + "\n" + (per_target + "\n" if per_target else "")
+                                        + cost_markdown(data))
 
 
 def write_cost(out: Path, suffix: str = "") -> None:

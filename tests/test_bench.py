@@ -93,11 +93,15 @@ def test_cost_quick_run_writes_well_formed_results(tmp_path):
         if r["lib"] == "ours":
             for k in ("ratio_vs_peft", "ratio_q1", "ratio_q3", "fwd_ratio_vs_peft"):
                 assert math.isfinite(r[k]) and r[k] > 0
+        if r["lib"] in ("ours", "peft"):  # per hooked layer: 7 targets per block, 2 blocks
+            assert r["targets"] == 14
+            assert math.isfinite(r["step_us_per_target"]) and math.isfinite(r["fwd_us_per_target"])
     ours_lora = next(r for r in m["rows"] if r["lib"] == "ours" and r["variant"] == "lora")
     peft_lora = next(r for r in m["rows"] if r["lib"] == "peft" and r["variant"] == "lora")
     assert ours_lora["params"] == peft_lora["params"]
     md = (tmp_path / "cost_quick.md").read_text()
     assert "ours / PEFT" in md and "`lora`" in md
+    assert "Per-target overhead" in md and "ours µs/target (fwd)" in md
 
 
 class _Chain(nn.Module):

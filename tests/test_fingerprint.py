@@ -45,3 +45,21 @@ def test_real_changes_are_caught():
     assert not same_base(saved, fingerprint(nn.Linear(256, 512, bias=False)))
     assert not same_base(None, fingerprint(layer))
     assert not same_base({"weight": "junk"}, fingerprint(layer))
+
+
+def test_blocked_sketch_is_the_whole_matrix_float64_sketch():
+    """On the CPU the sketch converts W to float64 in row blocks; it must be the sketch of the
+    whole float64 matrix (mutations caught: a probe block misaligned with its rows, fp32
+    accumulation, a block left out of the norm)."""
+    from lora_lite.fingerprint import _probe_vectors, _sketch
+
+    torch.manual_seed(0)
+    for shape in ((3000, 700), (700, 3000), (5, 40000)):
+        W = torch.randn(shape)
+        m = W.double()
+        u, v = _probe_vectors(shape[0], 1), _probe_vectors(shape[1], 2)
+        probes = ((u @ m) * v).sum(1)
+        s = _sketch(W)
+        norm = float(m.norm())
+        assert abs(s["norm"] - norm) <= 1e-12 * norm
+        assert max(abs(a - float(b)) for a, b in zip(s["probes"], probes)) <= 1e-12 * norm

@@ -66,10 +66,10 @@ def probed(layer, variant, cfg):
     W = stored_W(layer).float()
     b = None if layer.bias is None else layer.bias.float()
     if variant.delta_input is not None:
-        Y = F.linear(X + variant.delta_input(layer, cfg, X), W, b)
+        Y = F.linear(X + variant.change(layer, cfg, X), W, b)
     else:
         Y0 = F.linear(X, W, b)
-        Y = Y0 + variant.delta(layer, cfg, X, Y0)
+        Y = Y0 + variant.change(layer, cfg, X, Y0)
     return (Y[1:] - Y[0]).T, Y[0]
 
 

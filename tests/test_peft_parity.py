@@ -27,6 +27,7 @@ from lora_lite.kinds import kind_of  # noqa: E402
 from lora_lite.quant import dense_weight  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
 from lora_lite.variant import REGISTRY  # noqa: E402
+from lora_lite.variants._svd import sketch_width  # noqa: E402
 
 from ckpt_files import seal  # noqa: E402
 from conftest import rel_err  # noqa: E402
@@ -61,10 +62,17 @@ def test_same_tensors_give_same_outputs(bench, case):
     if case == "pissa":  # same initial factors and the same (implied) residual weight
         for name, layer in state_of(ours).targets.items():
             t = inner.get_submodule(name)
-            assert rel_err(t.lora_A["default"].weight, layer.lora_A0) <= 1e-6
-            assert rel_err(t.lora_B["default"].weight, layer.lora_B0) <= 1e-6
             W_res = dense_weight(layer) - cfg.scale * layer.lora_B0 @ layer.lora_A0
-            assert rel_err(dense_weight(t.base_layer), W_res) <= 1e-6
+            if 4 * sketch_width(cfg.r) > min(W_res.shape):  # full SVD, as PEFT's
+                assert rel_err(t.lora_A["default"].weight, layer.lora_A0) <= 1e-6
+                assert rel_err(t.lora_B["default"].weight, layer.lora_B0) <= 1e-6
+                assert rel_err(dense_weight(t.base_layer), W_res) <= 1e-6
+            else:  # sketched top-r: PEFT's residual is the optimal one; ours within the documented 6e-6
+                excess = float(W_res.norm() / dense_weight(t.base_layer).norm()) - 1
+                assert -1e-6 <= excess <= 2e-5, (name, excess)
+                with torch.no_grad():  # the same tensors from here on: PEFT gets our residual
+                    w = t.base_layer.weight
+                    w.copy_(W_res if w.shape == W_res.shape else W_res.T)  # (Conv1D stores Wᵀ)
 
     perturb(ours)
     copy_to_peft(ours, theirs)
@@ -75,7 +83,8 @@ def test_same_tensors_give_same_outputs(bench, case):
 
 def test_antipasto_residual_equals_pissa_residual(bench):
     """Without data antipasto's frozen part is W's top-r SVD part: W − U diag(S) Vh is the residual
-    PEFT's PiSSA init writes into its base layer (any alpha). Ours is never written: W stays."""
+    PEFT's PiSSA init writes into its base layer (any alpha), or as close to it as the sketched
+    top-r SVD documents. Ours is never written: W stays."""
     ours = bench.fresh()
     ll.attach(ours, ll.AntiPaSTOConfig(r=4, target_names=bench.targets, layers=(0, 1)))
     names = list(state_of(ours).targets)
@@ -84,7 +93,10 @@ def test_antipasto_residual_equals_pissa_residual(bench):
     for name, layer in state_of(ours).targets.items():
         W_res = dense_weight(theirs.base_model.model.get_submodule(name).base_layer)
         ours_res = dense_weight(layer) - (layer.lora_U * layer.lora_S) @ layer.lora_Vh
-        assert rel_err(ours_res, W_res) <= 1e-5, name
+        if 4 * sketch_width(4) > min(ours_res.shape):  # full SVD, as PEFT's
+            assert rel_err(ours_res, W_res) <= 1e-5, name
+        else:  # sketched top-r (MiniLM): within the documented 6e-6 of PEFT's optimal residual
+            assert -1e-6 <= float(ours_res.norm() / W_res.norm()) - 1 <= 2e-5, name
         assert torch.equal(layer.weight, bench.model.get_submodule(name).weight), name
 
 

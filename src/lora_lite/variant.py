@@ -59,6 +59,9 @@ Class attributes say what the runtime must check or provide:
     zero_grad_at_init   trainable tensors whose gradient is zero at step 0 by design
                         (LoRA's A while B = 0); every other trainable gets a gradient
     runtime_fields      config fields that `lora_lite.reconfigure` may change while attached
+    scale_outside       delta returns Δy / s (s = cfg.scale, LoRA's alpha / r) and the output
+                        hook applies s inside its one add, y.add(Δ, alpha=s·scale): a kernel and
+                        an autograd node fewer per call; `change(layer, cfg, x, y)` is Δy either way
 
 What the rest of the code would otherwise list by variant name is declared here too, and read
 from the registry (interop, the generic test suites, the benchmark):
@@ -146,6 +149,7 @@ class Variant:
     identity_at_init: ClassVar[bool] = True
     zero_grad_at_init: ClassVar[tuple[str, ...]] = ()
     runtime_fields: ClassVar[tuple[str, ...]] = ()
+    scale_outside: ClassVar[bool] = False
     identity_tol: ClassVar[dict] = {}
     neutral: ClassVar[tuple[str, ...]] = ()
     renamed_tensors: ClassVar[dict[str, str]] = {}
@@ -184,6 +188,15 @@ class Variant:
     @staticmethod
     def init(layer: nn.Module, cfg: AdapterConfig, stats: dict | None) -> None:
         """Fill tensors that depend on W or on calibration statistics (ParamSpec inits ran)."""
+
+    @classmethod
+    def change(cls, layer: nn.Module, cfg: AdapterConfig, x: torch.Tensor, y: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Δy (output hook) or Δx (input pre-hook) at strength 1, as the hook adds it."""
+        if cls.delta_input is not None:
+            return cls.delta_input(layer, cfg, x)
+        d = cls.delta(layer, cfg, x, y)
+        return d * cfg.scale if cls.scale_outside else d
 
     @classmethod
     def calibration_needs(cls, cfg: AdapterConfig) -> tuple[str | None, bool]:
@@ -311,6 +324,8 @@ def register(cls: type[Variant]) -> type[Variant]:
         raise TypeError(f"{cls.__name__}: an 'embedding' in kinds goes with a delta_embedding, and only then")
     if "fused" in cls.kinds and cls.low_rank_delta is Variant.low_rank_delta:
         raise TypeError(f"{cls.__name__}: a 'fused' in kinds needs low_rank_delta (the per-expert B A)")
+    if cls.scale_outside and cls.delta is None:
+        raise TypeError(f"{cls.__name__}: scale_outside applies to an output hook's delta, not delta_input")
     if cls.calibration not in (None, "gram", "diag"):
         raise ValueError(f"{cls.__name__}.calibration must be None, 'gram' or 'diag'")
     if cls.requires_calibration and cls.calibration is None:

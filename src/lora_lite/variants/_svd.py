@@ -10,10 +10,43 @@ from __future__ import annotations
 import torch
 
 
+# Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4 + Rayleigh–Ritz):
+# a k-column sketch refined by POWER_ITERS products with W Wᵀ. Used when the sketch is at most a
+# quarter of the smaller side of W; wider sketches cost about what the full SVD costs.
+POWER_ITERS = 10
+
+
+def sketch_width(r: int) -> int:
+    """Columns of the sketch for a top-r factorisation: r directions plus r + 16 spares."""
+    return 2 * r + 16
+
+
 def top_r_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 SVD W = U diag(S) Vh, top-r slices: U_r (d_out, r), S_r (r,), Vh_r (r, d_in)."""
-    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
-    return U[:, :r], S[:r], Vh[:r]
+    """fp32 top-r SVD triplets of W: U_r (d_out, r), S_r (r,) descending, Vh_r (r, d_in).
+
+    When k = sketch_width(r) <= min(d_out, d_in) / 4, randomized subspace iteration finds them
+    (Q ← orth(W G), then POWER_ITERS × Q ← orth(W orth(Wᵀ Q)); W ≈ Q (Qᵀ W) and the small SVD
+    of Qᵀ W gives the triplets); otherwise the full SVD, sliced. The sketch G is drawn from a
+    generator seeded here, so attach is reproducible and leaves the global RNG untouched. U_r
+    and Vh_r are orthonormal to rounding either way; the sketched triplets approximate the
+    full SVD's (the error shrinks like (σ_{k+1}/σ_r)^(2·POWER_ITERS+1)). Measured on every
+    MiniLM-L6 encoder weight (384 x 384, 1536 x 384, 384 x 1536) at r = 4, 8, 16 against the
+    fp64 full SVD (tests/test_fast_forms.py): singular values within 3e-4 relative,
+    ‖W − U_r S_r Vh_r‖_F within 6e-6 relative of the optimal rank-r residual, and the largest
+    principal angle to the exact top-r left subspace sin θ ≤ 7e-4·σ_1/(σ_r − σ_{r+1}) (the
+    subspace itself is ill-determined when σ_r ≈ σ_{r+1}; the captured energy is not).
+    """
+    W = W.detach().float()
+    k = sketch_width(r)
+    if 4 * k > min(W.shape):
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r]
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(W @ torch.randn(W.shape[1], k, generator=g).to(W.device)).Q
+    for _ in range(POWER_ITERS):
+        Q = torch.linalg.qr(W @ torch.linalg.qr(W.T @ Q).Q).Q
+    U, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
+    return Q @ U[:, :r], S[:r], Vh[:r]
 
 
 def second_moment(stats: dict) -> torch.Tensor:

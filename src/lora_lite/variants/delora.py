@@ -2,7 +2,8 @@
 
     w = ‖W_:,j‖₂ over outputs (d_in,), frozen buffer read once from W
     c_i = (λ / r) / (max(‖A_i,:‖, 1e-4) · max(‖B_:,i‖, 1e-4))
-    Δy = (((x ⊙ w) Aᵀ) ⊙ c) Bᵀ,  y' = y + Δy      (c from fp32 norms, cast to x's dtype)
+    Δy = ((x (A diag(w))ᵀ) ⊙ c) Bᵀ,  y' = y + Δy   (c from fp32 norms, cast to x's dtype; w scales
+                                                  A's columns, not the larger activation x)
     A (r, d_in) kaiming, B (d_out, r) 0, λ () = lambda0  ->  identity at init for any λ
     W_eff = W + B diag(c) A diag(w)
 
@@ -24,6 +25,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
@@ -52,8 +54,8 @@ class DeLoRAConfig(AdapterConfig):
 
 def _coefficients(layer, cfg):
     """c (r,) in fp32."""
-    A_norm = layer.lora_A.float().norm(dim=1).clamp_min(1e-4)
-    B_norm = layer.lora_B.float().norm(dim=0).clamp_min(1e-4)
+    A_norm = torch.linalg.vector_norm(layer.lora_A.float(), dim=1).clamp_min(1e-4)
+    B_norm = torch.linalg.vector_norm(layer.lora_B.float(), dim=0).clamp_min(1e-4)
     return (layer.lora_lambda.float() / cfg.r) / (A_norm * B_norm)
 
 
@@ -98,7 +100,7 @@ class DeLoRA(Variant):
     @staticmethod
     def delta(layer, cfg, x, y):
         w, A, B, c = like(x, layer.lora_wnorm, layer.lora_A, layer.lora_B, _coefficients(layer, cfg))
-        return F.linear(F.linear(x * w, A) * c, B)
+        return F.linear(F.linear(x, A * w) * c, B)
 
     @staticmethod
     def low_rank_delta(layer, cfg):

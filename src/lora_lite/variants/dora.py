@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..config import AdapterConfig
 from ..kinds import bias
 from ..quant import dense_weight
@@ -38,11 +40,12 @@ class DoRAConfig(AdapterConfig):
     variant: str = field(default="dora", init=False)
 
 
+@torch.no_grad()
 def _direction(layer, cfg):
-    """V = W + s·sg(BA) and n = sg(row norms of V), fp32."""
-    BA = (layer.lora_B.float() @ layer.lora_A.float()).detach()
-    V = dense_weight(layer) + cfg.scale * BA
-    return V, V.norm(dim=1).clamp_min(1e-12).detach()
+    """V = W + s·sg(BA) and n = sg(row norms of V), fp32; outside autograd (nothing here takes a
+    gradient), so no graph is recorded only to be detached."""
+    V = dense_weight(layer) + cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
+    return V, torch.linalg.vector_norm(V, dim=1).clamp_min(1e-12)
 
 
 @register
@@ -58,7 +61,7 @@ class DoRA(Variant):
 
     @staticmethod
     def init(layer, cfg, stats):
-        layer.lora_m.copy_(dense_weight(layer).norm(dim=1))
+        layer.lora_m.copy_(torch.linalg.vector_norm(dense_weight(layer), dim=1))
 
     kinds = ("linear", "conv1d", "embedding")
 

@@ -43,6 +43,7 @@ class EVA(Variant):
     calibration = "gram"
     requires_calibration = True
     zero_grad_at_init = ("lora_A",)  # grad A = s·Bᵀ(...) = 0 while B = 0
+    scale_outside = True
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

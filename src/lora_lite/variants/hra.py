@@ -48,7 +48,7 @@ def _paired_kaiming(t: torch.Tensor) -> None:
 def _wy(layer):
     """Normalised reflectors Û (r, d_in) and T⁻ᵀ (r, r) of the compact-WY form, fp32."""
     U = layer.lora_reflectors.float()
-    U_hat = U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    U_hat = U / torch.linalg.vector_norm(U, dim=1, keepdim=True).clamp_min(1e-12)
     T = torch.triu(U_hat @ U_hat.T, diagonal=1)
     T = T + 0.5 * torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
     return U_hat, torch.linalg.inv(T).T

@@ -44,10 +44,12 @@ def lora_specs(d_in, d_out, r):
     }
 
 
-def low_rank(x, A, B, scale):
-    """scale·(x Aᵀ) Bᵀ in x's dtype; scaling the (…, r) intermediate is cheaper than (…, d_out)."""
+def low_rank(x, A, B, scale=1.0):
+    """scale·(x Aᵀ) Bᵀ in x's dtype; scaling the (…, r) intermediate is cheaper than (…, d_out),
+    and scale 1 (the scale_outside variants) skips the multiply."""
     A, B = like(x, A, B)
-    return F.linear(F.linear(x, A) * scale, B)
+    h = F.linear(x, A)
+    return F.linear(h if scale == 1.0 else h * scale, B)
 
 
 def embedding_low_rank(layer, ids, A, B, scale, y):
@@ -60,8 +62,8 @@ def embedding_low_rank(layer, ids, A, B, scale, y):
 
 
 def lora_delta(layer, cfg, x, y):
-    """Δy = s·(x Aᵀ) Bᵀ."""
-    return low_rank(x, layer.lora_A, layer.lora_B, cfg.scale)
+    """Δy / s = (x Aᵀ) Bᵀ (scale_outside: the hook applies s in its add)."""
+    return low_rank(x, layer.lora_A, layer.lora_B)
 
 
 def lora_delta_embedding(layer, cfg, ids, y):
@@ -126,6 +128,7 @@ class LoRA(Variant):
     config = LoRAConfig
     zero_grad_at_init = ("lora_A",)  # grad A = s·Bᵀ(...) = 0 while B = 0
     kinds = ("linear", "conv1d", "embedding", "fused")
+    scale_outside = True
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

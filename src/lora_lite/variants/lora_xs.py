@@ -41,6 +41,7 @@ class LoRAXS(Variant):
     config = LoRAXSConfig
     needs_dense_weight = True
     identity_at_init = False
+    scale_outside = True
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -60,7 +61,7 @@ class LoRAXS(Variant):
     @staticmethod
     def delta(layer, cfg, x, y):
         A, R, B = like(x, layer.lora_A, layer.lora_R, layer.lora_B)
-        return F.linear(F.linear(F.linear(x, A), R) * cfg.scale, B)
+        return F.linear(F.linear(F.linear(x, A), R), B)  # / s: scale_outside
 
     @staticmethod
     def low_rank_delta(layer, cfg):

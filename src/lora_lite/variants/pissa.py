@@ -5,15 +5,22 @@
     B = U_r diag(√Se)   (d_out, r)  trainable;  B0 = B at init, frozen buffer
     W_res = W − s·B0 A0,  y' = x W_resᵀ + b + s·(x Aᵀ) Bᵀ
 
-computed additively, without ever writing W:
+computed additively, without ever writing W, as one rank-2r product:
 
-    Δy = s·(x Aᵀ) Bᵀ − s·(x A0ᵀ) B0ᵀ          (the same function and gradients as W_res)
+    Δy = s·(x Aᵀ) Bᵀ − s·(x A0ᵀ) B0ᵀ                       (the same function and gradients as W_res)
+       = s·(x [A − A0; A0]ᵀ) [B, B − B0]ᵀ                    (expand: xAᵀBᵀ − xA0ᵀBᵀ + xA0ᵀBᵀ − xA0ᵀB0ᵀ)
 
-At init A = A0 and B = B0, and the two products are the same computation, so Δy = 0 bit for
-bit in any dtype. W_eff − W = s·(B A − B0 A0) = [sB, −sB0] [A; A0]: a rank-2r LoRA. Any alpha
-works: the scale is folded into the init. Matches HF PEFT `LoraConfig(init_lora_weights="pissa")`
-(same factors; PEFT's residual base weight is W − s·B0 A0). The checkpoint holds A0, B0 too,
-so load rebuilds the adapted model on a pristine base without an SVD.
+One product reads x once and writes the (…, d_out) change once, where two products and their
+difference made three passes over it. The differences A − A0 and B − B0 are formed in the
+adapter dtype (fp32 by default) before any cast, so at init both are 0 exactly and Δy = 0 bit for
+bit in any dtype and on any kernel (every term of both sums is a product with an exact 0;
+concatenating [A; A0] and [B, −B0] instead would cancel only up to the kernel's summation
+order). It also keeps a trained update's small A − A0 from cancelling in a bf16 activation, as
+the difference of two bf16 products did. W_eff − W = s·(B A − B0 A0) = [sB, −sB0] [A; A0]: a
+rank-2r LoRA. Any alpha works: the scale is folded into the init. Matches HF PEFT
+`LoraConfig(init_lora_weights="pissa")` (same factors; PEFT's residual base weight is
+W − s·B0 A0). The checkpoint holds A0, B0 too, so load rebuilds the adapted model on a pristine
+base without an SVD.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class PiSSA(Variant):
     name = "pissa"
     config = PiSSAConfig
     needs_dense_weight = True
+    scale_outside = True
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -61,8 +69,8 @@ class PiSSA(Variant):
 
     @staticmethod
     def delta(layer, cfg, x, y):
-        s = cfg.scale
-        return low_rank(x, layer.lora_A, layer.lora_B, s) - low_rank(x, layer.lora_A0, layer.lora_B0, s)
+        A, A0, B, B0 = layer.lora_A, layer.lora_A0, layer.lora_B, layer.lora_B0
+        return low_rank(x, torch.cat([A - A0, A0]), torch.cat([B, B - B0], dim=1))  # / s: scale_outside
 
     @staticmethod
     def low_rank_delta(layer, cfg):
@@ -77,6 +85,6 @@ class PiSSA(Variant):
     peft = PeftMap("LORA", PEFT_LORA_TENSORS, lambda cfg, t: peft_lora_fields(cfg, t, init_lora_weights="pissa"),
                    export=False)
     # the scale is folded into the init, so alpha = r (s = 1) as in the seed benchmark; the
-    # additive form runs two rank-r products
+    # additive form runs one rank-2r product
     bench = BenchSetting("pissa", lambda r, g: {"r": r, "alpha": float(r)},
                          lambda i, o, c: (2 * c.r * (i + o), 0), peft="pissa")
