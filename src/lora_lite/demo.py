@@ -15,7 +15,6 @@ are ordered by the thread split, so the digits differ between machines and `--th
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
