@@ -1,9 +1,10 @@
-"""The README runs as written: every ```python block, verbatim.
+"""The README and every docs/*.md page run as written: every ```python block, verbatim.
 
 Convention: a `## ` section's python blocks (its `### ` subsections included) run in order in
 one fresh interpreter, in a temporary folder; sections share nothing, so a block that needs a
 model loads it itself (`from lora_lite.demo import load_minilm; model, tok = load_minilm()`).
 A section whose blocks import an optional package that is not installed is skipped, naming it.
+A docs page runs the same way, section by section.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def python_sections(text: str) -> dict[str, str]:
 
 
 SECTIONS = python_sections(README.read_text(encoding="utf-8"))
+DOCS = {f"{page.name}#{title}": code for page in sorted((ROOT / "docs").glob("*.md"))
+        for title, code in python_sections(page.read_text(encoding="utf-8")).items()}
 
 
 def test_the_readme_has_python_blocks_where_expected():
@@ -51,11 +54,19 @@ def test_the_readme_has_python_blocks_where_expected():
 
 @pytest.mark.parametrize("title", list(SECTIONS))
 def test_readme_section_runs(title, tmp_path):
-    code = SECTIONS[title]
+    _runs(f"README section {title!r}", SECTIONS[title], tmp_path)
+
+
+@pytest.mark.parametrize("title", list(DOCS))
+def test_docs_section_runs(title, tmp_path):
+    _runs(f"docs/{title}", DOCS[title], tmp_path)
+
+
+def _runs(where: str, code: str, tmp_path) -> None:
     imported = set(re.findall(r"^\s*(?:from|import)\s+(\w+)", code, flags=re.M))
     missing = [m for m in OPTIONAL if m in imported and importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"README section {title!r} needs {missing} (not installed)")
+        pytest.skip(f"{where} needs {missing} (not installed)")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -64,4 +75,4 @@ def test_readme_section_runs(title, tmp_path):
     }
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"README section {title!r} failed:\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, f"{where} failed:\n{res.stderr[-3000:]}"
