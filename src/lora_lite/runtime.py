@@ -70,7 +70,6 @@ def attach(
     ensure_free(model)
     targets = find_targets(model, cfg)
     validate(model, variant, cfg, targets)
-    variant.advise(dict(targets), cfg)
     kind, required = variant.calibration_needs(cfg)
     if calibration_data is not None and kind is None:
         which = "" if variant.calibration is None else f" with this {type(cfg).__name__}"
@@ -82,6 +81,7 @@ def attach(
             f"variant {cfg.variant!r} ({type(cfg).__name__}) needs calibration_data: pass an iterable of batches "
             f"(dicts with input_ids/attention_mask, tuples or tensors) to attach()"
         )
+    variant.advise(dict(targets), cfg)  # warnings about a config that is valid but risky
     stats = None
     if calibration_data is not None:
         stats = collect_stats(
