@@ -26,6 +26,7 @@ from lora_lite.runtime import state_of
 from lora_lite.variant import REGISTRY, Variant, register
 
 from conftest import assert_untouched, rel_err, snapshot
+from test_interop import saved_peft
 from test_readme import python_sections
 from test_variants import perturb
 
@@ -44,19 +45,6 @@ def lm(request):
 
 def embedding_cfg(lm, variant):
     return EMBEDDING_VARIANTS[variant](r=4, alpha=8, target_names=(EMBEDDING[lm.kind],))
-
-
-@torch.no_grad()
-def saved_peft(bench, pcfg, d, seed=0):
-    """A PEFT model with every adapter tensor moved off its init, saved to `d`; its outputs."""
-    pm = peft.get_peft_model(bench.fresh(), pcfg)
-    g = torch.Generator().manual_seed(seed)
-    for n, p in pm.named_parameters():
-        if p.requires_grad:
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    pm.eval()
-    pm.save_pretrained(d)
-    return bench.out(pm)
 
 
 # ---- Conv1D: PEFT adapters saved with fan_in_fan_out=True ---------------------------------------
