@@ -63,7 +63,7 @@ def test_export_loads_in_peft_with_our_outputs(request, bench, case, tmp_path):
     cfg = attach_case(qwen, case, model)
     perturb(model)
     y = qwen.out(model)
-    assert rel_err(y, qwen.out(qwen.model)) > 1e-3, "adapter is a no-op; the check is vacuous"
+    assert rel_err(y, qwen.out(qwen.model)) > 1e-4, "adapter is a no-op; the check is vacuous"  # 10x the 1e-5 tolerance
     native = cfg.variant in native_export() and not (bench == "gpt2" and cfg.variant in LINEAR_ONLY_IN_PEFT)
     if bench == "gpt2" and cfg.variant in LINEAR_ONLY_IN_PEFT and REGISTRY[cfg.variant].low_rank_delta(
             next(iter(state_of(model).targets.values())), cfg) is None:
