@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import os
 import statistics
@@ -32,6 +31,8 @@ from pathlib import Path
 import torch
 
 import lora_lite as ll
+
+from .cost import _status_mb, saved_activation_bytes  # the C1 measures, the same loss
 
 SHAPE = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -87,31 +88,6 @@ def step(model, b) -> float:
     return time.perf_counter() - t0
 
 
-def saved_bytes(model, b) -> int:
-    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in own:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(model, b)
-    loss.backward()
-    for p in model.parameters():
-        p.grad = None
-    return sum(seen.values())
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def memory_child(lib: str) -> dict:
     """In a fresh process: build the base, reset the resident high-water mark, attach, one step
     (forward, backward, AdamW step), read the peak."""
@@ -165,7 +141,7 @@ def main(argv=None) -> dict:
             if rep >= args.warmup:
                 times[k].append(t)
     ratios = sorted(a / c for a, c in zip(times["lora-lite"], times["peft"]))
-    saved = {k: saved_bytes(m, b) for k, m in members.items()}
+    saved = {k: saved_activation_bytes(m, b) for k, m in members.items()}
     peaks = {k: [] for k in keys}
     for rep in range(args.memory_repeats):
         for k in keys[rep % 2:] + keys[: rep % 2]:

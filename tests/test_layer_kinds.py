@@ -47,6 +47,17 @@ def embedding_cfg(lm, variant):
     return EMBEDDING_VARIANTS[variant](r=4, alpha=8, target_names=(EMBEDDING[lm.kind],))
 
 
+def assert_exports_load_in_peft(bench, model, y, tmp_path, tol):
+    """Export from the attached model and from its saved file; PEFT loads both onto a pristine
+    base with our outputs `y`."""
+    ll.export_peft(model, tmp_path / "out")
+    ll.save(model, tmp_path / "a.safetensors")
+    ll.export_peft(str(tmp_path / "a.safetensors"), tmp_path / "out_file")
+    for d in ("out", "out_file"):
+        pm = peft.PeftModel.from_pretrained(bench.fresh(), tmp_path / d).eval()
+        assert rel_err(bench.out(pm), y) <= tol, d
+
+
 # ---- Conv1D: PEFT adapters saved with fan_in_fan_out=True ---------------------------------------
 
 GPT2_T = ["c_attn", "c_fc", "mlp.c_proj"]
@@ -156,12 +167,7 @@ def test_embedding_peft_parity_export_import(lm, variant, tmp_path):
     copy_to_peft(model, theirs)
     assert rel_err(lm.out(theirs), y) <= 1e-5  # parity: the same tensors in PEFT's slots
 
-    ll.export_peft(model, tmp_path / "out")
-    ll.save(model, tmp_path / "a.safetensors")
-    ll.export_peft(str(tmp_path / "a.safetensors"), tmp_path / "out_file")
-    for d in ("out", "out_file"):
-        pm = peft.PeftModel.from_pretrained(lm.fresh(), tmp_path / d).eval()
-        assert rel_err(lm.out(pm), y) <= 1e-5, d
+    assert_exports_load_in_peft(lm, model, y, tmp_path, tol=1e-5)
 
     # a PEFT-trained embedding adapter imports with PEFT's outputs
     pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[EMBEDDING[lm.kind].rstrip("$")],
@@ -360,12 +366,7 @@ def test_experts_peft_parity_export_import(qwen_moe, tmp_path):
         ours = expected_W(model, name, cfg.scale) - model.get_parameter(name)
         assert rel_err(delta, ours) <= 1e-6, name
 
-    ll.export_peft(model, tmp_path / "out")
-    ll.save(model, tmp_path / "a.safetensors")
-    ll.export_peft(str(tmp_path / "a.safetensors"), tmp_path / "out_file")
-    for d in ("out", "out_file"):
-        pm = peft.PeftModel.from_pretrained(qwen_moe.fresh(), tmp_path / d).eval()
-        assert rel_err(qwen_moe.out(pm), y) <= 1e-6, d
+    assert_exports_load_in_peft(qwen_moe, model, y, tmp_path, tol=1e-6)
 
     # a PEFT-trained target_parameters LoRA imports with PEFT's outputs, and goes back tensor-equal
     pcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[],
