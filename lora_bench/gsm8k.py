@@ -322,7 +322,7 @@ def run(a) -> dict:
 
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = f"{a.variant}_r{cfg.r}_lr{lr:g}_s{a.steps}_seed{a.seed}"
+    run_id = f"{a.variant}_r{getattr(cfg, 'r', 0)}_lr{lr:g}_s{a.steps}_seed{a.seed}"
     ckpt = out_dir / f"gsm8k_{run_id}.safetensors"
     ll.save(model, ckpt)
     fresh = pristine if pristine is not None else load_model(a)[0]

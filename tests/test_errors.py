@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lora_lite as ll
-from lora_lite.config import CONFIGS, AdapterConfig
+from lora_lite.config import CONFIGS, AdapterConfig, RankConfig
 from lora_lite.variant import REGISTRY, BenchSetting, Example, ParamSpec, Variant, register
 
 from ckpt_files import rewrite
@@ -71,7 +71,7 @@ def test_from_dict_validates_untrusted_input():
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_constructor_names_an_unknown_field(name):
     cls = CONFIGS[name]
-    with pytest.raises(ValueError, match=rf"{cls.__name__}: unknown field 'lora_alpha'; valid fields: \[.*'alpha'"):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: unknown field 'lora_alpha'; valid fields: \[.*'dtype'"):
         cls(lora_alpha=16)
     with pytest.raises(ValueError, match=rf"{cls.__name__}: unknown field 'variant'"):
         cls(variant="lora")  # set by the class, not a knob
@@ -271,7 +271,7 @@ def temp_variant():
 
 def _failing_config(name):
     @dataclass(frozen=True, kw_only=True)
-    class Cfg(AdapterConfig):
+    class Cfg(RankConfig):
         variant: str = field(default=name, init=False)
 
     return Cfg

@@ -19,7 +19,7 @@ from lora_lite.variants.lora import lora_macs, lora_params, lora_specs, low_rank
 
 
 @dataclass(frozen=True, kw_only=True)
-class GatedLoRAConfig(ll.AdapterConfig):
+class GatedLoRAConfig(ll.ScaledConfig):
     variant: str = field(default="gated_lora", init=False)
 
 

@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .checkpoint import Adapter, CheckpointError, load, read, save
-from .config import AdapterConfig
+from .config import AdapterConfig, RankConfig, ScaledConfig
 from .merge import disabled, merge, scaled
 from .runtime import attach, describe, detach, reconfigure
 from .variant import REGISTRY, ParamSpec, Variant, register
@@ -29,7 +29,7 @@ __all__ = [
     "__version__", "attach", "detach", "describe", "reconfigure", "save", "load", "read", "Adapter",
     "CheckpointError",
     "merge", "disabled", "scaled", "export_peft", "import_peft",
-    "AdapterConfig", "REGISTRY", "ParamSpec", "Variant", "register",
+    "AdapterConfig", "RankConfig", "ScaledConfig", "REGISTRY", "ParamSpec", "Variant", "register",
     "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "HRAConfig",
     "IA3Config", "IA3FFConfig", "RoadConfig", "LoRAXSConfig", "EVAConfig",
     "AntiPaSTOConfig", "AntiPaSTORotConfig", "AntiPaSTOCorDAConfig", "AntiPaSTOASVDConfig",

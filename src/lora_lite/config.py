@@ -1,16 +1,30 @@
 """Adapter configs: one frozen dataclass per variant, validated on construction.
 
-`AdapterConfig` holds the fields every variant shares; a variant file subclasses it and adds its
-own knobs. Configs travel through checkpoints as JSON, so `to_dict`/`from_dict` are exact
-inverses and `from_dict` treats its input as untrusted data: unknown fields, wrong types and
-dtype strings outside the allow-list raise `ValueError` naming the field, and so does the
-constructor (`LoRAConfig(lora_alpha=16)`).
+`AdapterConfig` holds the fields every variant reads (targets, dtype, compute policy); a variant
+with a rank builds on `RankConfig` (+ `r`), one with a LoRA scale s = alpha / r on
+`ScaledConfig` (+ `alpha`), and a variant file adds its own knobs. A config offers only the
+fields its variant reads: `IA3Config(r=8)` is an unknown field, not a silent no-op.
+
+Every field carries its documentation (`knob(default, doc)`), and `register` assembles each
+config's `__doc__` from those docs, so `help(ll.LoRAConfig)` and IDEs list every field with its
+meaning, default and valid values, and the docs cannot drift from the fields.
+
+Configs travel through checkpoints as JSON, so `to_dict`/`from_dict` are exact inverses and
+`from_dict` treats its input as untrusted data: unknown fields, wrong types and dtype strings
+outside the allow-list raise `ValueError` naming the field, and so does the constructor
+(`LoRAConfig(lora_alpha=16)`). Two declared exceptions keep old saved configs loading exactly:
+`renamed_fields` ({old name: name}) are read under their new name, and `retired_fields` (shared
+fields this variant never read, e.g. `alpha` of the AntiPaSTO family) are dropped whatever
+their value, since no value of them ever changed the function. The constructor refuses both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
+import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,44 +45,53 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CONFIGS: dict[str, type[AdapterConfig]] = {}
 
 
+def knob(default: Any, doc: str, **kwargs: Any) -> Any:
+    """A config field with its documentation: `help()` of every config lists it (tests require
+    one on every field)."""
+    return field(default=default, metadata={"doc": doc}, **kwargs)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdapterConfig:
-    """Fields shared by every variant.
+    """The fields every variant reads: which layers to adapt, the adapter dtype and the compute
+    policy. A variant's config subclasses this (or `RankConfig` / `ScaledConfig`)."""
 
-    r, alpha     rank and LoRA scale numerator (s = alpha / r); variants that ignore them say so.
-    dtype        dtype of the adapter tensors (the fp32 master copy by default); a torch.dtype
-                 or its name ("bfloat16").
-    compute      "input" (default): the adapter's change is computed in the activation's dtype,
-                 casting the small adapter tensors (AMP-style; a bf16 base keeps bf16 activations
-                 for backward); "adapter": activations are cast to `dtype` for the adapter math
-                 and the change back (more precise on a low-precision base, more memory).
-    target_names regexes; a linear-like module is a candidate if any matches its full name.
-    target_roles subset of {"reader", "writer", "inner"} (see targets.py); empty = no role filter.
-    target_parameters  regexes over parameter names (PEFT's field of that name): fused
-                 parameters such as MoE experts (`mlp.experts.gate_up_proj`, (E, d_out, d_in))
-                 adapted per expert, for variants that adapt the "fused" kind (kinds.py). With
-                 target_parameters and neither target_names nor target_roles, no module is a
-                 target (as PEFT's target_modules=[]).
-    exclude_names regexes that remove candidates (default: the LM head).
-    layers       block indices (the first integer in the module path) to keep; None = all.
-    trainable_modules  regexes naming base modules (a classifier head, an embedding) whose
-                 parameters train with the adapter (PEFT's modules_to_save): save stores them,
-                 load restores them, detach puts the attach-time values back.
-    """
-
-    variant: str = field(default="", init=False)
-    r: int = 8
-    alpha: float = 16.0
-    dtype: torch.dtype = torch.float32
-    compute: Literal["input", "adapter"] = "input"
-    target_names: tuple[str, ...] = ()
-    target_roles: tuple[Literal["reader", "writer", "inner"], ...] = ()
-    target_parameters: tuple[str, ...] = ()
-    exclude_names: tuple[str, ...] = (r"(^|\.)lm_head$",)
-    layers: tuple[int, ...] | None = None
-    trainable_modules: tuple[str, ...] = ()
+    variant: str = knob("", "the variant's registry name, set by the class (not an argument); "
+                            "`AdapterConfig.from_dict` routes a saved config on it", init=False)
+    dtype: torch.dtype = knob(torch.float32, (
+        "dtype of the adapter tensors: torch.float32 (default, the fp32 master copy), bfloat16, "
+        "float16 or float64, as a torch.dtype or its name ('bfloat16')"))
+    compute: Literal["input", "adapter"] = knob("input", (
+        "'input': the change is computed in the activation's dtype, casting the small adapter "
+        "tensors (AMP-style; a bf16 base keeps bf16 activations for backward); 'adapter': "
+        "activations are cast to `dtype` for the adapter math and the change back (more precise "
+        "on a low-precision base, more memory)"))
+    target_names: tuple[str, ...] = knob((), (
+        "regexes (re.search on the full module name): a linear-like module, or an nn.Embedding, "
+        "is a candidate if any matches; () = every linear-like module. Each pattern must select "
+        "a layer, or attach raises naming it"))
+    target_roles: tuple[Literal["reader", "writer", "inner"], ...] = knob((), (
+        "keep only targets of these roles: 'reader' (d_model -> other), 'writer' (other -> "
+        "d_model), 'inner' (neither); square layers are resolved by name (targets.py); () = no "
+        "role filter"))
+    target_parameters: tuple[str, ...] = knob((), (
+        "regexes over parameter names (PEFT's field of that name): fused 3-D parameters such as "
+        "MoE experts (mlp.experts.gate_up_proj, (E, d_out, d_in)) adapted per expert, for "
+        "variants that adapt the 'fused' kind; with neither target_names nor target_roles, no "
+        "module is a target (PEFT's target_modules=[])"))
+    exclude_names: tuple[str, ...] = knob((r"(^|\.)lm_head$",), (
+        "regexes (re.search) that remove candidates; the default keeps the LM head out"))
+    layers: tuple[int, ...] | None = knob(None, (
+        "block indices to keep, read from the first integer in the module path "
+        "(model.layers.3.mlp -> 3); None = every block"))
+    trainable_modules: tuple[str, ...] = knob((), (
+        "regexes naming base modules (a classifier head, an embedding) whose parameters train "
+        "with the adapter (PEFT's modules_to_save): save stores them, load restores them, "
+        "detach puts the attach-time values back"))
     # {old name: name} of fields renamed since a release; `from_dict` (saved configs) maps them
     renamed_fields: ClassVar[dict[str, str]] = {}
+    # shared fields this variant never reads: not offered, dropped from saved configs (any value)
+    retired_fields: ClassVar[tuple[str, ...]] = ()
 
     def __new__(cls, *args, **kwargs):
         # Runs before the dataclass __init__, which would raise TypeError for an unknown keyword:
@@ -78,8 +101,14 @@ class AdapterConfig:
         settable = sorted(f.name for f in dataclasses.fields(cls) if f.init)
         for key in kwargs:
             if key not in settable:
-                raise ValueError(f"{cls.__name__}: unknown field {key!r}; valid fields: {settable}")
+                why = (f" ({cls._variant_name()} does not read {key}; saved configs that hold it still load)"
+                       if key in cls.retired_fields else "")
+                raise ValueError(f"{cls.__name__}: unknown field {key!r}; valid fields: {settable}{why}")
         return super().__new__(cls)
+
+    @classmethod
+    def _variant_name(cls) -> str:
+        return cls.__dataclass_fields__["variant"].default
 
     def __post_init__(self) -> None:
         if type(self) is AdapterConfig or self.variant not in CONFIGS:
@@ -109,7 +138,7 @@ class AdapterConfig:
                     f"{type(self).__name__}.{f.name}: expected {_type_name(hints[f.name])}, "
                     f"got {value!r}"
                 )
-        if self.r < 1:
+        if isinstance(self, _Rank) and self.r < 1:
             raise ValueError(f"{type(self).__name__}.r: must be >= 1, got {self.r}")
         for fname in ("target_names", "target_parameters", "exclude_names", "trainable_modules"):
             for pattern in getattr(self, fname):
@@ -124,14 +153,9 @@ class AdapterConfig:
     def check(self) -> None:
         """Variant-specific field checks; override in subclasses (raise ValueError)."""
 
-    @property
-    def scale(self) -> float:
-        """LoRA scale s = alpha / r."""
-        return self.alpha / self.r
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: dtypes become their names, tuples become lists."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"variant": self.variant}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.dtype):
@@ -150,8 +174,94 @@ class AdapterConfig:
         if name not in CONFIGS:
             raise KeyError(f"unknown variant {name!r}; registered: {sorted(CONFIGS)}")
         cls = CONFIGS[name]
-        kwargs = {cls.renamed_fields.get(k, k): v for k, v in d.items() if k != "variant"}
+        kwargs = {cls.renamed_fields.get(k, k): v for k, v in d.items()
+                  if k != "variant" and k not in cls.retired_fields}
         return cls(**kwargs)  # the constructor validates every field (dtype names included)
+
+
+# r and alpha live in two small mixins listed after AdapterConfig: dataclasses order fields along
+# the reversed MRO, so they come first in the signature and in to_dict, as PEFT users expect.
+@dataclass(frozen=True, kw_only=True)
+class _Rank:
+    r: int = knob(8, "rank of the adapter's change: an int >= 1, at most min(d_in, d_out) of every "
+                     "target (attach checks)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Scale(_Rank):
+    alpha: float = knob(16.0, "LoRA scale numerator: the change is scaled by s = alpha / r (PEFT's "
+                              "lora_alpha; its rsLoRA lora_alpha/√r is alpha = lora_alpha·√r); any "
+                              "float, alpha = 2r is common")
+
+    @property
+    def scale(self) -> float:
+        """LoRA scale s = alpha / r."""
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankConfig(AdapterConfig, _Rank):
+    """The fields every variant reads plus the rank r, for variants whose tensors have a rank."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaledConfig(AdapterConfig, _Scale):
+    """The fields every variant reads plus r and alpha, for variants scaled by s = alpha / r."""
+
+
+SHARED = (AdapterConfig, RankConfig, ScaledConfig)
+_SUMMARIES: dict[type, str] = {}
+
+
+def field_doc(cls: type[AdapterConfig], name: str) -> str | None:
+    """The doc of field `name`: from the most derived class that documents it (a subclass may
+    redefine a field's default alone and keep its base's doc)."""
+    for klass in cls.__mro__:
+        f = vars(klass).get("__dataclass_fields__", {}).get(name)
+        if f is not None and "doc" in f.metadata:
+            return f.metadata["doc"]
+    return None
+
+
+def document(cls: type[AdapterConfig]) -> None:
+    """Set `cls.__doc__` to its summary and every field: type, default, doc, and for a shared
+    field which registered variants read it. `register` calls this for every config."""
+    if cls not in _SUMMARIES:
+        own = vars(cls).get("__doc__") or ""
+        if own.startswith(cls.__name__ + "("):  # the dataclass's signature stand-in: no docstring
+            module = sys.modules.get(cls.__module__)
+            own = ((module.__doc__ or "").strip().split("\n\n")[0] if module else "") or cls.__name__
+            own += f"\n\nThe method, its equations and tensors: help({cls.__module__})."
+        _SUMMARIES[cls] = inspect.cleandoc(own)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    common = [f for f in fields if f.name in AdapterConfig.__dataclass_fields__]
+    lines = [_SUMMARIES[cls]]
+    if len(common) < len(fields):
+        lines += ["", "Fields (keyword arguments; to_dict / AdapterConfig.from_dict for JSON):"]
+        lines += [line for f in fields if f not in common for line in _field_lines(cls, f)]
+    lines += ["", "Fields every variant reads (targets, dtype, compute policy):"]
+    for f in common:
+        lines += _field_lines(cls, f)
+    variant = cls._variant_name()
+    if variant:
+        lines += ["", f"variant = {variant!r}: {field_doc(cls, 'variant')}."]
+    if cls.retired_fields:
+        lines += [f"Not offered: {', '.join(cls.retired_fields)} ({variant} does not read "
+                  f"{'them' if len(cls.retired_fields) > 1 else 'it'}; a saved config's value is dropped on load)."]
+    cls.__doc__ = "\n".join(lines)
+
+
+def _field_lines(cls: type[AdapterConfig], f: dataclasses.Field) -> list[str]:
+    tp = f.type if isinstance(f.type, str) else _type_name(f.type)
+    doc = field_doc(cls, f.name) or "(undocumented)"
+    if f.name in _Scale.__dataclass_fields__:
+        readers = sorted(n for n, c in CONFIGS.items() if f.name in c.__dataclass_fields__)
+        others = sorted(set(CONFIGS) - set(readers))
+        doc += (f". Shared: every variant but {', '.join(others)} reads it" if len(others) < len(readers)
+                else f". Shared by {', '.join(readers)}")
+    body = textwrap.wrap(doc, 92, initial_indent="    ", subsequent_indent="    ",
+                         break_on_hyphens=False, break_long_words=False)
+    return [f"{f.name}: {tp} = {f.default!r}", *body]
 
 
 def _matches(value: Any, tp: Any) -> bool:

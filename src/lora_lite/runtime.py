@@ -85,7 +85,7 @@ def attach(
     stats = None
     if calibration_data is not None:
         stats = collect_stats(
-            model, targets, kind, calibration_data, min_tokens=cfg.r, progress=progress
+            model, targets, kind, calibration_data, min_tokens=getattr(cfg, "r", 1), progress=progress
         )
 
     def fill(name: str, layer: nn.Module, specs: dict[str, ParamSpec]) -> None:

@@ -49,7 +49,7 @@ near 1 written as g − 1) in fp32 before that cast.
 
 Class attributes say what the runtime must check or provide:
 
-    uses_rank           r is a rank: runtime requires 1 <= r <= min(d_in, d_out)
+    uses_rank           r is a rank: runtime requires 1 <= r <= min(d_in, d_out) (config: RankConfig)
     needs_dense_weight  reads W through quant.dense_weight (SVD, norms): nn.Linear or a
                         quantized linear that dense_weight dequantizes
     calibration         None | "gram" | "diag": input statistics the runtime collects
@@ -62,6 +62,7 @@ Class attributes say what the runtime must check or provide:
     scale_outside       delta returns Δy / s (s = cfg.scale, LoRA's alpha / r) and the output
                         hook applies s inside its one add, y.add(Δ, alpha=s·scale): a kernel and
                         an autograd node fewer per call; `change(layer, cfg, x, y)` is Δy either way
+                        (config: ScaledConfig, which has alpha and s)
 
 What the rest of the code would otherwise list by variant name is declared here too, and read
 from the registry (interop, the generic test suites, the benchmark):
@@ -79,6 +80,7 @@ from the registry (interop, the generic test suites, the benchmark):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,7 +89,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .config import CONFIGS, AdapterConfig
+from .config import CONFIGS, SHARED, AdapterConfig, document, field_doc
 from .kinds import KINDS, bias
 from .quant import dense_weight
 
@@ -342,6 +344,19 @@ def register(cls: type[Variant]) -> type[Variant]:
         raise TypeError(f"{cls.__name__}.examples must be a non-empty {{name: Example}}")
     if cls.identity_at_init == bool(cls.neutral):
         raise ValueError(f"{cls.__name__}: `neutral` names the tensors to zero exactly when identity_at_init is False")
+    if cls.uses_rank and not "r" in cfg_cls.__dataclass_fields__:
+        raise TypeError(f"{cls.__name__}: uses_rank needs a config with r (subclass RankConfig)")
+    if cls.scale_outside and not hasattr(cfg_cls, "scale"):
+        raise TypeError(f"{cls.__name__}: scale_outside needs a config with alpha (subclass ScaledConfig)")
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    if set(cfg_cls.retired_fields) & fields:
+        raise ValueError(f"{cfg_cls.__name__}.retired_fields names current fields {sorted(set(cfg_cls.retired_fields) & fields)}")
+    undocumented = sorted(n for n in fields if not field_doc(cfg_cls, n))
+    if undocumented:
+        raise TypeError(f"{cfg_cls.__name__}: fields {undocumented} have no doc; declare them with "
+                        f"lora_lite.config.knob(default, doc)")
     REGISTRY[name] = cls
     CONFIGS[name] = cfg_cls
+    for c in (*SHARED, *CONFIGS.values()):  # "read by" lines name every registered variant
+        document(c)
     return cls

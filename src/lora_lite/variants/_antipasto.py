@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import knob
 from ..quant import dense_weight
 from ..variant import ParamSpec, like, straight_through_clamp
 from ._svd import second_moment, top_r_svd, wanda_top_r
@@ -88,6 +89,18 @@ def closed_forms(core):
         return layer.lora_U.float() @ core(layer, cfg), basis_of(layer).float()
 
     return staticmethod(effective_weight), staticmethod(low_rank_delta)
+
+
+def frozen_rank(default: int = 256, extra: str = ""):
+    """The family's r: how many of W's singular directions the adapter carries."""
+    return knob(default, "number of W's frozen singular directions the adapter carries (its top r, or "
+                         "the Wanda-ranked r with calibration data); 1 <= r <= min(d_in, d_out)" + extra)
+
+
+def steering_coeff(what: str = "the learned change"):
+    """The family's coeff: a run-time steering knob."""
+    return knob(1.0, f"steering coefficient on {what}: 1 = as trained, 0 = the base model, any float; "
+                     f"changeable while attached with lora_lite.reconfigure(model, coeff=c)")
 
 
 def big_rank(r: int, geometry) -> dict:

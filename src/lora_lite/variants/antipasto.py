@@ -10,7 +10,7 @@ suppressed towards 0 or amplified, never flipped. `coeff` steers at run time (0 
 < 0 swaps suppress and amplify): `lora_lite.reconfigure(model, coeff=c)`. `suppress_only`
 holds g ≤ 0 (a straight-through clamp: the forward is clamped, the gradient passes, so a g
 that crossed 0 can come back), keeping every factor in (0, 1]; that needs coeff ≥ 0, which
-the config enforces. alpha is unused. Trainable: r per layer.
+the config enforces. No alpha. Trainable: r per layer.
 
 Calibration is optional. Without data the r directions are W's top-r singular triplets. With
 data they are the r triplets of W with the largest Wanda-style score S_i·sqrt(v_iᵀ C v_i),
@@ -26,19 +26,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import AdapterConfig
+from ..config import RankConfig, knob
 from ..variant import BenchSetting, Example, ParamSpec, Variant, register
 from ._antipasto import (
-    TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, gain_core, gain_delta, init_top_r, svd_specs,
+    TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, frozen_rank, gain_core, gain_delta, init_top_r,
+    steering_coeff, svd_specs,
 )
 
 
 @dataclass(frozen=True, kw_only=True)
-class AntiPaSTOConfig(AdapterConfig):
+class AntiPaSTOConfig(RankConfig):
     variant: str = field(default="antipasto", init=False)
-    r: int = 256
-    coeff: float = 1.0
-    suppress_only: bool = False
+    r: int = frozen_rank()
+    coeff: float = steering_coeff("the gain exponent, z = coeff·g (< 0 swaps suppress and amplify)")
+    suppress_only: bool = knob(False, "hold g <= 0 (a straight-through clamp), so every gain stays in "
+                                      "(0, 1]: directions are only suppressed; needs coeff >= 0")
+    retired_fields = ("alpha",)
 
     def check(self):
         if self.suppress_only and self.coeff < 0:

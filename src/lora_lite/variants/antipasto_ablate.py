@@ -15,7 +15,7 @@ over-ablates and coeff < 0 amplifies the directions: a steering knob, changed at
 `lora_lite.reconfigure(model, coeff=c)`. The clamp of α is straight-through (the
 forward is clamped to [0, 1], the gradient passes), so an α pushed below 0 keeps learning and
 can return, where a plain clamp would freeze α and c for good. `lora_strength` is the ablation
-strength, not a LoRA scale; the shared `alpha` field is unused. Trainable: r·k + k per layer.
+strength, not a LoRA scale; there is no `alpha` field. Trainable: r·k + k per layer.
 
 cov_orient=True orients the frozen part by the input covariance exactly as antipasto_corda
 (P = Vh_t[:r] C_ε^{-1/2}, C over unmasked tokens) and stores P in the `lora_Vh` slot, whose rows
@@ -31,22 +31,28 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import RankConfig, knob
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register, straight_through_clamp
-from ._antipasto import TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, store_svd, svd_specs
+from ._antipasto import (
+    TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, frozen_rank, steering_coeff, store_svd,
+    svd_specs,
+)
 from ._svd import oriented_top_r, second_moment, top_r_svd
 
 
 @dataclass(frozen=True, kw_only=True)
-class AntiPaSTOAblateConfig(AdapterConfig):
+class AntiPaSTOAblateConfig(RankConfig):
     variant: str = field(default="antipasto_ablate", init=False)
-    r: int = 256
-    k: int = 1
-    init_alpha: float = 0.05
-    coeff: float = 1.0
-    cov_orient: bool = False
-    cov_eps: float = 1e-3
+    r: int = frozen_rank()
+    k: int = knob(1, "number of directions to ablate; 1 <= k <= r")
+    init_alpha: float = knob(0.05, "initial ablation strength α of each direction, in [0, 1]; 0 starts as "
+                                   "the identity (then c has no gradient until α moves)")
+    coeff: float = steering_coeff("the ablation (> 1 over-ablates, < 0 amplifies)")
+    cov_orient: bool = knob(False, "orient the frozen part by the input covariance as antipasto_corda; "
+                                   "needs calibration data (data without it is refused)")
+    cov_eps: float = knob(1e-3, "with cov_orient: ε added to the eigenvalues of C = E[x xᵀ]; absolute, > 0")
+    retired_fields = ("alpha",)
 
     def check(self):
         name = type(self).__name__

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import knob
 from ..variant import BenchSetting, Example, register
 from ._antipasto import TWO_BLOCKS, big_rank, frozen_part_macs
 from .antipasto_corda import AntiPaSTOCorDA, AntiPaSTOCorDAConfig
@@ -25,6 +26,7 @@ from .antipasto_corda import AntiPaSTOCorDA, AntiPaSTOCorDAConfig
 @dataclass(frozen=True, kw_only=True)
 class AntiPaSTOASVDConfig(AntiPaSTOCorDAConfig):
     variant: str = field(default="antipasto_asvd", init=False)
+    cov_eps: float = knob(1e-3, "ε added to c = diag(E[x xᵀ]) before c^(±1/2); absolute (units of x²), > 0")
 
 
 @register

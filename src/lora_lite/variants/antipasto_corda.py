@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import knob
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, Variant, register
 from ._antipasto import (
@@ -34,7 +35,8 @@ from .antipasto import AntiPaSTOConfig
 @dataclass(frozen=True, kw_only=True)
 class AntiPaSTOCorDAConfig(AntiPaSTOConfig):
     variant: str = field(default="antipasto_corda", init=False)
-    cov_eps: float = 1e-3
+    cov_eps: float = knob(1e-3, "ε added to the eigenvalues of C = E[x xᵀ] before C^(±1/2); absolute "
+                                "(units of x²), > 0")
 
     def check(self):
         super().check()

@@ -8,7 +8,7 @@ top-r subspace (diagonal-plus-low-rank). Base method: antipasto (arXiv 2601.0747
     Δy = (p ⊙ S ⊙ ELU(coeff·g) + coeff·(p Aᵀ) Bᵀ) Uᵀ,    W_eff = W + U (diag(S ⊙ ELU(coeff·g)) + coeff·B A) Vh
 
 The core acts on the unscaled coordinates p = x Vhᵀ, so its effect does not grow with S. There
-is no α/r scale on it (alpha is unused). g = 0 and B = 0 make Δy = 0 exactly; at step 0 grad A = 0 by design, as for LoRA's A. `suppress_only` holds only the
+is no α/r scale on it (no alpha field). g = 0 and B = 0 make Δy = 0 exactly; at step 0 grad A = 0 by design, as for LoRA's A. `suppress_only` holds only the
 gain's g ≤ 0; the core can still amplify. `coeff` scales both and changes at run time via
 `lora_lite.reconfigure(model, coeff=c)`; coeff = 0 is the base model.
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
+from ..config import knob
 from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register
 from ._antipasto import (
     TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, gain_core, gain_minus_one, init_top_r,
@@ -35,7 +36,8 @@ from .antipasto import AntiPaSTOConfig
 @dataclass(frozen=True, kw_only=True)
 class AntiPaSTODPLRConfig(AntiPaSTOConfig):
     variant: str = field(default="antipasto_dplr", init=False)
-    core_rank: int = 8
+    core_rank: int = knob(8, "rank k of the core B A that mixes the r frozen directions; 1 <= k <= r "
+                             "(no core is antipasto)")
     renamed_fields = {"lora_rank": "core_rank"}  # its name in configs of lora-lite <= 0.1
 
     def check(self):

@@ -25,7 +25,7 @@ S + δ_s in a bf16 forward. The rotations act on the (…, r) coordinates: Vh an
 rebuilt. Init: rot_T = 0 and δ_s ~ 4e-4 + N(0, 4e-4²), a deliberate small positive offset
 that breaks the sign symmetry of δ_s; so the model is *not* the identity at init (zero δ_s for
 an exact one). Trainable: r + r(bs−1)/2 per layer (+ r(bs−1)/2 more for `both`; r only for
-`none`). alpha is unused.
+`none`). No alpha.
 
 Calibration is optional: with data the r directions are Wanda re-selected as in antipasto
 (score S_i·sqrt(v_iᵀ C v_i), C = E[x xᵀ] over unmasked tokens; a `mean_abs` pooling would need
@@ -42,18 +42,23 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import RankConfig, knob
 from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register
-from ._antipasto import TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, init_top_r, svd_specs
+from ._antipasto import (
+    TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, frozen_rank, init_top_r, svd_specs,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
-class AntiPaSTORotConfig(AdapterConfig):
+class AntiPaSTORotConfig(RankConfig):
     variant: str = field(default="antipasto_rot", init=False)
-    r: int = 256
-    block_size: int = 4
-    max_rotation_angle: float = 0.5
-    rotate_basis: Literal["V", "U", "both", "none"] = "V"
+    r: int = frozen_rank(extra=", a multiple of block_size")
+    block_size: int = knob(4, "size bs of each Cayley rotation block; >= 2 and divides r")
+    max_rotation_angle: float = knob(0.5, "cap on every rotation angle, in radians; in (0, π)")
+    rotate_basis: Literal["V", "U", "both", "none"] = knob("V", (
+        "which singular basis rotates: 'V' (input side), 'U' (output side), 'both' (each its own "
+        "rotations), 'none' (only the additive δ_s)"))
+    retired_fields = ("alpha",)
 
     def check(self):
         name = type(self).__name__

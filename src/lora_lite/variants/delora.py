@@ -8,7 +8,7 @@
     W_eff = W + B diag(c) A diag(w)
 
 λ0 = 0 would give identity *and* zero gradients everywhere, so lambda0 must be > 0. With B = 0
-the clamp makes c large at step 0 (as in PEFT); use Adam-style optimisers. alpha is unused.
+the clamp makes c large at step 0 (as in PEFT); use Adam-style optimisers. No alpha: λ is the scale.
 Matches HF PEFT `DeloraConfig(r, delora_lambda=lambda0)` (delora_lambda is shape (1,) there).
 
 Choosing λ0: one Adam step lifts every ‖B_:,i‖ above the clamp, so from then on each rank-1 term
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import RankConfig, knob
 from ..kinds import dims
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
@@ -43,9 +43,12 @@ SAFE_RATIO = 0.0128
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeLoRAConfig(AdapterConfig):
+class DeLoRAConfig(RankConfig):
     variant: str = field(default="delora", init=False)
-    lambda0: float = 15.0
+    lambda0: float = knob(15.0, "initial bound λ of each rank-1 term (PEFT's delora_lambda); > 0. After "
+                                "one step ‖ΔW‖/‖W‖ ≈ λ0/√(r·d_in): aim for 0.01-0.05 (attach warns from "
+                                "0.05); the default is PEFT's")
+    retired_fields = ("alpha",)
 
     def check(self):
         if not self.lambda0 > 0:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import AdapterConfig
+from ..config import ScaledConfig
 from ..kinds import bias
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
@@ -36,7 +36,7 @@ from .lora import (
 
 
 @dataclass(frozen=True, kw_only=True)
-class DoRAConfig(AdapterConfig):
+class DoRAConfig(ScaledConfig):
     variant: str = field(default="dora", init=False)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import AdapterConfig
+from ..config import ScaledConfig
 from ..variant import BenchSetting, Example, PeftMap, Variant, register
 from ._svd import top_r_eigvecs
 from .lora import (
@@ -32,7 +32,7 @@ from .lora import (
 
 
 @dataclass(frozen=True, kw_only=True)
-class EVAConfig(AdapterConfig):
+class EVAConfig(ScaledConfig):
     variant: str = field(default="eva", init=False)
 
 

@@ -24,15 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import RankConfig, knob
 from ..kinds import dims
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
-class HRAConfig(AdapterConfig):
+class HRAConfig(RankConfig):
     variant: str = field(default="hra", init=False)
+    r: int = knob(8, "number of Householder reflections: even (paired at init), at most d_in of "
+                     "every target")
+    retired_fields = ("alpha",)
 
     def check(self):
         if self.r % 2:

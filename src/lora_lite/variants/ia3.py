@@ -10,7 +10,7 @@ The paper's placement is one adapter: gate the k/v outputs and the input of the 
 down-projection (its input is the FFN intermediate), e.g. on a Llama-style model
 `IA3Config(target_names=(r"\\.(k|v|down)_proj$",), feedforward_modules=(r"down_proj$",))`,
 PEFT's default there. `feedforward_modules` are regexes searched in each target's full name, like
-`target_names`; each must match at least one target. r and alpha are unused. Keep g in fp32 (the
+`target_names`; each must match at least one target. No r or alpha. Keep g in fp32 (the
 default dtype): bf16 spacing above 1.0 is 2⁻⁷ and swallows small updates.
 Matches HF PEFT `IA3Config(target_modules, feedforward_modules)`: ia3_l = g as (d_out, 1) on
 output-gated targets, (1, d_in) on feed-forward ones.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, knob
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 from .ia3_ff import IA3FF
@@ -30,7 +30,10 @@ from .ia3_ff import IA3FF
 @dataclass(frozen=True, kw_only=True)
 class IA3Config(AdapterConfig):
     variant: str = field(default="ia3", init=False)
-    feedforward_modules: tuple[str, ...] = ()  # regexes: targets whose input is gated
+    feedforward_modules: tuple[str, ...] = knob((), (
+        "regexes (re.search on each target's full name): targets whose input is gated instead of "
+        "the output (the paper's FFN placement, PEFT's feedforward_modules); each must match a target"))
+    retired_fields = ("r", "alpha")
 
     def check(self) -> None:
         for pattern in self.feedforward_modules:

@@ -3,7 +3,7 @@
     x' = x ⊙ g = x + x ⊙ (g − 1)     g (d_in,) trainable, 1 at init  ->  Δx = 0 exactly
     W_eff = W diag(g),  b_eff = b                        (the bias is not gated)
 
-Meant for the FFN down-projection (its input is the FFN intermediate). r and alpha are unused.
+Meant for the FFN down-projection (its input is the FFN intermediate). No r or alpha.
 This is IA3's input placement: `ia3` uses it at the targets its `feedforward_modules` match
 (the paper's mixed adapter); `ia3_ff` on its own is IA3 with every target feed-forward.
 Matches HF PEFT IA3 with the module in both target_modules and feedforward_modules,
@@ -22,6 +22,7 @@ from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, 
 @dataclass(frozen=True, kw_only=True)
 class IA3FFConfig(AdapterConfig):
     variant: str = field(default="ia3_ff", init=False)
+    retired_fields = ("r", "alpha")
 
 
 @register

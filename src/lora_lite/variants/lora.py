@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import ScaledConfig
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(ScaledConfig):
     variant: str = field(default="lora", init=False)
 
 

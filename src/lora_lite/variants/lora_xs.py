@@ -19,16 +19,17 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import ScaledConfig, knob
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register
 from ._svd import top_r_svd
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoRAXSConfig(AdapterConfig):
+class LoRAXSConfig(ScaledConfig):
     variant: str = field(default="lora_xs", init=False)
-    alpha: float | None = None  # None: alpha = r, so s = 1
+    alpha: float | None = knob(None, "scale numerator, s = alpha / r; None (default): alpha = r, so "
+                                     "s = 1, the paper's reference setting")
 
     @property
     def scale(self) -> float:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import AdapterConfig
+from ..config import ScaledConfig
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, register
 from ._svd import top_r_svd
@@ -37,7 +37,7 @@ from .lora import PEFT_LORA_TENSORS, lora_params, low_rank, peft_lora_fields
 
 
 @dataclass(frozen=True, kw_only=True)
-class PiSSAConfig(AdapterConfig):
+class PiSSAConfig(ScaledConfig):
     variant: str = field(default="pissa", init=False)
 
 

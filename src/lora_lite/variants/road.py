@@ -16,7 +16,7 @@ Outputs are split into groups of G; inside a group, coordinate k pairs with k + 
     θ (P,) = 0, α (P,) = 1 trainable  ->  f = 1, s = 0: exact identity
     W_eff = R W, b_eff = R b  (R holds the 2x2 blocks; the bias is rotated with y)
 
-r and alpha are unused. Matches HF PEFT `RoadConfig(variant, group_size)` (road_theta,
+No r or alpha. Matches HF PEFT `RoadConfig(variant, group_size)` (road_theta,
 road_alpha copy 1:1).
 """
 
@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, knob
 from ..kinds import dims
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
@@ -40,8 +40,12 @@ _PARAMS_PER_OUTPUT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
 @dataclass(frozen=True, kw_only=True)
 class RoadConfig(AdapterConfig):
     variant: str = field(default="road", init=False)
-    road_variant: Literal["road_1", "road_2", "road_4"] = "road_1"
-    group_size: int = 64
+    road_variant: Literal["road_1", "road_2", "road_4"] = knob("road_1", (
+        "'road_1': one (θ, α) per output pair; 'road_2': one per output; 'road_4': separate ones "
+        "for the cos and sin terms (2 per output)"))
+    group_size: int = knob(64, "G: inside each group of G outputs, k pairs with k + G/2; even, >= 2, "
+                               "and must divide every target's d_out")
+    retired_fields = ("r", "alpha")
 
     def check(self):
         if self.group_size < 2 or self.group_size % 2:
