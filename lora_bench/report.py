@@ -1,10 +1,10 @@
-"""Tables and plots from the benchmark JSON; the README's result blocks are generated here.
+"""Tables and plots from the benchmark JSON; the result blocks of docs/benchmarks.md are generated here.
 
-    python -m lora_bench report            rewrite results/*.md, results/quality.png and the README blocks
-    python -m lora_bench report --check    exit 1 if the README blocks differ from what the JSON renders
+    python -m lora_bench report            rewrite results/*.md, results/quality.png and the doc's blocks
+    python -m lora_bench report --check    exit 1 if the doc's blocks differ from what the JSON renders
 
-README blocks sit between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` markers and
-are never edited by hand.
+The blocks sit between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` markers in the
+page `--doc` names (docs/benchmarks.md by default) and are never edited by hand.
 """
 
 from __future__ import annotations
@@ -639,7 +639,7 @@ def write_cost(out: Path, suffix: str = "") -> None:
     write_cost_file(out, f"cost{suffix}")
 
 
-# ---- README blocks ----------------------------------------------------------------------------
+# ---- doc blocks ------------------------------------------------------------------------------
 
 def blocks(results: Path) -> dict[str, str]:
     """Marker name -> generated markdown, for every results file present."""
@@ -665,11 +665,11 @@ def blocks(results: Path) -> dict[str, str]:
     return out
 
 
-def render_readme(text: str, generated: dict[str, str]) -> str:
+def render_doc(text: str, generated: dict[str, str]) -> str:
     for name, body in generated.items():
         pattern = re.compile(rf"(<!-- bench:{name}:start -->\n).*?(<!-- bench:{name}:end -->)", re.S)
         if not pattern.search(text):
-            raise ValueError(f"README has no <!-- bench:{name}:start/end --> markers")
+            raise ValueError(f"the doc has no <!-- bench:{name}:start/end --> markers")
         text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
     return text
 
@@ -677,16 +677,17 @@ def render_readme(text: str, generated: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_bench report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(ROOT / "results"))
-    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"),
+                    help="the markdown page holding the <!-- bench:NAME:start/end --> blocks")
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
-    ap.add_argument("--no-readme", action="store_true", help="only the files under --results")
+    ap.add_argument("--no-doc", action="store_true", help="only the files under --results")
     a = ap.parse_args(argv)
-    results, readme = Path(a.results), Path(a.readme)
-    text = "" if a.no_readme else readme.read_text()
-    new = text if a.no_readme else render_readme(text, blocks(results))
+    results, doc = Path(a.results), Path(a.doc)
+    text = "" if a.no_doc else doc.read_text()
+    new = text if a.no_doc else render_doc(text, blocks(results))
     if a.check:
         if new != text:
-            print(f"{readme}: generated blocks are stale; run `python -m lora_bench report`")
+            print(f"{doc}: generated blocks are stale; run `python -m lora_bench report`")
             return 1
         return 0
     for f in sorted(results.glob("*.json")):
@@ -695,11 +696,11 @@ def main(argv: list[str] | None = None) -> int:
             write_cost_file(results, f.stem)
         elif f.stem in ("quality", "quality_sweep") or data.get("bench") == "quality":
             write_quality_file(results, f.stem, sweep=f.stem == "quality_sweep")
-    if a.no_readme:
+    if a.no_doc:
         print(f"rewrote the markdown/plots under {results}")
         return 0
-    readme.write_text(new)
-    print(f"rewrote {readme} blocks and the markdown/plots under {results}")
+    doc.write_text(new)
+    print(f"rewrote {doc} blocks and the markdown/plots under {results}")
     return 0
 
 

@@ -13,7 +13,7 @@
 # with 12-21 at once (a MiniLM step at batch 32 is launch-bound there; ~0.45 s on one CPU thread);
 # the last 21 of the 60 runs took 184 s together with --jobs 40. Finished runs (same id) are skipped.
 #
-# then `python -m lora_bench report` (results/ablations.md, the README block, *_curves.png).
+# then `python -m lora_bench report` (results/ablations.md, the docs/benchmarks.md block, *_curves.png).
 # Every run writes JSON under $OUT as it finishes, so an interrupted script resumes.
 #
 #   scripts/gpu_quality.sh                       # cuda, 600 steps, 16 worker processes
@@ -59,7 +59,7 @@ SVD_LR=5e-3
 J1=$(( JOBS * 15 / 60 > 0 ? JOBS * 15 / 60 : 1 ))
 J3=$(( JOBS - 2 * J1 > 0 ? JOBS - 2 * J1 : 1 ))
 
-Q=("$PY" -m lora_lite.cli bench quality)
+Q=("$PY" -m lora_bench quality)
 mkdir -p "$OUT/logs"
 start=$(date +%s)
 "${Q[@]}" "${COMMON[@]}" --jobs "$J1" --name ablation_rot --rows antipasto_rot \
@@ -80,8 +80,8 @@ for p in $p1 $p2 $p3; do wait "$p" || status=1; done
 tail -n 3 "$OUT"/logs/*.log
 echo "runs took $(( $(date +%s) - start )) s (device $DEVICE, $JOBS workers)"
 if [ "$OUT" = results ]; then
-  "$PY" -m lora_lite.cli bench report
+  "$PY" -m lora_bench report
 else
-  "$PY" -m lora_lite.cli bench report --results "$OUT" --no-readme
+  "$PY" -m lora_bench report --results "$OUT" --no-doc
 fi
 exit $status

@@ -1,6 +1,6 @@
 """Reading, editing and re-sealing checkpoint files in tests, independently of checkpoint.py.
 
-`seal` recomputes the integrity entries from their definition (README "Checkpoints"): sha256 of
+`seal` recomputes the integrity entries from their definition (docs/checkpoints.md): sha256 of
 each tensor's raw little-endian bytes, and sha256 of the sorted-key JSON of every other
 metadata entry. A sealed edit models a crafted file whose hashes are consistent, so the checks
 behind the integrity layer (config, targets, shapes, fingerprints) are what refuses it.

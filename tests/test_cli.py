@@ -179,16 +179,15 @@ def test_import_peft(qwen, tmp_path, capsys):
     assert not (tmp_path / "b.safetensors").exists()
 
 
-def test_readme_deploy_examples_run(tmp_path, monkeypatch):
-    """The README's Deploy section is one script; run it as written and look at what it computed."""
+def test_deploy_doc_examples_run(tmp_path, monkeypatch):
+    """docs/deploy.md is one script; run it as written and look at what it computed."""
     pytest.importorskip("peft")
-    text = (Path(SRC).parent / "README.md").read_text()
-    section = text.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
-    blocks = [b.split("\n```", 1)[0] for b in section.split("```python\n")[1:]]
+    text = (Path(SRC).parent / "docs" / "deploy.md").read_text()
+    blocks = [b.split("\n```", 1)[0] for b in text.split("```python\n")[1:]]
     assert len(blocks) == 5
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile("\n".join(blocks), "README.md#deploy", "exec"), namespace)
+    exec(compile("\n".join(blocks), "docs/deploy.md", "exec"), namespace)
     # the script's own objects: its disabled output is the pristine base, and scaled(-1) is the
     # opposite edit of the loaded adapter at every target (compared on the layer it adapts)
     ids = namespace["ids"]

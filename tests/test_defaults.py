@@ -28,7 +28,7 @@ def test_lora_xs_defaults_to_the_papers_unit_scale():
 
 @pytest.mark.filterwarnings("ignore:DeLoRA lambda0")
 def test_delora_first_step_size_follows_the_documented_lambda0_rule():
-    """DeLoRA keeps PEFT's λ0 = 15 default; its docstring and the README tell users to pick λ0 by
+    """DeLoRA keeps PEFT's λ0 = 15 default; its docstring and docs/variants.md tell users to pick λ0 by
     ‖ΔW‖/‖W‖ ≈ λ0/√(r·d_in) after the first optimiser step (the C2 collapse at λ0 = 15 on MiniLM).
     Check that rule on layers with uneven column norms, at several shapes, ranks and λ0, against
     W_eff − W computed here from the tensors."""

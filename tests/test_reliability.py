@@ -1,8 +1,8 @@
-"""README "Reliability" is generated from ROWS and checked here, so it cannot drift from the tests.
+"""The "Reliability" table of docs/checkpoints.md is generated from ROWS and checked here, so it cannot drift from the tests.
 
 Every row names the tests that try it (each must exist); the fuzz case count comes from
 tests/test_fuzz.py. After changing ROWS or the fuzz budget: `python tests/test_reliability.py`
-rewrites the README block.
+rewrites the block there.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-README = TESTS.parent / "README.md"
+DOC = TESTS.parent / "docs" / "checkpoints.md"
 START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
 CE = "`CheckpointError`"
 
@@ -146,15 +146,15 @@ def test_every_row_names_existing_tests():
             assert name in _defined_tests(module), f"row {what!r}: no test {ref}"
 
 
-def test_readme_reliability_table_is_generated_from_the_tests():
-    text = README.read_text()
+def test_the_reliability_table_is_generated_from_the_tests():
+    text = DOC.read_text()
     block = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), text, re.S)
-    assert block, f"README.md has no {START} ... {END} block"
-    assert block.group(1) == render(), "README reliability table is stale: run python tests/test_reliability.py"
+    assert block, f"{DOC.name} has no {START} ... {END} block"
+    assert block.group(1) == render(), f"{DOC.name} reliability table is stale: run python tests/test_reliability.py"
 
 
 if __name__ == "__main__":
-    text = README.read_text()
+    text = DOC.read_text()
     head, rest = text.split(START)
     _, tail = rest.split(END)
-    README.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
+    DOC.write_text(f"{head}{START}\n{render()}\n{END}{tail}")

@@ -49,7 +49,7 @@ def test_the_toy_compiles_without_graph_breaks():
     assert_compiled_matches_eager(attached(bench, "gated_lora"), bench.batch, "aot_eager", 1e-5)
 
 
-def test_the_readme_shows_exactly_the_toy_file():
+def test_the_docs_show_exactly_the_toy_file():
     root = HERE.parent
     toy = (HERE / "toy_variant.py").read_text()
     docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]

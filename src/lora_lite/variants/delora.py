@@ -15,8 +15,9 @@ Choosing λ0: one Adam step lifts every ‖B_:,i‖ above the clamp, so from the
 has norm ≈ (λ/r)·rms(w) and ‖ΔW‖_F/‖W‖_F ≈ λ0/√(r·d_in), whatever the lr (tests/test_defaults.py).
 The default 15 (PEFT's) gives 0.04 at r = 32 on 4096-wide layers but 0.19 at r = 16 on MiniLM's
 384, where every lr from 1e-4 to 1e-2 collapsed to chance in 600 steps; λ0 = 1 (0.012) learned.
-For short budgets aim for λ0/√(r·d_in) ≈ 0.01–0.05 (README, C2 rerun). attach warns (once, over
-all targets) when a layer's ratio reaches COLLAPSE_RATIO, naming the λ0 that gives SAFE_RATIO.
+For short budgets aim for λ0/√(r·d_in) ≈ 0.01–0.05 (docs/benchmarks.md, C2 at 600 steps).
+attach warns (once, over all targets) when a layer's ratio reaches COLLAPSE_RATIO, naming the λ0
+that gives SAFE_RATIO.
 """
 
 from __future__ import annotations
