@@ -546,7 +546,8 @@ def _pm(mean: float, std: float) -> str:
 
 
 def frontier_statement(s: dict, lora: list[dict]) -> tuple[str, str]:
-    """(verdict, sentence) for one non-LoRA arm `s` against the finished LoRA arms `lora`."""
+    """(table cell, sentence) for one non-LoRA arm `s` against the finished LoRA arms `lora`:
+    the cell is the verdict, or outside the frontier's range the verdict against its nearest end."""
     points = [(q["params"], q["mean"], q["std"]) for q in lora]
     pos = frontier_position(points, s["params"], s["mean"], s["std"])
     ends = sorted(lora, key=lambda q: q["params"])
@@ -568,7 +569,7 @@ def frontier_statement(s: dict, lora: list[dict]) -> tuple[str, str]:
     else:
         tail = (f": better than every LoRA point, but with {ratio:.1f}x the largest one's params."
                 if v == "above" else f": no better than the largest LoRA with {ratio:.1f}x its params.")
-    return v, head + tail
+    return f"outside; {v} `{end['label']}`", head + tail
 
 
 def fraction_claim(rows: list[dict], lora: list[dict]) -> str:
@@ -670,10 +671,10 @@ def frontier_plot(data: dict, path: Path) -> bool:
             x = s["params"] * 1.12 ** (k - (len(members) - 1) / 2)
             ax.errorbar(x, s["mean"], yerr=s["std"], fmt=m, color=c, capsize=3, ms=6, label=s["row"])
             ax.annotate(s["label"], (x, s["mean"]), xytext=(6, 4 + 10 * k), textcoords="offset points", fontsize=7,
-                        color=c)
+                        color=c, arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"} if k else None)
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="lower right")
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel(f"trainable adapter parameters (log scale; the {data['runs'][0]['head_params']}-parameter "
                   f"head trains in every arm)")

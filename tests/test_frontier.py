@@ -176,10 +176,10 @@ def test_statements_and_the_fraction_claim():
     v, text = report.frontier_statement(inside, lora)
     assert v == "above" and "between `lora r=1` and `lora r=16`" in text and "outside" not in text
     v, text = report.frontier_statement(tiny, lora)
-    assert v == "above" and "outside the frontier's range (fewer params than `lora r=1`" in text
+    assert v == "outside; above `lora r=1`" and "outside the frontier's range (fewer params than `lora r=1`" in text
     assert "with 50.0% of its params" in text
     v, text = report.frontier_statement(big, lora)
-    assert v == "below" and "more params than `lora r=16`" in text and "6.2x its params" in text
+    assert v == "outside; below `lora r=16`" and "more params than `lora r=16`" in text and "6.2x its params" in text
     # 500 < 10% of 16,000 and 0.89 is within √(0.01² + 0.01²) of 0.90; lora r=1 (6.2%) is not
     claim = report.fraction_claim([inside, tiny, big], lora)
     assert "holds for `antipasto r=256` (3.1% of the params" in claim
