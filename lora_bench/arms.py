@@ -1,5 +1,6 @@
 """Arms of the C2 quality benchmark: learning-rate families, the anchor rows, run ids and the
-lr choice from a sweep. Shared by `quality` (which runs arms) and `report` (which tabulates them).
+lr choice from a sweep (and, for `frontier`, from each arm's validation scores). Shared by
+`quality` and `frontier` (which run arms) and `report` (which tabulates them).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FAMILY_GRID = {
 ANCHORS = {"head": "head", "full": "full", "peft:lora": "lora"}  # row -> family
 SWEEP_SEED = 100
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
+FRONTIER_SCHEDULE = "warmup_cosine"
 
 
 def family(row: str) -> str:
@@ -63,3 +65,23 @@ def best_lrs(sweep: dict | None) -> dict[str, float]:
         if common:
             chosen[fam] = max(sorted(common), key=lambda lr: statistics.fmean(v[lr] for v in per_row.values()))
     return chosen
+
+
+# ---- the frontier (lora_bench.frontier): one lr per arm, chosen on validation ------------------
+
+def frontier_run(arm: dict, lr: float, seed: int, steps: int, warmup: int) -> dict:
+    """The run spec of one frontier arm (lora_bench.frontier.grid) at one lr and seed."""
+    return {"row": arm["row"], "knobs": arm["knobs"], "seed": seed, "lr": lr, "steps": steps,
+            "schedule": FRONTIER_SCHEDULE, "warmup_steps": warmup}
+
+
+def val_scores(arm: dict, runs: list[dict], seed: int, steps: int, warmup: int) -> dict[float, float]:
+    """{lr: validation accuracy} of the arm's first-seed runs that are done."""
+    by_id = {run_id(r): r for r in runs}
+    found = {lr: by_id.get(run_id(frontier_run(arm, lr, seed, steps, warmup))) for lr in arm["lrs"]}
+    return {lr: r["val_acc"] for lr, r in found.items() if r is not None}
+
+
+def choose_lr(scores: dict[float, float]) -> float:
+    """The lr with the best validation accuracy; ties go to the smaller lr."""
+    return max(sorted(scores), key=lambda lr: scores[lr])

@@ -254,14 +254,20 @@ def steer(encoder, clf, tok, data, device) -> dict:
 
 def run_one(base, spec: dict, p: dict) -> dict:
     """Train one run (row, knobs, lr, steps, schedule, seed); accuracy on the held-out split,
-    the training curve and, with p["diagnose"], the diagnostics."""
+    the training curve and, with p["diagnose"], the diagnostics. With p["val_fraction"] > 0
+    also "val_acc" on p["n_val"] validation sentences (lora_bench.frontier chooses lrs on it),
+    and the curve is scored on those instead of the test split."""
     from lora_lite.tasks import make_split
     from lora_lite.demo import Classifier
 
     encoder0, tok = base
     row, seed, device = spec["row"], spec["seed"], p.get("device", "cpu")
-    train_set = make_split(p["task"], "train", p["n_train"], seed=seed)
+    # p["val_fraction"] > 0 sets a validation split's operand pairs aside, out of the training
+    # pool (lora_lite.tasks); the test split is the same either way
+    val_fraction = p.get("val_fraction", 0.0)
+    train_set = make_split(p["task"], "train", p["n_train"], seed=seed, val_fraction=val_fraction)
     test_set = make_split(p["task"], "test", p["n_test"], seed=seed)
+    val_set = make_split(p["task"], "val", p["n_val"], seed=seed, val_fraction=val_fraction) if val_fraction else None
     calibration = [
         _batch(tok, [t for t, _ in train_set[i: i + p["batch_size"]]], device)
         for i in range(0, p["calib_batches"] * p["batch_size"], p["batch_size"])
@@ -274,7 +280,7 @@ def run_one(base, spec: dict, p: dict) -> dict:
         torch.cuda.synchronize()
     init_s = time.perf_counter() - t0
     clf = Classifier(encoder).to(device)  # the head is drawn here, after attach, as before
-    every, curve_set = p.get("eval_every", 0), test_set[: p.get("eval_n", 250)]
+    every, curve_set = p.get("eval_every", 0), (val_set or test_set)[: p.get("eval_n", 250)]
     curve = {"eval_steps": [], "eval_acc": []}
     probe = None
     if p.get("diagnose") and not row.startswith("peft:") and row != "head":
@@ -296,7 +302,8 @@ def run_one(base, spec: dict, p: dict) -> dict:
     out = {
         "row": row, "family": family(row), "knobs": spec["knobs"], "seed": seed, "lr": spec["lr"],
         "steps": spec["steps"], "schedule": spec["schedule"], "warmup_steps": spec["warmup_steps"],
-        "acc": acc, "train_s": round(secs, 2), "init_s": round(init_s, 3),
+        "acc": acc, **({"val_acc": evaluate(clf, tok, val_set, device)[0]} if val_set else {}),
+        "train_s": round(secs, 2), "init_s": round(init_s, 3),
         "params": n_encoder, "head_params": sum(q.numel() for q in clf.head.parameters()),
         "finite": bool(torch.isfinite(logits).all()), "device": device,
         "curve": {"loss": [round(x, 4) for x in losses], **curve},

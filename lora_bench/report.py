@@ -4,7 +4,8 @@
     python -m lora_bench report --check    exit 1 if the doc's blocks differ from what the JSON renders
 
 The blocks sit between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` markers in the
-page `--doc` names (docs/benchmarks.md by default) and are never edited by hand.
+page `--doc` names (docs/benchmarks.md by default) and are never edited by hand. A block in
+OPTIONAL_BLOCKS is rendered only where its markers exist.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from .common import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL_BLOCKS = {"frontier"}  # results/frontier.md stands alone until a doc gives it markers
 ANCHOR_LABELS = {"head": "head-only", "full": "full fine-tune", "peft:lora": "PEFT LoRA"}
 
 
@@ -488,6 +490,214 @@ def write_quality(out: Path, *, sweep: bool = False, suffix: str = "") -> None:
     write_quality_file(out, f"quality{'_sweep' if sweep else ''}{suffix}", sweep=sweep)
 
 
+# ---- C2 against trainable params (lora_bench.frontier) ------------------------------------------
+
+FRACTION = 0.1  # "LoRA quality at a fraction of the parameters": under this share of the largest LoRA's
+
+
+def frontier_summary(data: dict) -> list[dict]:
+    """Per arm of the grid: params (measured where a run exists), the first seed's validation
+    accuracy per lr, the chosen lr (None until every lr ran) and the test accuracy of every
+    seed at it."""
+    from .arms import choose_lr, frontier_run, run_id, val_scores
+
+    seeds, steps, warmup = data["seeds"], data["steps"], data["warmup_steps"]
+    by_id = {run_id(r): r for r in data["runs"]}
+    out = []
+    for arm in data["grid"]:
+        scores = val_scores(arm, data["runs"], seeds[0], steps, warmup)
+        lr = choose_lr(scores) if len(scores) == len(arm["lrs"]) else None
+        runs = [] if lr is None else [by_id[i] for seed in seeds
+                                      if (i := run_id(frontier_run(arm, lr, seed, steps, warmup))) in by_id]
+        accs = [r["acc"] for r in runs]
+        measured = {r["params"] for r in data["runs"] if r["row"] == arm["row"] and r["knobs"] == arm["knobs"]}
+        out.append({**arm, "params": measured.pop() if len(measured) == 1 else arm["params"],
+                    "scores": scores, "lr": lr, "seeds": [r["seed"] for r in runs], "accs": accs,
+                    "mean": statistics.fmean(accs) if accs else None,
+                    "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
+    return out
+
+
+def frontier_position(lora: list[tuple[int, float, float]], params: int, mean: float, std: float) -> dict:
+    """Where (params, mean ± std) sits against the LoRA points (params, mean, std): the frontier's
+    mean and std interpolated linearly in log10 params, or outside its range the nearest end's;
+    "above" / "below" when the difference exceeds √(std² + std_frontier²), else "on"."""
+    pts = sorted(lora)
+    xs = [math.log10(p) for p, _, _ in pts]
+    x = math.log10(params)
+    if xs[0] <= x <= xs[-1]:
+        i = max(j for j in range(len(pts)) if xs[j] <= x)
+        k = min(i + 1, len(pts) - 1)
+        t = 0.0 if xs[k] == xs[i] else (x - xs[i]) / (xs[k] - xs[i])
+        f_mean = pts[i][1] + t * (pts[k][1] - pts[i][1])
+        f_std = pts[i][2] + t * (pts[k][2] - pts[i][2])
+        side, between = None, (i, k)
+    else:
+        end = 0 if x < xs[0] else len(pts) - 1
+        _, f_mean, f_std = pts[end]
+        side, between = ("fewer" if end == 0 else "more"), (end, end)
+    band, diff = math.hypot(std, f_std), mean - f_mean
+    verdict = "above" if diff > band else "below" if diff < -band else "on"
+    return {"verdict": verdict, "side": side, "between": between, "frontier_mean": f_mean,
+            "frontier_std": f_std, "diff": diff, "band": band}
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def frontier_statement(s: dict, lora: list[dict]) -> tuple[str, str]:
+    """(table cell, sentence) for one non-LoRA arm `s` against the finished LoRA arms `lora`:
+    the cell is the verdict, or outside the frontier's range the verdict against its nearest end."""
+    points = [(q["params"], q["mean"], q["std"]) for q in lora]
+    pos = frontier_position(points, s["params"], s["mean"], s["std"])
+    ends = sorted(lora, key=lambda q: q["params"])
+    v, gap = pos["verdict"], f"difference {pos['diff']:+.3f}, combined std {pos['band']:.3f}"
+    me = f"`{s['label']}` ({_count(s['params'])} params, {_pm(s['mean'], s['std'])})"
+    if pos["side"] is None:
+        lo, hi = (ends[j]["label"] for j in pos["between"])
+        where = f"between `{lo}` and `{hi}`" if lo != hi else f"at `{lo}`"
+        return v, (f"{me} is **{v}** the LoRA frontier: at equal params it reads "
+                   f"{_pm(pos['frontier_mean'], pos['frontier_std'])} (interpolated in log10 params {where}; {gap}).")
+    end = ends[0] if pos["side"] == "fewer" else ends[-1]
+    ratio = s["params"] / end["params"]
+    head = (f"{me} is outside the frontier's range ({pos['side']} params than `{end['label']}`, "
+            f"{_count(end['params'])}); against that nearest end ({_pm(end['mean'], end['std'])}) it is **{v}** "
+            f"({gap})")
+    if pos["side"] == "fewer":
+        tail = (f": it matches or beats the smallest LoRA with {ratio:.1%} of its params." if v != "below" else
+                ": no LoRA this small was run, so whether it is below the frontier at its own size is not measured.")
+    else:
+        tail = (f": better than every LoRA point, but with {ratio:.1f}x the largest one's params."
+                if v == "above" else f": no better than the largest LoRA with {ratio:.1f}x its params.")
+    return f"outside; {v} `{end['label']}`", head + tail
+
+
+def fraction_claim(rows: list[dict], lora: list[dict]) -> str:
+    """Whether "LoRA quality at a fraction of the parameters" holds: an arm with fewer than
+    FRACTION of the largest LoRA's params within (or above) the combined std of its accuracy."""
+    ref = max(lora, key=lambda q: q["params"])
+    small = [s for s in rows if s["params"] < FRACTION * ref["params"]]
+    at_ref = [(ref["params"], ref["mean"], ref["std"])]
+    hits = [s for s in small if frontier_position(at_ref, ref["params"], s["mean"], s["std"])["verdict"] != "below"]
+    intro = (f"**LoRA quality at a fraction of the parameters** (an arm with < {FRACTION:.0%} of "
+             f"`{ref['label']}`'s {_count(ref['params'])} params whose accuracy is within the combined std of "
+             f"{_pm(ref['mean'], ref['std'])} or above): ")
+    if hits:
+        text = "holds for " + ", ".join(f"`{s['label']}` ({s['params'] / ref['params']:.1%} of the params, "
+                                        f"{_pm(s['mean'], s['std'])})" for s in hits) + "."
+    elif small:
+        best = max(small, key=lambda s: s["mean"])
+        text = (f"holds for no arm; the best under {FRACTION:.0%} is `{best['label']}` at "
+                f"{_pm(best['mean'], best['std'])} ({best['params'] / ref['params']:.1%} of the params).")
+    else:
+        text = f"no arm has fewer than {FRACTION:.0%} of its params."
+    own = [q for q in lora if q["params"] < FRACTION * ref["params"]]
+    for q in own:  # the frontier's own small end is the baseline such a claim has to beat
+        pos = frontier_position(at_ref, ref["params"], q["mean"], q["std"])
+        text += (f" For comparison, `{q['label']}` ({q['params'] / ref['params']:.1%} of the params, "
+                 f"{_pm(q['mean'], q['std'])}) is {'within that band' if pos['verdict'] != 'below' else 'below it'}.")
+    return intro + text
+
+
+def frontier_markdown(data: dict) -> str:
+    from .arms import FRONTIER_SCHEDULE
+
+    p, env = data["protocol"], data["env"]
+    rows = frontier_summary(data)
+    lora = [s for s in rows if s["row"] == "lora" and s["mean"] is not None]
+    table = []
+    verdicts = {}
+    if lora:
+        for s in rows:
+            if s["row"] != "lora" and s["mean"] is not None:
+                verdicts[s["label"]] = frontier_statement(s, lora)
+    for s in rows:
+        tried = ", ".join(f"**{_sci(lr)}: {acc:.3f}**" if lr == s["lr"] else f"{_sci(lr)}: {acc:.3f}"
+                          for lr, acc in sorted(s["scores"].items()))
+        acc = f"{_pm(s['mean'], s['std'])} ({len(s['accs'])})" if s["mean"] is not None else "lr not chosen yet"
+        where = "frontier" if s["row"] == "lora" else verdicts.get(s["label"], ("",))[0]
+        chosen = "" if s["lr"] is None else _sci(s["lr"])
+        table.append(f"| `{s['label']}` | {s['params']:,} | {acc} | {chosen} | {tried or '—'} | {where} |")
+    r0, rest = data["runs"][0], ",".join(map(str, data["seeds"][1:])) or "—"
+    note = (f"MiniLM-L6, task `{p['task']}`, {data['steps']} steps ({FRONTIER_SCHEDULE}, "
+            f"{data['warmup_steps']} warm-up) × batch {p['batch_size']}; {p['n_train']} training sentences, "
+            f"{p['n_val']} validation and {p['n_test']} test sentences, their operand pairs disjoint from each "
+            f"other (`lora_lite.tasks`, val_fraction {p['val_fraction']}). Each arm's lr is chosen on the "
+            f"validation accuracy of seed {data['seeds'][0]} (bold; ties to the smaller lr), and seeds {rest} run "
+            f"at it besides; the test accuracy column is the only place the test split is read. Trainable "
+            f"params: the adapter's (a {r0['head_params']}-parameter head trains in every arm besides). Device "
+            f"{r0.get('device', 'cpu')} ({env.get('cuda') or env['cpu']}), torch {env['torch']}. "
+            f"Plot: `results/{data.get('name', 'frontier')}.png`.\n\n")
+    head = ("| arm | trainable params | test accuracy (mean ± std, seeds) | chosen lr | validation accuracy per lr "
+            "(first seed) | vs LoRA frontier |\n| --- | ---: | ---: | ---: | --- | --- |\n")
+    out = note + head + "\n".join(table) + "\n"
+    if verdicts:
+        out += "\n**Against the LoRA frontier** (linear in log10 params; \"on\" = within the combined std):\n\n"
+        out += "".join(f"- {text}\n" for _, text in verdicts.values())
+    if lora:
+        out += "\n" + fraction_claim([s for s in rows if s["row"] != "lora" and s["mean"] is not None], lora) + "\n"
+    return out
+
+
+def frontier_plot(data: dict, path: Path) -> bool:
+    """Accuracy against trainable params (log10 axis): the LoRA frontier as a line, every other
+    finished arm as a labelled marker, all with ±std error bars. False when nothing finished."""
+    rows = [s for s in frontier_summary(data) if s["mean"] is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.5, 5.8))
+    lora = sorted((s for s in rows if s["row"] == "lora"), key=lambda s: s["params"])
+    if lora:
+        ax.errorbar([s["params"] for s in lora], [s["mean"] for s in lora], yerr=[s["std"] for s in lora],
+                    fmt="o-", color="black", capsize=3, lw=1.5, label="LoRA frontier")
+        for s in lora:
+            ax.annotate(f"r={s['size']}", (s["params"], s["mean"]), xytext=(4, -12), textcoords="offset points",
+                        fontsize=8)
+    others = [s for s in rows if s["row"] != "lora"]
+    markers, cmap, styles = "sD^v<>pP*Xh", plt.get_cmap("tab10"), {}
+    # arms with nearly equal counts (e.g. r = 256 gains and LoRA-XS r = 16) spread sideways and
+    # stack their labels, so each stays readable; the table has the exact numbers
+    clusters: dict[int, list[dict]] = {}
+    for s in others:
+        clusters.setdefault(round(20 * math.log10(s["params"])), []).append(s)
+    for members in clusters.values():
+        for k, s in enumerate(members):
+            m, c = styles.setdefault(s["row"], (markers[len(styles) % len(markers)], cmap(len(styles) % 10)))
+            x = s["params"] * 1.12 ** (k - (len(members) - 1) / 2)
+            ax.errorbar(x, s["mean"], yerr=s["std"], fmt=m, color=c, capsize=3, ms=6, label=s["row"])
+            ax.annotate(s["label"], (x, s["mean"]), xytext=(6, 4 + 10 * k), textcoords="offset points", fontsize=7,
+                        color=c, arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"} if k else None)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="best")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"trainable adapter parameters (log scale; the {data['runs'][0]['head_params']}-parameter "
+                  f"head trains in every arm)")
+    ax.set_ylabel(f"test accuracy (mean ± std over up to {len(data['seeds'])} seeds)")
+    ax.set_title(f"MiniLM-L6 on '{data['protocol']['task']}': {data['steps']} steps, lr chosen on validation")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_frontier_file(out: Path, name: str) -> None:
+    """name.md and name.png from name.json."""
+    data = read_json(out / f"{name}.json")
+    if not data or not data["runs"]:
+        return
+    data["name"] = name
+    (out / f"{name}.md").write_text(frontier_markdown(data))
+    frontier_plot(data, out / f"{name}.png")
+
+
 # ---- C1 cost ----------------------------------------------------------------------------------
 
 MODEL_LABELS = {"minilm": "MiniLM-L6", "qwen": "Qwen3-0.6B-shaped decoder", "tiny": "toy Qwen3",
@@ -662,12 +872,17 @@ def blocks(results: Path) -> dict[str, str]:
     abl = ablations(results)
     if abl:
         out["ablations"] = abl
+    front = read_json(results / "frontier.json")
+    if front and front["runs"]:
+        out["frontier"] = frontier_markdown({**front, "name": "frontier"})
     return out
 
 
 def render_doc(text: str, generated: dict[str, str]) -> str:
     for name, body in generated.items():
         pattern = re.compile(rf"(<!-- bench:{name}:start -->\n).*?(<!-- bench:{name}:end -->)", re.S)
+        if not pattern.search(text) and name in OPTIONAL_BLOCKS:
+            continue
         if not pattern.search(text):
             raise ValueError(f"the doc has no <!-- bench:{name}:start/end --> markers")
         text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
@@ -694,6 +909,8 @@ def main(argv: list[str] | None = None) -> int:
         data = read_json(f)
         if f.stem.startswith("cost"):
             write_cost_file(results, f.stem)
+        elif data.get("bench") == "frontier":
+            write_frontier_file(results, f.stem)
         elif f.stem in ("quality", "quality_sweep") or data.get("bench") == "quality":
             write_quality_file(results, f.stem, sweep=f.stem == "quality_sweep")
     if a.no_doc:

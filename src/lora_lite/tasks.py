@@ -2,7 +2,11 @@
 
 Numbers 0-99 are written as digits or words at random ("thirty-one is more than 29").
 Operand pairs are split between train and test by a fixed hash, so no (a, b) pair seen in
-training appears in the test set.
+training appears in the test set. With `val_fraction` > 0 a validation split takes the pairs
+whose hash lies just above the test band, out of the training pool: validation pairs occur
+neither in training nor in test, so a score on it stands to training as the test score does
+(model selection on it never sees the test pairs). The test split does not depend on
+`val_fraction`; the training split at val_fraction = 0 is the one every earlier run used.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ def _spell(n: int, rng: random.Random) -> str:
     return number_words(n) if rng.random() < 0.5 else str(n)
 
 
-def _split_of(a: int, b: int, test_fraction: float) -> str:
+SPLITS = ("train", "val", "test")
+
+
+def _split_of(a: int, b: int, test_fraction: float, val_fraction: float = 0.0) -> str:
     h = zlib.crc32(f"{min(a, b)},{max(a, b)}".encode()) / 2**32
-    return "test" if h < test_fraction else "train"
+    return "test" if h < test_fraction else "val" if h < test_fraction + val_fraction else "train"
 
 
 def comparison(a: int, b: int, rng: random.Random) -> tuple[str, int]:
@@ -53,17 +60,25 @@ def arithmetic(a: int, b: int, rng: random.Random) -> tuple[str, int]:
 TASKS = {"comparison": comparison, "arithmetic": arithmetic}
 
 
-def make_split(task: str, split: str, n: int, seed: int, test_fraction: float = 0.3):
-    """n (sentence, label) pairs of `task` from the given split ("train" or "test")."""
+def make_split(task: str, split: str, n: int, seed: int, test_fraction: float = 0.3,
+               val_fraction: float = 0.0):
+    """n (sentence, label) pairs of `task` from the given split ("train", "val" or "test");
+    "val" needs val_fraction > 0, and a training split meant to go with it must be drawn with
+    the same val_fraction (that is what takes the validation pairs out of it)."""
     if task not in TASKS:
         raise KeyError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not (0.0 < test_fraction and 0.0 <= val_fraction and test_fraction + val_fraction < 1.0):
+        raise ValueError(f"test_fraction {test_fraction} and val_fraction {val_fraction}: need "
+                         f"test_fraction > 0, val_fraction >= 0 and their sum < 1")
+    if split == "val" and val_fraction == 0.0:
+        raise ValueError("split 'val' needs val_fraction > 0 (e.g. 0.1): at 0 no pair is set aside for it")
     rng = random.Random(f"{task}-{split}-{seed}")
     out = []
     while len(out) < n:
         a, b = rng.randrange(100), rng.randrange(100)
-        if a == b or _split_of(a, b, test_fraction) != split:
+        if a == b or _split_of(a, b, test_fraction, val_fraction) != split:
             continue
         out.append(TASKS[task](a, b, rng))
     return out

@@ -1,0 +1,227 @@
+"""The quality-against-params benchmark (lora_bench.frontier): the grid it plans, the validation
+split its lr choice reads (and only that), the frontier verdicts, and a quick end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+import pytest
+
+from lora_bench import arms, frontier, quality, report
+from lora_lite.tasks import make_split, number_words
+from lora_lite.variant import REGISTRY
+
+# ---- the grid -----------------------------------------------------------------------------------
+
+
+def _minilm_linears(model) -> list[tuple[int, int]]:
+    """(d_in, d_out) of the 6 linears of each encoder block, from the model's config alone."""
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    per_block = [(h, h)] * 4 + [(h, i), (i, h)]  # query, key, value, attention.output; intermediate; output
+    return per_block * model.config.num_hidden_layers
+
+
+# trainable params per (d_in, d_out) target at rank r, as each paper counts them
+FORMULAS = {
+    "lora": lambda r, i, o: r * (i + o),
+    "ia3": lambda r, i, o: o,  # output gates
+    "ia3_ff": lambda r, i, o: i,  # input gates
+    "hra": lambda r, i, o: r * i,  # r Householder vectors of length d_in
+    "lora_xs": lambda r, i, o: r * r,  # the r x r core
+    "antipasto": lambda r, i, o: r,  # one gain per kept singular value
+    "antipasto_corda": lambda r, i, o: r,
+    "antipasto_asvd": lambda r, i, o: r,
+    "antipasto_rot": lambda r, i, o: r + r * (4 - 1) // 2,  # δ_s + V-side Cayley blocks of size 4
+}
+
+
+def test_grid_is_the_requested_arms_with_independently_counted_params(minilm):
+    svd = [n for n, v in REGISTRY.items() if v.bench.family == "svd"]
+    assert "antipasto" in svd and set(svd) <= set(FORMULAS), f"add the trainable-param formula of {svd}"
+    expected = ([("lora", r) for r in (1, 2, 4, 8, 16)] + [("ia3", None), ("ia3_ff", None)]
+                + [("hra", 4), ("hra", 16), ("lora_xs", 16), ("lora_xs", 64)]
+                + [(row, r) for row in svd for r in (32, 256)])
+    arms = frontier.grid(minilm.model)
+    assert [(a["row"], a["size"]) for a in arms] == expected
+    shapes = _minilm_linears(minilm.model)
+    assert len(shapes) == 36
+    for a in arms:
+        want = sum(FORMULAS[a["row"]](a["size"], i, o) for i, o in shapes)
+        assert a["params"] == want, a["label"]
+        assert len(a["lrs"]) == 3 and a["lrs"] == sorted(a["lrs"])
+    assert next(a for a in arms if a["label"] == "lora r=1")["params"] == 41_472
+    assert next(a for a in arms if a["label"] == "lora r=4")["knobs"] == {"r": 4, "alpha": 8.0}  # alpha = 2r
+
+
+def test_an_svd_arm_attaches_at_its_own_rank_not_the_settings_default(minilm):
+    """The SVD family's benchmark setting pins r = 256; the r = 32 arm must train 36·32 gains."""
+    arm = next(a for a in frontier.grid(minilm.model, rows=["antipasto"]) if a["size"] == 32)
+    encoder = minilm.fresh()
+    assert quality.prepare("antipasto", encoder, minilm.calibration, 16, arm["knobs"]) == 36 * 32 == arm["params"]
+
+
+def test_grid_refuses_a_row_it_does_not_have(minilm):
+    with pytest.raises(ValueError, match=r"--rows dora: not in the grid"):
+        frontier.grid(minilm.model, rows=["lora", "dora"])
+
+
+# ---- the validation split -----------------------------------------------------------------------
+
+_NUMBER = {number_words(n): n for n in range(100)} | {str(n): n for n in range(100)}
+
+
+def _pairs(split) -> set[tuple[int, int]]:
+    """Unordered operand pairs of "A is more/less than B" sentences."""
+    out = set()
+    for text, _ in split:
+        words = text.split(" ")
+        a, b = _NUMBER[words[0]], _NUMBER[words[-1]]
+        out.add((min(a, b), max(a, b)))
+    return out
+
+
+def _hash(pair) -> float:
+    return zlib.crc32(f"{pair[0]},{pair[1]}".encode()) / 2**32
+
+
+def test_validation_pairs_are_disjoint_from_training_and_test():
+    kw = dict(val_fraction=frontier.VAL_FRACTION)
+    train = _pairs(make_split("comparison", "train", 3000, seed=0, **kw))
+    val = _pairs(make_split("comparison", "val", 1000, seed=0, **kw))
+    test = _pairs(make_split("comparison", "test", 1000, seed=0))
+    assert val and not val & train and not val & test and not train & test
+    # carved out of the training pool: the hash band just above the test band
+    assert all(0.3 <= _hash(p) < 0.3 + frontier.VAL_FRACTION for p in val)
+    assert all(_hash(p) >= 0.3 + frontier.VAL_FRACTION for p in train)
+    # the test split is the C2 one whatever the validation fraction
+    assert make_split("comparison", "test", 200, seed=3, **kw) == make_split("comparison", "test", 200, seed=3)
+
+
+def test_validation_split_needs_a_fraction():
+    with pytest.raises(ValueError, match="split 'val' needs val_fraction > 0"):
+        make_split("comparison", "val", 10, seed=0)
+    with pytest.raises(ValueError, match="their sum < 1"):
+        make_split("comparison", "train", 10, seed=0, val_fraction=0.8)
+
+
+# ---- the lr choice ------------------------------------------------------------------------------
+
+ARM = {"label": "lora r=1", "row": "lora", "size": 1, "knobs": {"r": 1, "alpha": 2.0}, "params": 41_472,
+       "lrs": [2e-4, 5e-4, 1e-3]}
+
+
+def _run(lr, seed, val_acc, acc, arm=ARM):
+    return {**arms.frontier_run(arm, lr, seed, 600, 30), "val_acc": val_acc, "acc": acc, "params": arm["params"]}
+
+
+def test_lr_choice_reads_only_validation_scores():
+    """Seed 0's test scores would pick 2e-4; its validation scores pick 5e-4, and so does the
+    benchmark: the follow-up seeds run at 5e-4 and the reported lr is 5e-4."""
+    runs = [_run(2e-4, 0, val_acc=0.70, acc=0.99), _run(5e-4, 0, val_acc=0.80, acc=0.60),
+            _run(1e-3, 0, val_acc=0.75, acc=0.70)]
+    assert max(runs, key=lambda r: r["acc"])["lr"] == 2e-4  # the planted test score
+    assert arms.choose_lr(arms.val_scores(ARM, runs, 0, 600, 30)) == 5e-4
+    todo = frontier.pending([ARM], runs, [0, 1, 2], 600, 30)
+    assert [(s["lr"], s["seed"]) for s in todo] == [(5e-4, 1), (5e-4, 2)]
+    runs += [_run(5e-4, 1, 0.81, 0.62), _run(5e-4, 2, 0.79, 0.64)]
+    data = {"grid": [ARM], "runs": runs, "seeds": [0, 1, 2], "steps": 600, "warmup_steps": 30}
+    (s,) = report.frontier_summary(data)
+    assert s["lr"] == 5e-4 and s["accs"] == [0.60, 0.62, 0.64]
+
+
+def test_follow_up_seeds_wait_for_every_lr_and_ties_go_to_the_smaller_lr():
+    runs = [_run(2e-4, 0, 0.7, 0.5), _run(5e-4, 0, 0.8, 0.5)]
+    todo = frontier.pending([ARM], runs, [0, 1], 600, 30)
+    assert [(s["lr"], s["seed"]) for s in todo] == [(1e-3, 0)]
+    runs.append(_run(1e-3, 0, 0.8, 0.5))
+    assert [(s["lr"], s["seed"]) for s in frontier.pending([ARM], runs, [0, 1], 600, 30)] == [(5e-4, 1)]
+
+
+# ---- frontier verdicts --------------------------------------------------------------------------
+
+LORA = [(1_000, 0.80, 0.01), (10_000, 0.90, 0.01)]  # at log10 params 3 and 4
+
+
+@pytest.mark.parametrize("params, mean, std, verdict, side, f_mean", [
+    (10 ** 3.5, 0.90, 0.01, "above", None, 0.85),    # halfway in log10: the frontier reads 0.85
+    (10 ** 3.5, 0.86, 0.01, "on", None, 0.85),       # +0.01 < √(0.01² + 0.01²)
+    (10 ** 3.5, 0.80, 0.01, "below", None, 0.85),
+    (10 ** 3.25, 0.80, 0.00, "below", None, 0.825),  # a quarter of the way; −0.025 is beyond 0.01
+    (10_000, 0.90, 0.0, "on", None, 0.90),           # at a LoRA point: that point
+    (100, 0.81, 0.01, "on", "fewer", 0.80),          # outside: the nearest end, r = smallest
+    (100, 0.70, 0.01, "below", "fewer", 0.80),
+    (100_000, 0.95, 0.01, "above", "more", 0.90),
+])
+def test_frontier_position_on_hand_made_numbers(params, mean, std, verdict, side, f_mean):
+    pos = report.frontier_position(LORA, params, mean, std)
+    assert pos["frontier_mean"] == pytest.approx(f_mean)
+    assert (pos["verdict"], pos["side"]) == (verdict, side)
+    assert pos["band"] == pytest.approx(math.hypot(std, 0.01))
+
+
+def _arm(label, row, params, accs):
+    import statistics
+
+    return {"label": label, "row": row, "params": params, "mean": statistics.fmean(accs),
+            "std": statistics.stdev(accs), "accs": accs}
+
+
+def test_statements_and_the_fraction_claim():
+    lora = [_arm("lora r=1", "lora", 1_000, [0.79, 0.80, 0.81]), _arm("lora r=16", "lora", 16_000, [0.89, 0.90, 0.91])]
+    inside = _arm("hra r=4", "hra", 4_000, [0.95, 0.96, 0.97])
+    tiny = _arm("antipasto r=256", "antipasto", 500, [0.88, 0.89, 0.90])
+    big = _arm("x", "x", 100_000, [0.60, 0.61, 0.62])
+    v, text = report.frontier_statement(inside, lora)
+    assert v == "above" and "between `lora r=1` and `lora r=16`" in text and "outside" not in text
+    v, text = report.frontier_statement(tiny, lora)
+    assert v == "outside; above `lora r=1`" and "outside the frontier's range (fewer params than `lora r=1`" in text
+    assert "with 50.0% of its params" in text
+    v, text = report.frontier_statement(big, lora)
+    assert v == "outside; below `lora r=16`" and "more params than `lora r=16`" in text and "6.2x its params" in text
+    # 500 < 10% of 16,000 and 0.89 is within √(0.01² + 0.01²) of 0.90; lora r=1 (6.2%) is not
+    claim = report.fraction_claim([inside, tiny, big], lora)
+    assert "holds for `antipasto r=256` (3.1% of the params" in claim
+    assert "`lora r=1` (6.2% of the params, 0.800 ± 0.010) is below it" in claim
+    claim = report.fraction_claim([inside, {**tiny, "mean": 0.80}], lora)
+    assert "holds for no arm; the best under 10% is `antipasto r=256`" in claim
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_quick_run_writes_json_and_report_and_resumes(tmp_path):
+    args = ["--quick", "--steps", "2", "--n-train", "64", "--n-val", "16", "--n-test", "16", "--out", str(tmp_path)]
+    assert frontier.main(args) == 0
+    data = json.loads((tmp_path / "frontier_quick.json").read_text())
+    assert data["bench"] == "frontier" and data["seeds"] == [0, 1]
+    assert [a["label"] for a in data["grid"]] == ["lora r=1", "lora r=2", "ia3"]
+    runs = data["runs"]
+    assert len(runs) == 3 * 3 + 3 and len({r["id"] for r in runs}) == len(runs)
+    for arm in data["grid"]:
+        mine = [r for r in runs if r["row"] == arm["row"] and r["knobs"] == arm["knobs"]]
+        first = {r["lr"]: r["val_acc"] for r in mine if r["seed"] == 0}
+        assert sorted(first) == arm["lrs"]
+        (second,) = [r for r in mine if r["seed"] == 1]
+        assert second["lr"] == max(sorted(first), key=first.get)  # validation picks the lr
+        assert all(r["params"] == arm["params"] and 0 <= r["acc"] <= 1 and 0 <= r["val_acc"] <= 1 for r in mine)
+    assert report.main(["--results", str(tmp_path), "--no-readme"]) == 0
+    md = (tmp_path / "frontier_quick.md").read_text()
+    for label in ("lora r=1", "lora r=2", "ia3"):
+        assert f"| `{label}` |" in md
+    assert "**Against the LoRA frontier**" in md and "`ia3` (20.7K params" in md
+    assert "LoRA quality at a fraction of the parameters" in md
+    assert (tmp_path / "frontier_quick.png").stat().st_size > 0
+    assert frontier.main(args) == 0  # resumes: nothing left to run
+    assert json.loads((tmp_path / "frontier_quick.json").read_text())["runs"] == runs
+
+
+def test_optional_report_block_renders_only_where_its_markers_are():
+    body = {"frontier": "table\n"}
+    assert report.render_readme("no markers here\n", body) == "no markers here\n"
+    doc = "a\n<!-- bench:frontier:start -->\nold\n<!-- bench:frontier:end -->\nb\n"
+    assert report.render_readme(doc, body) == doc.replace("old", "table")
+    with pytest.raises(ValueError, match="bench:cost:start/end"):
+        report.render_readme("no markers\n", {"cost": "x\n"})
