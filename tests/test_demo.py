@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 import lora_lite as ll
-from lora_lite.demo import Classifier, load_minilm, train
+from lora_lite.demo import TASK, Classifier, load_minilm, train
+from lora_lite.tasks import make_split, number_words
 from lora_lite_cli import parser
 
 
@@ -28,3 +29,25 @@ def test_the_head_and_the_adapter_step_at_their_own_lr():
 def test_the_demo_defaults_are_the_documented_schedule():
     args = parser().parse_args(["demo"])
     assert (args.steps, args.lr, args.head_lr, args.batch_size, args.rank) == (300, 1e-3, 1e-2, 32, 16)
+
+
+def _number(token: str) -> int:
+    words = {number_words(n): n for n in range(100)}
+    return int(token) if token.isdigit() else words[token]
+
+
+def test_the_demo_task_labels_whether_the_first_number_is_larger():
+    """The demo's task: "A is more than B" is 1 exactly when A > B, parsed back from the text
+    (digits or words); train and test draw disjoint operand pairs; both labels occur."""
+    for split in ("train", "test"):
+        data = make_split(TASK, split, 500, seed=0)
+        pairs = set()
+        for text, label in data:
+            a, rest = text.split(" is more than ")
+            a, b = _number(a), _number(rest)
+            assert label == int(a > b), text
+            pairs.add((min(a, b), max(a, b)))
+        assert 0.4 < sum(y for _, y in data) / len(data) < 0.6
+        if split == "train":
+            train_pairs = pairs
+    assert not pairs & train_pairs

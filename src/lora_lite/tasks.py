@@ -45,6 +45,14 @@ def comparison(a: int, b: int, rng: random.Random) -> tuple[str, int]:
     return f"{_spell(a, rng)} is {word} than {_spell(b, rng)}", int(truth)
 
 
+def greater(a: int, b: int, rng: random.Random) -> tuple[str, int]:
+    """'A is more than B' -> (sentence, 1 if a > b else 0); a != b. One relation word, so the
+    label is monotone in the two numbers; in `comparison` the word flips it (an XOR of word and
+    order), and a mean-pooled encoder + linear head can sit on a plateau for a seed-dependent
+    number of steps, or collapse there, before it finds that feature (the demo's task is this one)."""
+    return f"{_spell(a, rng)} is more than {_spell(b, rng)}", int(a > b)
+
+
 def arithmetic(a: int, b: int, rng: random.Random) -> tuple[str, int]:
     """'A plus/minus B is C' with C right or off by a small amount -> (sentence, label)."""
     op = rng.choice(["plus", "minus"]) if a >= b else "plus"
@@ -57,7 +65,7 @@ def arithmetic(a: int, b: int, rng: random.Random) -> tuple[str, int]:
     return f"{_spell(a, rng)} {op} {_spell(b, rng)} is {_spell(value, rng) if value < 100 else value}", int(truth)
 
 
-TASKS = {"comparison": comparison, "arithmetic": arithmetic}
+TASKS = {"comparison": comparison, "greater": greater, "arithmetic": arithmetic}
 
 
 def make_split(task: str, split: str, n: int, seed: int, test_fraction: float = 0.3,
