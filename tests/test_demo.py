@@ -28,7 +28,7 @@ def test_the_head_and_the_adapter_step_at_their_own_lr():
 
 def test_the_demo_defaults_are_the_documented_schedule():
     args = parser().parse_args(["demo"])
-    assert (args.steps, args.lr, args.head_lr, args.batch_size, args.rank) == (300, 1e-3, 1e-2, 32, 16)
+    assert (args.steps, args.lr, args.head_lr, args.batch_size, args.rank) == (600, 1e-3, 1e-2, 32, 16)
 
 
 def _number(token: str) -> int:

