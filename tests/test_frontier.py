@@ -207,7 +207,7 @@ def test_quick_run_writes_json_and_report_and_resumes(tmp_path):
         (second,) = [r for r in mine if r["seed"] == 1]
         assert second["lr"] == max(sorted(first), key=first.get)  # validation picks the lr
         assert all(r["params"] == arm["params"] and 0 <= r["acc"] <= 1 and 0 <= r["val_acc"] <= 1 for r in mine)
-    assert report.main(["--results", str(tmp_path), "--no-readme"]) == 0
+    assert report.main(["--results", str(tmp_path), "--no-doc"]) == 0
     md = (tmp_path / "frontier_quick.md").read_text()
     for label in ("lora r=1", "lora r=2", "ia3"):
         assert f"| `{label}` |" in md
@@ -220,8 +220,8 @@ def test_quick_run_writes_json_and_report_and_resumes(tmp_path):
 
 def test_optional_report_block_renders_only_where_its_markers_are():
     body = {"frontier": "table\n"}
-    assert report.render_readme("no markers here\n", body) == "no markers here\n"
+    assert report.render_doc("no markers here\n", body) == "no markers here\n"
     doc = "a\n<!-- bench:frontier:start -->\nold\n<!-- bench:frontier:end -->\nb\n"
-    assert report.render_readme(doc, body) == doc.replace("old", "table")
+    assert report.render_doc(doc, body) == doc.replace("old", "table")
     with pytest.raises(ValueError, match="bench:cost:start/end"):
-        report.render_readme("no markers\n", {"cost": "x\n"})
+        report.render_doc("no markers\n", {"cost": "x\n"})
