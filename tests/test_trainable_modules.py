@@ -169,10 +169,14 @@ def test_load_refuses_a_base_whose_trainable_modules_do_not_fit(tmp_path):
 
 
 @pytest.mark.slow  # a short demo run on the real MiniLM
-def test_demo_trains_its_head_as_a_trainable_module(tmp_path, capsys, one_thread):
-    """`lora-lite demo` (a few steps): the head is saved in the adapter file and reloaded.
-    (`one_thread` restores the thread count the demo sets.)"""
+def test_demo_trains_its_head_as_a_trainable_module(tmp_path, capsys, one_thread, monkeypatch):
+    """`lora-lite demo` (a few steps, 200-sentence splits): the head is saved in the adapter
+    file and reloaded. (`one_thread` restores the thread count the demo sets.)"""
+    from lora_lite import tasks
     from lora_lite.demo import main
+
+    make_split = tasks.make_split
+    monkeypatch.setattr(tasks, "make_split", lambda task, split, n, seed: make_split(task, split, min(n, 200), seed))
 
     assert main(["--steps", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
