@@ -10,8 +10,8 @@ the adapter (`trainable_modules`, so the adapter checkpoint holds it too). Task 
 `--seed` draws the head's init and the batch order. The adapter's lr (1e-3) and the head's
 (1e-2) warm up for 10% of the steps, then decay to 0 on a cosine, so the run ends on a settled
 model. On the benchmark's "comparison" task (more/less than, the word flips the label) some
-seeds sat at chance for the whole run (results/demo_stability.md); with one relation word
-every seed learns from the first steps. Float sums are ordered by the thread split, so the
+seeds sat at chance for the whole run (results/demo_stability_comparison.md); with one
+relation word every seed learns from its first 30-odd steps (results/demo_stability.md). Float sums are ordered by the thread split, so the
 digits differ between machines and `--threads`.
 """
 

@@ -27,8 +27,8 @@ def _probe_vectors(n: int, seed: int) -> torch.Tensor:
 def _sketch(t: torch.Tensor) -> dict:
     """Norm and probes in float64 on t's device (only the k + 1 numbers leave it). On the CPU
     the rows go through one reused float64 buffer of ~_BLOCK entries: fresh float64 pages cost
-    more than the arithmetic (3072 x 1024: a whole-matrix copy 110 ms, a new block per step
-    13 ms, one reused block 3.7 ms), and `ll.load` sketches every target."""
+    more than the arithmetic (3072 x 1024, CPU time: a new block per step 6.3 ms, one reused
+    block 4.9 ms; a whole-matrix copy is slower still), and `ll.load` sketches every target."""
     t = t.detach()
     m = t.reshape(t.shape[0], -1) if t.dim() > 1 else t[None]
     u = _probe_vectors(m.shape[0], 1).to(m.device)
