@@ -513,6 +513,7 @@ def frontier_summary(data: dict) -> list[dict]:
         measured = {r["params"] for r in data["runs"] if r["row"] == arm["row"] and r["knobs"] == arm["knobs"]}
         out.append({**arm, "params": measured.pop() if len(measured) == 1 else arm["params"],
                     "scores": scores, "lr": lr, "seeds": [r["seed"] for r in runs], "accs": accs,
+                    "complete": len(runs) == len(seeds),
                     "mean": statistics.fmean(accs) if accs else None,
                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
     return out
@@ -565,8 +566,10 @@ def frontier_statement(s: dict, lora: list[dict]) -> tuple[str, str]:
             f"{_count(end['params'])}); against that nearest end ({_pm(end['mean'], end['std'])}) it is **{v}** "
             f"({gap})")
     if pos["side"] == "fewer":
-        tail = (f": it matches or beats the smallest LoRA with {ratio:.1%} of its params." if v != "below" else
-                ": no LoRA this small was run, so whether it is below the frontier at its own size is not measured.")
+        tail = {"above": f": it beats the smallest LoRA with {ratio:.1%} of its params.",
+                "on": f": within the combined std of the smallest LoRA, with {ratio:.1%} of its params.",
+                "below": ": no LoRA this small was run, so whether it is below the frontier at its own size "
+                         "is not measured."}[v]
     else:
         tail = (f": better than every LoRA point, but with {ratio:.1f}x the largest one's params."
                 if v == "above" else f": no better than the largest LoRA with {ratio:.1f}x its params.")
@@ -605,12 +608,14 @@ def frontier_markdown(data: dict) -> str:
 
     p, env = data["protocol"], data["env"]
     rows = frontier_summary(data)
-    lora = [s for s in rows if s["row"] == "lora" and s["mean"] is not None]
+    # verdicts compare finished arms only (every seed at the chosen lr): a one-seed std of 0
+    # would make any difference look significant
+    lora = [s for s in rows if s["row"] == "lora" and s["complete"]]
     table = []
     verdicts = {}
     if lora:
         for s in rows:
-            if s["row"] != "lora" and s["mean"] is not None:
+            if s["row"] != "lora" and s["complete"]:
                 verdicts[s["label"]] = frontier_statement(s, lora)
     for s in rows:
         tried = ", ".join(f"**{_sci(lr)}: {acc:.3f}**" if lr == s["lr"] else f"{_sci(lr)}: {acc:.3f}"
@@ -636,7 +641,7 @@ def frontier_markdown(data: dict) -> str:
         out += "\n**Against the LoRA frontier** (linear in log10 params; \"on\" = within the combined std):\n\n"
         out += "".join(f"- {text}\n" for _, text in verdicts.values())
     if lora:
-        out += "\n" + fraction_claim([s for s in rows if s["row"] != "lora" and s["mean"] is not None], lora) + "\n"
+        out += "\n" + fraction_claim([s for s in rows if s["row"] != "lora" and s["complete"]], lora) + "\n"
     return out
 
 
