@@ -344,7 +344,7 @@ def register(cls: type[Variant]) -> type[Variant]:
         raise TypeError(f"{cls.__name__}.examples must be a non-empty {{name: Example}}")
     if cls.identity_at_init == bool(cls.neutral):
         raise ValueError(f"{cls.__name__}: `neutral` names the tensors to zero exactly when identity_at_init is False")
-    if cls.uses_rank and not "r" in cfg_cls.__dataclass_fields__:
+    if cls.uses_rank and "r" not in cfg_cls.__dataclass_fields__:
         raise TypeError(f"{cls.__name__}: uses_rank needs a config with r (subclass RankConfig)")
     if cls.scale_outside and not hasattr(cfg_cls, "scale"):
         raise TypeError(f"{cls.__name__}: scale_outside needs a config with alpha (subclass ScaledConfig)")
