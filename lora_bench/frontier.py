@@ -15,9 +15,10 @@ trains in every arm, the seeded "comparison" task, adapters on all 36 encoder li
     variant's benchmark setting (`BenchSetting.knobs`) with r set to its rank, so LoRA keeps
     alpha = 2r.
   * Learning rate: the three lrs of the arm's family in LRS run on the first seed; the one with
-    the best VALIDATION accuracy (ties: the smaller lr) is the arm's lr (`arms.choose_lr`, which
-    reads `arms.val_scores`), and the remaining seeds run at it. The test split never enters
-    the choice.
+    the best VALIDATION accuracy (ties: the smaller lr) is the arm's lr (`arms.chosen_lr`), and
+    the remaining seeds run at it. When the best is the grid's top or bottom lr, one lr
+    arms.EDGE_FACTOR past that edge runs first (`arms.arm_lrs`, at most arms.MAX_EDGE_STEPS
+    times). The test split never enters the choice.
   * Validation split: `lora_lite.tasks` with val_fraction = VAL_FRACTION sets aside the operand
     pairs whose hash lies just above the test band, out of the training pool, so validation
     pairs occur neither in training nor in test: choosing on it is the same kind of
@@ -28,11 +29,14 @@ trains in every arm, the seeded "comparison" task, adapters on all 36 encoder li
   * Numbers: test accuracy mean ± std over the seeds at the chosen lr, against the adapter's
     trainable parameters (the 770-parameter head trains in every arm and is not counted).
 
-The report (`lora_bench.report`, section "C2 against trainable params") interpolates the LoRA frontier linearly in log10 params and says, for every other
-arm, whether it sits above, on (within the combined std, √(std² + std_frontier²)) or below it
-at equal params; an arm outside the frontier's param range is compared with the nearest end
-and said to be outside. "LoRA quality at a fraction of the parameters" holds for an arm with
-fewer than report.FRACTION of the largest LoRA's params that is on or above that LoRA (same band).
+The report (`lora_bench.report`, section "C2 against trainable params") interpolates the LoRA
+frontier's mean and seed std linearly in log10 params and says, for every other arm, whether it
+sits above, on or below it at equal params, seed by seed (`report.frontier_position`: a seed
+more than `report.seed_tolerance` from the frontier's mean is above or below it; the arm is
+above / below when every seed is, on when none is below, else mixed). An arm outside the
+frontier's param range is compared with the nearest end and said to be outside. "LoRA quality
+at a fraction of the parameters" holds for an arm with fewer than report.FRACTION of the
+largest LoRA's params that is on or above that LoRA by the same rule.
 
 Runs are appended to the JSON as they finish, so an interrupted grid resumes where it stopped;
 each (arm, lr, steps, schedule, seed) is one run with the run id of `lora_bench.arms`.
@@ -47,7 +51,7 @@ from pathlib import Path
 import torch
 
 from . import adapters
-from .arms import arm_id, choose_lr, frontier_run, run_id, val_scores
+from .arms import arm_id, arm_lrs, chosen_lr, frontier_run, run_id
 from .common import environment, parse_list, read_json, write_json
 
 LORA_RANKS = (1, 2, 4, 8, 16)
@@ -119,16 +123,16 @@ def grid(model, rows: list[str] | None = None, quick: bool = False) -> list[dict
 
 
 def pending(arms: list[dict], runs: list[dict], seeds: list[int], steps: int, warmup: int) -> list[dict]:
-    """Runs still to do: first every lr of every arm on seeds[0]; an arm whose lrs are all done
-    gets seeds[1:] at its chosen lr. Those follow-ups come first, so arms complete early."""
+    """Runs still to do: first every lr of every arm on seeds[0] (edge extensions included,
+    `arms.arm_lrs`); an arm whose lrs are all done gets seeds[1:] at its chosen lr. Those follow-ups come first, so arms complete early."""
     done = {run_id(r) for r in runs}
     follow, sweep = [], []
     for arm in arms:
-        scores = val_scores(arm, runs, seeds[0], steps, warmup)
-        if len(scores) < len(arm["lrs"]):
-            sweep += [s for lr in arm["lrs"] if run_id(s := frontier_run(arm, lr, seeds[0], steps, warmup)) not in done]
+        lr = chosen_lr(arm, runs, seeds[0], steps, warmup)
+        if lr is None:
+            sweep += [s for x in arm_lrs(arm, runs, seeds[0], steps, warmup)
+                      if run_id(s := frontier_run(arm, x, seeds[0], steps, warmup)) not in done]
             continue
-        lr = choose_lr(scores)
         follow += [s for seed in seeds[1:] if run_id(s := frontier_run(arm, lr, seed, steps, warmup)) not in done]
     return follow + sweep
 

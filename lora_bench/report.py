@@ -497,16 +497,16 @@ FRACTION = 0.1  # "LoRA quality at a fraction of the parameters": under this sha
 
 def frontier_summary(data: dict) -> list[dict]:
     """Per arm of the grid: params (measured where a run exists), the first seed's validation
-    accuracy per lr, the chosen lr (None until every lr ran) and the test accuracy of every
-    seed at it."""
-    from .arms import choose_lr, frontier_run, run_id, val_scores
+    accuracy per lr (the grid's and any edge extension, `arms.arm_lrs`), the chosen lr (None
+    until every one of them ran) and the test accuracy of every seed at it."""
+    from .arms import chosen_lr, frontier_run, run_id, val_scores
 
     seeds, steps, warmup = data["seeds"], data["steps"], data["warmup_steps"]
     by_id = {run_id(r): r for r in data["runs"]}
     out = []
     for arm in data["grid"]:
         scores = val_scores(arm, data["runs"], seeds[0], steps, warmup)
-        lr = choose_lr(scores) if len(scores) == len(arm["lrs"]) else None
+        lr = chosen_lr(arm, data["runs"], seeds[0], steps, warmup)
         runs = [] if lr is None else [by_id[i] for seed in seeds
                                       if (i := run_id(frontier_run(arm, lr, seed, steps, warmup))) in by_id]
         accs = [r["acc"] for r in runs]
@@ -519,10 +519,22 @@ def frontier_summary(data: dict) -> list[dict]:
     return out
 
 
-def frontier_position(lora: list[tuple[int, float, float]], params: int, mean: float, std: float) -> dict:
-    """Where (params, mean ± std) sits against the LoRA points (params, mean, std): the frontier's
-    mean and std interpolated linearly in log10 params, or outside its range the nearest end's;
-    "above" / "below" when the difference exceeds √(std² + std_frontier²), else "on"."""
+def seed_tolerance(f_mean: float, f_std: float, n_test: int | None) -> float:
+    """How far one seed may sit from the frontier's mean and still read as "on" it: two of
+    the frontier's seed stds, floored at two binomial standard errors of an accuracy measured
+    on n_test sentences (a 3-seed std can come out near 0)."""
+    se = math.sqrt(f_mean * (1 - f_mean) / n_test) if n_test else 0.0
+    return 2 * max(f_std, se)
+
+
+def frontier_position(lora: list[tuple[int, float, float]], params: int, accs: list[float],
+                      n_test: int | None = None) -> dict:
+    """Where an arm with per-seed test accuracies `accs` at `params` sits against the LoRA
+    points (params, mean, std): the frontier's mean and std interpolated linearly in log10
+    params, or outside its range the nearest end's. Each seed reads "above" / "below" when it
+    is more than `seed_tolerance` from that mean, else "on"; the arm is "above" or "below" when
+    every seed is, "on" when no seed is below and not all are above, else "mixed" (some seeds
+    on or above, some below), so one collapsed seed cannot hide inside a wide std."""
     pts = sorted(lora)
     xs = [math.log10(p) for p, _, _ in pts]
     x = math.log10(params)
@@ -537,74 +549,111 @@ def frontier_position(lora: list[tuple[int, float, float]], params: int, mean: f
         end = 0 if x < xs[0] else len(pts) - 1
         _, f_mean, f_std = pts[end]
         side, between = ("fewer" if end == 0 else "more"), (end, end)
-    band, diff = math.hypot(std, f_std), mean - f_mean
-    verdict = "above" if diff > band else "below" if diff < -band else "on"
+    tol = seed_tolerance(f_mean, f_std, n_test)
+    each = ["above" if a - f_mean > tol else "below" if f_mean - a > tol else "on" for a in accs]
+    below, above = each.count("below"), each.count("above")
+    verdict = ("above" if above == len(each) else "below" if below == len(each)
+               else "on" if below == 0 else "mixed")
     return {"verdict": verdict, "side": side, "between": between, "frontier_mean": f_mean,
-            "frontier_std": f_std, "diff": diff, "band": band}
+            "frontier_std": f_std, "diff": statistics.fmean(accs) - f_mean, "tol": tol,
+            "below": below, "above": above, "n": len(each)}
 
 
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def frontier_statement(s: dict, lora: list[dict]) -> tuple[str, str]:
+def _seeds_said(pos: dict, accs: list[float]) -> str:
+    """'difference +0.004; every seed within ±0.016' or '1 of 3 seeds more than 0.016 below'."""
+    tol = f"{pos['tol']:.3f}"
+    parts = [f"difference {pos['diff']:+.3f}"]
+    if pos["below"] == 0 and pos["above"] == 0:
+        parts.append(f"every seed within ±{tol}")
+    for side in ("below", "above"):
+        if 0 < pos[side]:
+            lo = min(accs) if side == "below" else max(accs)
+            parts.append(f"{pos[side]} of {pos['n']} seeds more than {tol} {side} "
+                         f"({'lowest' if side == 'below' else 'highest'} {lo:.3f})")
+    return "; ".join(parts)
+
+
+def _cell(pos: dict) -> str:
+    return f"mixed ({pos['below']} of {pos['n']} seeds below)" if pos["verdict"] == "mixed" else pos["verdict"]
+
+
+def frontier_statement(s: dict, lora: list[dict], n_test: int | None = None) -> tuple[str, str]:
     """(table cell, sentence) for one non-LoRA arm `s` against the finished LoRA arms `lora`:
     the cell is the verdict, or outside the frontier's range the verdict against its nearest end."""
     points = [(q["params"], q["mean"], q["std"]) for q in lora]
-    pos = frontier_position(points, s["params"], s["mean"], s["std"])
+    pos = frontier_position(points, s["params"], s["accs"], n_test)
     ends = sorted(lora, key=lambda q: q["params"])
-    v, gap = pos["verdict"], f"difference {pos['diff']:+.3f}, combined std {pos['band']:.3f}"
+    v, said = pos["verdict"], _seeds_said(pos, s["accs"])
     me = f"`{s['label']}` ({_count(s['params'])} params, {_pm(s['mean'], s['std'])})"
     if pos["side"] is None:
         lo, hi = (ends[j]["label"] for j in pos["between"])
         where = f"between `{lo}` and `{hi}`" if lo != hi else f"at `{lo}`"
-        return v, (f"{me} is **{v}** the LoRA frontier: at equal params it reads "
-                   f"{_pm(pos['frontier_mean'], pos['frontier_std'])} (interpolated in log10 params {where}; {gap}).")
+        return _cell(pos), (f"{me} is **{v}** the LoRA frontier: at equal params it reads "
+                            f"{_pm(pos['frontier_mean'], pos['frontier_std'])} (interpolated in log10 params "
+                            f"{where}; {said}).")
     end = ends[0] if pos["side"] == "fewer" else ends[-1]
     ratio = s["params"] / end["params"]
     head = (f"{me} is outside the frontier's range ({pos['side']} params than `{end['label']}`, "
             f"{_count(end['params'])}); against that nearest end ({_pm(end['mean'], end['std'])}) it is **{v}** "
-            f"({gap})")
+            f"({said})")
     if pos["side"] == "fewer":
         tail = {"above": f": it beats the smallest LoRA with {ratio:.1%} of its params.",
-                "on": f": within the combined std of the smallest LoRA, with {ratio:.1%} of its params.",
+                "on": f": as good as the smallest LoRA, with {ratio:.1%} of its params.",
+                "mixed": f": some seeds match the smallest LoRA with {ratio:.1%} of its params, others fall "
+                         "below it.",
                 "below": ": no LoRA this small was run, so whether it is below the frontier at its own size "
                          "is not measured."}[v]
     else:
         tail = (f": better than every LoRA point, but with {ratio:.1f}x the largest one's params."
                 if v == "above" else f": no better than the largest LoRA with {ratio:.1f}x its params.")
-    return f"outside; {v} `{end['label']}`", head + tail
+    return f"outside; {_cell(pos)} vs `{end['label']}`", head + tail
 
 
-def fraction_claim(rows: list[dict], lora: list[dict]) -> str:
+def fraction_claim(rows: list[dict], lora: list[dict], n_test: int | None = None) -> str:
     """Whether "LoRA quality at a fraction of the parameters" holds: an arm with fewer than
-    FRACTION of the largest LoRA's params within (or above) the combined std of its accuracy."""
+    FRACTION of the largest LoRA's params that is "on" or "above" that LoRA (no seed more than
+    `seed_tolerance` below its mean)."""
     ref = max(lora, key=lambda q: q["params"])
     small = [s for s in rows if s["params"] < FRACTION * ref["params"]]
     at_ref = [(ref["params"], ref["mean"], ref["std"])]
-    hits = [s for s in small if frontier_position(at_ref, ref["params"], s["mean"], s["std"])["verdict"] != "below"]
+    tol = seed_tolerance(ref["mean"], ref["std"], n_test)
+
+    def verdict(accs):
+        return frontier_position(at_ref, ref["params"], accs, n_test)["verdict"]
+
+    def who(s):
+        return f"`{s['label']}` ({s['params'] / ref['params']:.1%} of the params, {_pm(s['mean'], s['std'])})"
+
     intro = (f"**LoRA quality at a fraction of the parameters** (an arm with < {FRACTION:.0%} of "
-             f"`{ref['label']}`'s {_count(ref['params'])} params whose accuracy is within the combined std of "
-             f"{_pm(ref['mean'], ref['std'])} or above): ")
+             f"`{ref['label']}`'s {_count(ref['params'])} params none of whose seeds is more than {tol:.3f} "
+             f"below its {ref['mean']:.3f}): ")
+    hits = [s for s in small if verdict(s["accs"]) in ("on", "above")]
+    mixed = [s for s in small if verdict(s["accs"]) == "mixed"]
     if hits:
-        text = "holds for " + ", ".join(f"`{s['label']}` ({s['params'] / ref['params']:.1%} of the params, "
-                                        f"{_pm(s['mean'], s['std'])})" for s in hits) + "."
+        text = "holds for " + ", ".join(who(s) for s in hits) + "."
     elif small:
         best = max(small, key=lambda s: s["mean"])
-        text = (f"holds for no arm; the best under {FRACTION:.0%} is `{best['label']}` at "
-                f"{_pm(best['mean'], best['std'])} ({best['params'] / ref['params']:.1%} of the params).")
+        text = f"holds for no arm; the best under {FRACTION:.0%} is {who(best)}."
     else:
         text = f"no arm has fewer than {FRACTION:.0%} of its params."
+    if mixed:
+        text += " Some seeds but not all: " + ", ".join(
+            f"{who(s)}, lowest seed {min(s['accs']):.3f}" for s in mixed) + "."
     own = [q for q in lora if q["params"] < FRACTION * ref["params"]]
     for q in own:  # the frontier's own small end is the baseline such a claim has to beat
-        pos = frontier_position(at_ref, ref["params"], q["mean"], q["std"])
-        text += (f" For comparison, `{q['label']}` ({q['params'] / ref['params']:.1%} of the params, "
-                 f"{_pm(q['mean'], q['std'])}) is {'within that band' if pos['verdict'] != 'below' else 'below it'}.")
+        v = verdict(q["accs"])
+        said = {"on": "holds it too", "above": "holds it too", "below": "does not",
+                "mixed": "holds it on some seeds"}[v]
+        text += f" For comparison, {who(q)} {said}."
     return intro + text
 
 
 def frontier_markdown(data: dict) -> str:
-    from .arms import FRONTIER_SCHEDULE
+    from .arms import EDGE_FACTOR, FRONTIER_SCHEDULE, MAX_EDGE_STEPS
 
     p, env = data["protocol"], data["env"]
     rows = frontier_summary(data)
@@ -616,7 +665,7 @@ def frontier_markdown(data: dict) -> str:
     if lora:
         for s in rows:
             if s["row"] != "lora" and s["complete"]:
-                verdicts[s["label"]] = frontier_statement(s, lora)
+                verdicts[s["label"]] = frontier_statement(s, lora, p["n_test"])
     for s in rows:
         tried = ", ".join(f"**{_sci(lr)}: {acc:.3f}**" if lr == s["lr"] else f"{_sci(lr)}: {acc:.3f}"
                           for lr, acc in sorted(s["scores"].items()))
@@ -629,7 +678,8 @@ def frontier_markdown(data: dict) -> str:
             f"{data['warmup_steps']} warm-up) × batch {p['batch_size']}; {p['n_train']} training sentences, "
             f"{p['n_val']} validation and {p['n_test']} test sentences, their operand pairs disjoint from each "
             f"other (`lora_lite.tasks`, val_fraction {p['val_fraction']}). Each arm's lr is chosen on the "
-            f"validation accuracy of seed {data['seeds'][0]} (bold; ties to the smaller lr), and seeds {rest} run "
+            f"validation accuracy of seed {data['seeds'][0]} (bold; ties to the smaller lr; when the best is at the "
+            f"grid's edge, one lr {EDGE_FACTOR:g}x past it runs too, at most {MAX_EDGE_STEPS} times), and seeds {rest} run "
             f"at it besides; the test accuracy column is the only place the test split is read. Trainable "
             f"params: the adapter's (a {r0['head_params']}-parameter head trains in every arm besides). Device "
             f"{r0.get('device', 'cpu')} ({env.get('cuda') or env['cpu']}), torch {env['torch']}. "
@@ -638,10 +688,14 @@ def frontier_markdown(data: dict) -> str:
             "(first seed) | vs LoRA frontier |\n| --- | ---: | ---: | ---: | --- | --- |\n")
     out = note + head + "\n".join(table) + "\n"
     if verdicts:
-        out += "\n**Against the LoRA frontier** (linear in log10 params; \"on\" = within the combined std):\n\n"
+        out += ("\n**Against the LoRA frontier** (its mean and seed std interpolated linearly in log10 params; "
+                "a seed is above or below it when it is more than twice the frontier's seed std away, floored at two "
+                "binomial standard errors of a test score; an arm is above or below when every seed is, on when no "
+                "seed is below, mixed otherwise):\n\n")
         out += "".join(f"- {text}\n" for _, text in verdicts.values())
     if lora:
-        out += "\n" + fraction_claim([s for s in rows if s["row"] != "lora" and s["complete"]], lora) + "\n"
+        out += "\n" + fraction_claim([s for s in rows if s["row"] != "lora" and s["complete"]], lora,
+                                      p["n_test"]) + "\n"
     return out
 
 
