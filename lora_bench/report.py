@@ -19,7 +19,8 @@ from pathlib import Path
 from .common import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL_BLOCKS = {"frontier"}  # results/frontier.md stands alone until a doc gives it markers
+OPTIONAL_BLOCKS = {"frontier", "frontier-claim"}  # results/frontier.md stands alone until a doc has markers
+DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")  # where the generated blocks live
 ANCHOR_LABELS = {"head": "head-only", "full": "full fine-tune", "peft:lora": "PEFT LoRA"}
 
 
@@ -652,20 +653,47 @@ def fraction_claim(rows: list[dict], lora: list[dict], n_test: int | None = None
     return intro + text
 
 
+def frontier_verdicts(rows: list[dict], n_test: int) -> tuple[list[dict], dict[str, tuple[str, str]]]:
+    """(the finished LoRA arms, {label: (cell, sentence)} for every other finished arm). Only
+    finished arms (every seed at the chosen lr) are compared: one seed has no spread to read."""
+    lora = [s for s in rows if s["row"] == "lora" and s["complete"]]
+    if not lora:
+        return [], {}
+    return lora, {s["label"]: frontier_statement(s, lora, n_test)
+                  for s in rows if s["row"] != "lora" and s["complete"]}
+
+
+def frontier_claim_markdown(data: dict) -> str:
+    """The README's short form of the frontier: the LoRA points and the SVD-family arms (the
+    variants whose claim this tests) with their verdicts, then the fraction-of-parameters claim."""
+    from .frontier import svd_family
+
+    rows = frontier_summary(data)
+    lora, verdicts = frontier_verdicts(rows, data["protocol"]["n_test"])
+    svd = set(svd_family())
+    shown = sorted((s for s in rows if s["complete"] and (s["row"] == "lora" or s["row"] in svd)),
+                   key=lambda s: s["params"])
+    waiting = [s["label"] for s in rows if not s["complete"]]
+    out = ["| arm | trainable params | test accuracy (3 seeds) | vs LoRA frontier at equal params |",
+           "| --- | ---: | ---: | --- |"]
+    out += [f"| `{s['label']}` | {s['params']:,} | {_pm(s['mean'], s['std'])} | "
+            f"{'frontier' if s['row'] == 'lora' else verdicts[s['label']][0]} |" for s in shown]
+    text = "\n".join(out) + "\n"
+    if lora:
+        text += "\n" + fraction_claim([s for s in rows if s["row"] != "lora" and s["complete"]], lora,
+                                      data["protocol"]["n_test"]) + "\n"
+    if waiting:
+        text += f"\nStill running: {', '.join(f'`{w}`' for w in waiting)}.\n"
+    return text
+
+
 def frontier_markdown(data: dict) -> str:
     from .arms import EDGE_FACTOR, FRONTIER_SCHEDULE, MAX_EDGE_STEPS
 
     p, env = data["protocol"], data["env"]
     rows = frontier_summary(data)
-    # verdicts compare finished arms only (every seed at the chosen lr): a one-seed std of 0
-    # would make any difference look significant
-    lora = [s for s in rows if s["row"] == "lora" and s["complete"]]
+    lora, verdicts = frontier_verdicts(rows, p["n_test"])
     table = []
-    verdicts = {}
-    if lora:
-        for s in rows:
-            if s["row"] != "lora" and s["complete"]:
-                verdicts[s["label"]] = frontier_statement(s, lora, p["n_test"])
     for s in rows:
         tried = ", ".join(f"**{_sci(lr)}: {acc:.3f}**" if lr == s["lr"] else f"{_sci(lr)}: {acc:.3f}"
                           for lr, acc in sorted(s["scores"].items()))
@@ -934,36 +962,46 @@ def blocks(results: Path) -> dict[str, str]:
     front = read_json(results / "frontier.json")
     if front and front["runs"]:
         out["frontier"] = frontier_markdown({**front, "name": "frontier"})
+        out["frontier-claim"] = frontier_claim_markdown(front)
+    return out
+
+
+def render_docs(texts: dict[str, str], generated: dict[str, str]) -> dict[str, str]:
+    """Each generated block into every doc (name -> text) holding its markers; a block that no
+    doc holds is an error unless it is in OPTIONAL_BLOCKS."""
+    out = dict(texts)
+    for name, body in generated.items():
+        pattern = re.compile(rf"(<!-- bench:{name}:start -->\n).*?(<!-- bench:{name}:end -->)", re.S)
+        holders = [doc for doc, text in out.items() if pattern.search(text)]
+        if not holders and name not in OPTIONAL_BLOCKS:
+            raise ValueError(f"no doc has <!-- bench:{name}:start/end --> markers")
+        for doc in holders:
+            out[doc] = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), out[doc])
     return out
 
 
 def render_doc(text: str, generated: dict[str, str]) -> str:
-    for name, body in generated.items():
-        pattern = re.compile(rf"(<!-- bench:{name}:start -->\n).*?(<!-- bench:{name}:end -->)", re.S)
-        if not pattern.search(text) and name in OPTIONAL_BLOCKS:
-            continue
-        if not pattern.search(text):
-            raise ValueError(f"the doc has no <!-- bench:{name}:start/end --> markers")
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
-    return text
+    return render_docs({"doc": text}, generated)["doc"]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_bench report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(ROOT / "results"))
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"),
-                    help="the markdown page holding the <!-- bench:NAME:start/end --> blocks")
+    ap.add_argument("--doc", action="append",
+                    help="a markdown page holding <!-- bench:NAME:start/end --> blocks (repeatable; default: "
+                         "docs/benchmarks.md and README.md)")
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
     ap.add_argument("--no-doc", action="store_true", help="only the files under --results")
     a = ap.parse_args(argv)
-    results, doc = Path(a.results), Path(a.doc)
-    text = "" if a.no_doc else doc.read_text()
-    new = text if a.no_doc else render_doc(text, blocks(results))
+    results = Path(a.results)
+    docs = [] if a.no_doc else [Path(d) for d in a.doc or DOCS]
+    texts = {str(d): d.read_text() for d in docs}
+    new = render_docs(texts, blocks(results)) if docs else {}
+    stale = [d for d in texts if new[d] != texts[d]]
     if a.check:
-        if new != text:
-            print(f"{doc}: generated blocks are stale; run `python -m lora_bench report`")
-            return 1
-        return 0
+        for d in stale:
+            print(f"{d}: generated blocks are stale; run `python -m lora_bench report`")
+        return 1 if stale else 0
     for f in sorted(results.glob("*.json")):
         data = read_json(f)
         if f.stem.startswith("cost"):
@@ -972,11 +1010,9 @@ def main(argv: list[str] | None = None) -> int:
             write_frontier_file(results, f.stem)
         elif f.stem in ("quality", "quality_sweep") or data.get("bench") == "quality":
             write_quality_file(results, f.stem, sweep=f.stem == "quality_sweep")
-    if a.no_doc:
-        print(f"rewrote the markdown/plots under {results}")
-        return 0
-    doc.write_text(new)
-    print(f"rewrote {doc} blocks and the markdown/plots under {results}")
+    for d in stale:
+        Path(d).write_text(new[d])
+    print(f"rewrote {', '.join(stale) or 'no doc blocks'} and the markdown/plots under {results}")
     return 0
 
 

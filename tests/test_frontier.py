@@ -249,11 +249,13 @@ def test_quick_run_writes_json_and_report_and_resumes(tmp_path):
     assert data["bench"] == "frontier" and data["seeds"] == [0, 1]
     assert [a["label"] for a in data["grid"]] == ["lora r=1", "lora r=2", "ia3"]
     runs = data["runs"]
-    assert len(runs) == 3 * 3 + 3 and len({r["id"] for r in runs}) == len(runs)
+    assert len({r["id"] for r in runs}) == len(runs)
     for arm in data["grid"]:
         mine = [r for r in runs if r["row"] == arm["row"] and r["knobs"] == arm["knobs"]]
         first = {r["lr"]: r["val_acc"] for r in mine if r["seed"] == 0}
-        assert sorted(first) == arm["lrs"]
+        assert sorted(first) == arms.arm_lrs(arm, runs, 0, data["steps"], data["warmup_steps"])
+        assert set(arm["lrs"]) <= set(first) and len(first) <= len(arm["lrs"]) + arms.MAX_EDGE_STEPS
+        assert len(mine) == len(first) + 1
         (second,) = [r for r in mine if r["seed"] == 1]
         assert second["lr"] == max(sorted(first), key=first.get)  # validation picks the lr
         assert all(r["params"] == arm["params"] and 0 <= r["acc"] <= 1 and 0 <= r["val_acc"] <= 1 for r in mine)
@@ -273,5 +275,14 @@ def test_optional_report_block_renders_only_where_its_markers_are():
     assert report.render_doc("no markers here\n", body) == "no markers here\n"
     doc = "a\n<!-- bench:frontier:start -->\nold\n<!-- bench:frontier:end -->\nb\n"
     assert report.render_doc(doc, body) == doc.replace("old", "table")
-    with pytest.raises(ValueError, match="bench:cost:start/end"):
+    with pytest.raises(ValueError, match="no doc has <!-- bench:cost:start/end"):
         report.render_doc("no markers\n", {"cost": "x\n"})
+
+
+def test_a_block_renders_into_every_doc_that_holds_it():
+    a = "<!-- bench:cost:start -->\nold\n<!-- bench:cost:end -->\n"
+    b = "intro\n<!-- bench:frontier-claim:start -->\nold\n<!-- bench:frontier-claim:end -->\n"
+    out = report.render_docs({"a": a, "b": b}, {"cost": "c\n", "frontier-claim": "f\n", "frontier": "x\n"})
+    assert out == {"a": a.replace("old", "c"), "b": b.replace("old", "f")}
+    with pytest.raises(ValueError, match="bench:quality:start/end"):
+        report.render_docs({"a": a, "b": b}, {"quality": "q\n"})
