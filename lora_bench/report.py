@@ -500,7 +500,7 @@ def frontier_summary(data: dict) -> list[dict]:
     """Per arm of the grid: params (measured where a run exists), the first seed's validation
     accuracy per lr (the grid's and any edge extension, `arms.arm_lrs`), the chosen lr (None
     until every one of them ran) and the test accuracy of every seed at it."""
-    from .arms import chosen_lr, frontier_run, run_id, val_scores
+    from .arms import MAX_EDGE_STEPS, arm_lrs, chosen_lr, frontier_run, run_id, val_scores
 
     seeds, steps, warmup = data["seeds"], data["steps"], data["warmup_steps"]
     by_id = {run_id(r): r for r in data["runs"]}
@@ -512,8 +512,10 @@ def frontier_summary(data: dict) -> list[dict]:
                                       if (i := run_id(frontier_run(arm, lr, seed, steps, warmup))) in by_id]
         accs = [r["acc"] for r in runs]
         measured = {r["params"] for r in data["runs"] if r["row"] == arm["row"] and r["knobs"] == arm["knobs"]}
+        lrs = arm_lrs(arm, data["runs"], seeds[0], steps, warmup)
+        capped = lr in (lrs[0], lrs[-1]) and len(lrs) == len(arm["lrs"]) + MAX_EDGE_STEPS
         out.append({**arm, "params": measured.pop() if len(measured) == 1 else arm["params"],
-                    "scores": scores, "lr": lr, "seeds": [r["seed"] for r in runs], "accs": accs,
+                    "scores": scores, "lr": lr, "capped": capped, "seeds": [r["seed"] for r in runs], "accs": accs,
                     "complete": len(runs) == len(seeds),
                     "mean": statistics.fmean(accs) if accs else None,
                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
@@ -699,7 +701,7 @@ def frontier_markdown(data: dict) -> str:
                           for lr, acc in sorted(s["scores"].items()))
         acc = f"{_pm(s['mean'], s['std'])} ({len(s['accs'])})" if s["mean"] is not None else "lr not chosen yet"
         where = "frontier" if s["row"] == "lora" else verdicts.get(s["label"], ("",))[0]
-        chosen = "" if s["lr"] is None else _sci(s["lr"])
+        chosen = "" if s["lr"] is None else _sci(s["lr"]) + (" (edge†)" if s["capped"] else "")
         table.append(f"| `{s['label']}` | {s['params']:,} | {acc} | {chosen} | {tried or '—'} | {where} |")
     r0, rest = data["runs"][0], ",".join(map(str, data["seeds"][1:])) or "—"
     note = (f"MiniLM-L6, task `{p['task']}`, {data['steps']} steps ({FRONTIER_SCHEDULE}, "
@@ -715,6 +717,9 @@ def frontier_markdown(data: dict) -> str:
     head = ("| arm | trainable params | test accuracy (mean ± std, seeds) | chosen lr | validation accuracy per lr "
             "(first seed) | vs LoRA frontier |\n| --- | ---: | ---: | ---: | --- | --- |\n")
     out = note + head + "\n".join(table) + "\n"
+    if any(s["capped"] for s in rows):
+        out += (f"\n† the best lr is still the edge after {MAX_EDGE_STEPS} extensions: this arm might do better "
+                f"further out.\n")
     if verdicts:
         out += ("\n**Against the LoRA frontier** (its mean and seed std interpolated linearly in log10 params; "
                 "a seed is above or below it when it is more than twice the frontier's seed std away, floored at two "

@@ -160,7 +160,10 @@ def test_edge_extension_goes_down_and_stops_at_the_cap():
     assert arms.chosen_lr(ARM, runs, 0, 600, 30) == 5e-5
     data = {"grid": [ARM], "runs": runs, "seeds": [0], "steps": 600, "warmup_steps": 30}
     (s,) = report.frontier_summary(data)
-    assert s["lr"] == 5e-5 and sorted(s["scores"]) == [5e-5, 1e-4, 2e-4, 5e-4, 1e-3]
+    assert s["lr"] == 5e-5 and sorted(s["scores"]) == [5e-5, 1e-4, 2e-4, 5e-4, 1e-3] and s["capped"]
+    runs[-1] = _run(5e-5, 0, 0.90, 0.5)  # the second extension loses: 1e-4 is chosen, not at the cap
+    (s,) = report.frontier_summary({**data, "runs": runs})
+    assert s["lr"] == 1e-4 and not s["capped"]
 
 
 # ---- frontier verdicts --------------------------------------------------------------------------
