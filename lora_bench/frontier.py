@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: lora r=1, r=2 and ia3, seeds 0,1, 4 steps, 64 validation/test sentences")
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in the JSON")
+    ap.add_argument("--no-steer", action="store_true",
+                    help="skip the steering evaluation (test accuracy at coefficients -1 ... 1) after training")
     a = ap.parse_args(argv)
 
     if a.quick:
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: torch sees no CUDA device")
     p = {"task": a.task, "batch_size": a.batch_size, "n_train": a.n_train, "n_val": a.n_val, "n_test": a.n_test,
          "val_fraction": VAL_FRACTION, "rank": 16, "head_lr": a.head_lr, "calib_batches": a.calib_batches}
-    run_p = {**p, "device": a.device, "eval_every": a.eval_every, "eval_n": a.eval_n, "steer": False}
+    run_p = {**p, "device": a.device, "eval_every": a.eval_every, "eval_n": a.eval_n, "steer": not a.no_steer}
 
     torch.set_num_threads(a.threads)
     from lora_lite.demo import load_minilm

@@ -19,7 +19,7 @@ from pathlib import Path
 from .common import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL_BLOCKS = {"frontier", "frontier-claim"}  # results/frontier.md stands alone until a doc has markers
+OPTIONAL_BLOCKS = {"frontier", "frontier-claim", "frontier-steering"}  # results/frontier.md stands alone until a doc has markers
 DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")  # where the generated blocks live
 ANCHOR_LABELS = {"head": "head-only", "full": "full fine-tune", "peft:lora": "PEFT LoRA"}
 
@@ -780,14 +780,28 @@ def frontier_plot(data: dict, path: Path) -> bool:
     return True
 
 
+def frontier_steering_data(data: dict) -> dict:
+    """The frontier's runs at each arm's chosen lr (every seed there), for the steering table:
+    a run at a rejected lr says nothing about the arm."""
+    from .arms import frontier_run, run_id
+
+    keep = {run_id(frontier_run(s, s["lr"], seed, data["steps"], data["warmup_steps"]))
+            for s in frontier_summary(data) if s["lr"] is not None for seed in data["seeds"]}
+    return {**data, "runs": [r for r in data["runs"] if run_id(r) in keep]}
+
+
 def write_frontier_file(out: Path, name: str) -> None:
-    """name.md and name.png from name.json."""
+    """name.md and name.png from name.json; name_steering.md/.png where runs at a chosen lr
+    carry a steering record."""
     data = read_json(out / f"{name}.json")
     if not data or not data["runs"]:
         return
     data["name"] = name
     (out / f"{name}.md").write_text(frontier_markdown(data))
     frontier_plot(data, out / f"{name}.png")
+    chosen = frontier_steering_data(data)
+    if steering_plot(chosen, out / f"{name}_steering.png"):
+        (out / f"{name}_steering.md").write_text(steering_markdown(chosen))
 
 
 # ---- C1 cost ----------------------------------------------------------------------------------
@@ -968,6 +982,9 @@ def blocks(results: Path) -> dict[str, str]:
     if front and front["runs"]:
         out["frontier"] = frontier_markdown({**front, "name": "frontier"})
         out["frontier-claim"] = frontier_claim_markdown(front)
+        steering = steering_markdown(frontier_steering_data(front))
+        if steering:
+            out["frontier-steering"] = steering
     return out
 
 

@@ -166,6 +166,17 @@ def test_edge_extension_goes_down_and_stops_at_the_cap():
     assert s["lr"] == 1e-4 and not s["capped"]
 
 
+def test_the_steering_table_reads_only_runs_at_the_chosen_lr():
+    steer = {"coeffs": [-1.0, 0.0, 1.0], "scaled": [0.4, 0.5, 0.9]}
+    runs = [{**_run(2e-4, 0, 0.70, 0.5), "steer": steer}, {**_run(5e-4, 0, 0.80, 0.6), "steer": steer},
+            {**_run(1e-3, 0, 0.75, 0.7), "steer": steer}, {**_run(5e-4, 1, 0.8, 0.6), "steer": steer}]
+    data = {"grid": [ARM], "runs": runs, "seeds": [0, 1], "steps": 600, "warmup_steps": 30, "protocol": {"n_test": 10}}
+    kept = report.frontier_steering_data(data)["runs"]
+    assert [(r["lr"], r["seed"]) for r in kept] == [(5e-4, 0), (5e-4, 1)]
+    (row,) = report.steering_rows(report.frontier_steering_data(data))
+    assert row["lr"] == 5e-4 and row["n"] == 2 and row["accs"] == [0.4, 0.5, 0.9]
+
+
 # ---- frontier verdicts --------------------------------------------------------------------------
 
 LORA = [(1_000, 0.80, 0.01), (10_000, 0.90, 0.01)]  # at log10 params 3 and 4: a seed may sit ±0.02 away
@@ -269,6 +280,8 @@ def test_quick_run_writes_json_and_report_and_resumes(tmp_path):
     assert "**Against the LoRA frontier**" in md and "`ia3` (20.7K params" in md
     assert "LoRA quality at a fraction of the parameters" in md
     assert (tmp_path / "frontier_quick.png").stat().st_size > 0
+    steering = (tmp_path / "frontier_quick_steering.md").read_text()  # seed 1 ran at the chosen lr, with steering
+    assert "| `lora` (r=1" in steering and "| `ia3` |" in steering
     assert frontier.main(args) == 0  # resumes: nothing left to run
     assert json.loads((tmp_path / "frontier_quick.json").read_text())["runs"] == runs
 
