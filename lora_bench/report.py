@@ -962,7 +962,11 @@ def blocks(results: Path) -> dict[str, str]:
     out = {}
     cost = read_json(results / "cost.json")
     if cost and cost["models"]:
-        out["cost"] = ratio_markdown(cost)
+        # the 64-wide model isolates the per-target cost: its own table, not ratio columns
+        small = [m for m in cost["models"] if m["kind"] == "tiny64"]
+        out["cost"] = ratio_markdown({**cost, "models": [m for m in cost["models"] if m["kind"] != "tiny64"]})
+        if small:
+            out["cost"] += "\n" + per_target_markdown({**cost, "models": small})
     gpu = read_json(results / "cost_gpu.json")
     if gpu and gpu["models"]:
         out["cost-gpu"] = ratio_markdown(gpu, "cost_gpu")

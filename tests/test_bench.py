@@ -337,6 +337,19 @@ def test_the_benchmark_doc_tables_are_generated_from_the_committed_results():
     assert report.render_docs(texts, generated) == texts, "run `python -m lora_bench report`"
 
 
+def test_the_cost_block_shows_the_64_wide_model_as_per_target_overhead(tmp_path):
+    """C1 run with --models minilm,qwen,tiny64: the ratio columns cover MiniLM and the decoder;
+    the 64-wide model follows as the µs-per-hooked-layer table."""
+    cost = json.loads((ROOT / "results" / "cost.json").read_text())
+    tiny = json.loads((ROOT / "results" / "cost_tiny64.json").read_text())
+    (tmp_path / "cost.json").write_text(json.dumps({**cost, "models": cost["models"] + tiny["models"]}))
+    block = report.blocks(tmp_path)["cost"]
+    ratio, per_target = block.split("Per-target overhead:")
+    assert "MiniLM-L6: ours / PEFT step" in ratio and "64-wide" not in ratio
+    assert "**64-wide Qwen3 (per-target overhead)" in per_target and "| `lora` | 56 |" in per_target
+    assert report.blocks(ROOT / "results")["cost"] == report.ratio_markdown(cost)  # no tiny64: as before
+
+
 def test_cli_lists_the_benchmarks(capsys):
     from lora_bench.__main__ import main
 
