@@ -909,8 +909,9 @@ def ratio_markdown(data: dict, name: str = "cost") -> str:
             if saved:
                 cells.append(" / ".join(_opt(x and x.get("saved_over_base_mb"), ".1f") for x in (ours, peft)))
         rows.append(cells)
+    when = ", ".join(f"{MODEL_LABELS.get(m['kind'], m['kind'])} {m.get('date', data['env']['date'])}" for m in models)
     note = ("Median of paired per-repeat ratios (interquartile range in brackets); < 1 means lora-lite's "
-            f"training step is faster. Full tables: `results/{name}.md`.\n\n")
+            f"training step is faster. Measured: {when}. Full tables: `results/{name}.md`.\n\n")
     return note + _table(head, rows, "l" + "r" * (len(head) - 1))
 
 
