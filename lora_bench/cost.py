@@ -509,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         done = list(results["models"])
         run_model(kind, shape, p, save=lambda partial: write_json(path, {**results, "models": done + [partial]}))
         results = read_json(path)
+    # a model kept by --update and the ones measured now, in the usual column order
+    order = ["minilm", "qwen", "tiny", "tiny64"]
+    results["models"].sort(key=lambda m: order.index(m["kind"]) if m["kind"] in order else len(order))
+    write_json(path, results)
     from . import report
 
     report.write_cost_file(Path(a.out), name)

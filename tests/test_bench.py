@@ -350,6 +350,21 @@ def test_the_cost_block_shows_the_64_wide_model_as_per_target_overhead(tmp_path)
     assert report.blocks(ROOT / "results")["cost"] == report.ratio_markdown(cost)  # no tiny64: as before
 
 
+def test_cost_update_keeps_the_other_models_in_column_order(tmp_path, monkeypatch):
+    """--update re-measures only --models; the kept and new models come out minilm, qwen, tiny64."""
+    (tmp_path / "cost.json").write_text(json.dumps({"models": [{"kind": "qwen", "old": True},
+                                                               {"kind": "minilm", "old": True}]}))
+
+    def fake_run_model(kind, shape, p, save):
+        save({"kind": kind, "old": False})
+
+    monkeypatch.setattr(cost, "run_model", fake_run_model)
+    monkeypatch.setattr(report, "write_cost_file", lambda out, name: None)
+    assert cost.main(["--models", "tiny64,minilm", "--update", "--out", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "cost.json").read_text())["models"]
+    assert [(m["kind"], m["old"]) for m in got] == [("minilm", False), ("qwen", True), ("tiny64", False)]
+
+
 def test_cli_lists_the_benchmarks(capsys):
     from lora_bench.__main__ import main
 
