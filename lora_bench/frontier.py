@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: lora r=1, r=2 and ia3, seeds 0,1, 4 steps, 64 validation/test sentences")
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in the JSON")
+    ap.add_argument("--list", action="store_true",
+                    help="print the runs that would start now and record the grid in the JSON; run nothing")
     ap.add_argument("--no-steer", action="store_true",
                     help="skip the steering evaluation (test accuracy at coefficients -1 ... 1) after training")
     a = ap.parse_args(argv)
@@ -235,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
 
     base = load_minilm()
     base[0].eval()
-    arms = grid(base[0], parse_list(a.rows), quick=a.quick)
+    full = grid(base[0], quick=a.quick)
+    rows = parse_list(a.rows)
+    arms = grid(base[0], rows, quick=a.quick) if rows else full
 
     out = Path(a.out)
     name = a.name or ("frontier_quick" if a.quick else "frontier")
@@ -243,13 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     old = None if a.fresh else read_json(path)
     same = old and {k: v for k, v in old.get("protocol", {}).items() if k in PROTOCOL_KEYS} == p
     data = old if same else {"runs": []}
-    # the report covers every arm run into this file, also those a narrower --rows left out now
-    known = {arm_id(arm["row"], arm["knobs"], 0, 0) for arm in arms}
+    # the report covers the whole grid (an arm --rows leaves out shows as not run) and every
+    # arm an earlier grid ran into this file
+    known = {arm_id(arm["row"], arm["knobs"], 0, 0) for arm in full}
     kept = [arm for arm in data.get("grid", []) if arm_id(arm["row"], arm["knobs"], 0, 0) not in known]
-    data.update(bench="frontier", protocol=p, env=environment(), grid=[*arms, *kept], seeds=seeds, steps=a.steps,
+    data.update(bench="frontier", protocol=p, env=environment(), grid=[*full, *kept], seeds=seeds, steps=a.steps,
                 warmup_steps=warmup, jobs=a.jobs, threads_per_job=a.threads)
     todo = pending(arms, data["runs"], seeds, a.steps, warmup)
     print(f"{len(arms)} arms; {len(todo)} runs to start now (more follow as lrs are chosen)", flush=True)
+    if a.list:
+        for s in todo:
+            print(f"  {arm_id(s['row'], s['knobs'], s['lr'], s['steps'])} seed {s['seed']}")
+        write_json(path, data)
+        return 0
     t0 = time.perf_counter()
     run_grid(arms, data, path, base, run_p, jobs=a.jobs, threads=a.threads)
     write_json(path, data)

@@ -685,7 +685,8 @@ def frontier_claim_markdown(data: dict) -> str:
         text += "\n" + fraction_claim([s for s in rows if s["row"] != "lora" and s["complete"]], lora,
                                       data["protocol"]["n_test"]) + "\n"
     if waiting:
-        text += f"\nStill running: {', '.join(f'`{w}`' for w in waiting)}.\n"
+        text += (f"\nNot finished (`python -m lora_bench frontier --jobs 2` resumes them): "
+                 f"{', '.join(f'`{w}`' for w in waiting)}.\n")
     return text
 
 

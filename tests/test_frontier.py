@@ -254,6 +254,16 @@ def test_one_collapsed_seed_does_not_carry_the_fraction_claim():
 
 # ---- end to end ---------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("one_thread")
+def test_list_records_the_whole_grid_and_runs_nothing(tmp_path, capsys):
+    """--rows narrows what runs, not what the report covers: the JSON's grid is every arm."""
+    assert frontier.main(["--quick", "--rows", "ia3", "--list", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "frontier_quick.json").read_text())
+    assert [a["label"] for a in data["grid"]] == ["lora r=1", "lora r=2", "ia3"] and data["runs"] == []
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(listed) == 3 and all(line.strip().startswith("ia3 lr=") for line in listed)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_quick_run_writes_json_and_report_and_resumes(tmp_path):
