@@ -29,6 +29,11 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 FRONTIER_SCHEDULE = "warmup_cosine"
 
 
+def svd_family() -> list[str]:
+    """Variants whose benchmark setting is in the "svd" lr family, in registry order."""
+    return [name for name, s in adapters.settings().items() if s.family == "svd"]
+
+
 def family(row: str) -> str:
     return ANCHORS.get(row) or adapters.settings()[row.removeprefix("peft:")].family
 

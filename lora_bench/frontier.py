@@ -11,7 +11,7 @@ trains in every arm, the seeded "comparison" task, adapters on all 36 encoder li
 
   * Arms (`grid`): LoRA at r in LORA_RANKS (the frontier), IA3 and IA3-FF, HRA and LoRA-XS at
     the two SIZES each, and every variant whose benchmark setting is in the "svd" lr family
-    (`svd_family`: the AntiPaSTO gain/rotation variants) at r in SVD_RANKS. An arm is its
+    (`arms.svd_family`: the AntiPaSTO gain/rotation variants) at r in SVD_RANKS. An arm is its
     variant's benchmark setting (`BenchSetting.knobs`) with r set to its rank, so LoRA keeps
     alpha = 2r.
   * Learning rate: the three lrs of the arm's family in LRS run on the first seed; the one with
@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from . import adapters
-from .arms import arm_id, arm_lrs, chosen_lr, frontier_run, run_id
+from .arms import arm_id, arm_lrs, chosen_lr, frontier_run, run_id, svd_family
 from .common import environment, parse_list, read_json, write_json
 
 LORA_RANKS = (1, 2, 4, 8, 16)
@@ -71,11 +71,6 @@ LRS = {
 VAL_FRACTION = 0.1
 PROTOCOL_KEYS = ("task", "batch_size", "n_train", "n_val", "n_test", "val_fraction", "rank", "head_lr",
                  "calib_batches")
-
-
-def svd_family() -> list[str]:
-    """Variants whose benchmark setting is in the "svd" lr family, in registry order."""
-    return [name for name, s in adapters.settings().items() if s.family == "svd"]
 
 
 # ---- the grid -----------------------------------------------------------------------------------

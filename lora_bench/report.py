@@ -668,7 +668,7 @@ def frontier_verdicts(rows: list[dict], n_test: int) -> tuple[list[dict], dict[s
 def frontier_claim_markdown(data: dict) -> str:
     """The README's short form of the frontier: the LoRA points and the SVD-family arms (the
     variants whose claim this tests) with their verdicts, then the fraction-of-parameters claim."""
-    from .frontier import svd_family
+    from .arms import svd_family
 
     rows = frontier_summary(data)
     lora, verdicts = frontier_verdicts(rows, data["protocol"]["n_test"])
