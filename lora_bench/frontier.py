@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(arms)} arms; {len(todo)} runs to start now (more follow as lrs are chosen)", flush=True)
     if a.list:
         for s in todo:
-            print(f"  {arm_id(s['row'], s['knobs'], s['lr'], s['steps'])} seed {s['seed']}")
+            print(f"  {arm_id(s['row'], s['knobs'], s['lr'], s['steps'], s['schedule'], s['warmup_steps'])} "
+                  f"seed {s['seed']}")
         write_json(path, data)
         return 0
     t0 = time.perf_counter()
