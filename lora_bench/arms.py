@@ -84,20 +84,21 @@ EDGE_FACTOR = 2.0  # an lr one doubling (or halving) past the grid's edge
 MAX_EDGE_STEPS = 2
 
 
-def _first_seed_scores(arm: dict, lrs, by_id: dict, seed: int, steps: int, warmup: int) -> dict[float, float]:
-    found = {lr: by_id.get(run_id(frontier_run(arm, lr, seed, steps, warmup))) for lr in lrs}
-    return {lr: r["val_acc"] for lr, r in found.items() if r is not None}
-
-
-def arm_lrs(arm: dict, runs: list[dict], seed: int, steps: int, warmup: int) -> list[float]:
-    """The lrs the arm runs on its first seed, ascending: its grid's, and while every one of
-    them is done and the best validation score sits at an edge, one more lr EDGE_FACTOR past
-    that edge (at most MAX_EDGE_STEPS times), so a chosen lr is never the grid's edge unless
-    the extension lost or the cap was reached."""
+def first_seed_sweep(arm: dict, runs: list[dict], seed: int, steps: int,
+                     warmup: int) -> tuple[list[float], dict[float, float]]:
+    """(lrs, {lr: validation accuracy of the runs done}) of the arm's first seed. The lrs are
+    ascending: the grid's, and while every one of them is done and the best validation score
+    sits at an edge, one more lr EDGE_FACTOR past that edge (at most MAX_EDGE_STEPS times), so a
+    chosen lr is never the grid's edge unless the extension lost or the cap was reached."""
     by_id = {run_id(r): r for r in runs}
+
+    def scores_of(lrs):
+        found = {lr: by_id.get(run_id(frontier_run(arm, lr, seed, steps, warmup))) for lr in lrs}
+        return {lr: r["val_acc"] for lr, r in found.items() if r is not None}
+
     lrs = sorted(arm["lrs"])
+    scores = scores_of(lrs)
     for _ in range(MAX_EDGE_STEPS):
-        scores = _first_seed_scores(arm, lrs, by_id, seed, steps, warmup)
         if len(scores) < len(lrs):
             break
         best = choose_lr(scores)
@@ -107,20 +108,28 @@ def arm_lrs(arm: dict, runs: list[dict], seed: int, steps: int, warmup: int) -> 
             lrs.insert(0, lrs[0] / EDGE_FACTOR)
         else:
             break
-    return lrs
+        scores = scores_of(lrs)
+    return lrs, scores
+
+
+def arm_lrs(arm: dict, runs: list[dict], seed: int, steps: int, warmup: int) -> list[float]:
+    """The lrs the arm runs on its first seed (`first_seed_sweep`)."""
+    return first_seed_sweep(arm, runs, seed, steps, warmup)[0]
 
 
 def val_scores(arm: dict, runs: list[dict], seed: int, steps: int, warmup: int) -> dict[float, float]:
     """{lr: validation accuracy} of the arm's first-seed runs that are done, over `arm_lrs`."""
-    by_id = {run_id(r): r for r in runs}
-    return _first_seed_scores(arm, arm_lrs(arm, runs, seed, steps, warmup), by_id, seed, steps, warmup)
+    return first_seed_sweep(arm, runs, seed, steps, warmup)[1]
+
+
+def lr_of(lrs: list[float], scores: dict[float, float]) -> float | None:
+    """The chosen lr of a sweep (`choose_lr`), or None while one of its lrs is still to run."""
+    return choose_lr(scores) if len(scores) == len(lrs) else None
 
 
 def chosen_lr(arm: dict, runs: list[dict], seed: int, steps: int, warmup: int) -> float | None:
     """The arm's lr (`choose_lr` over `val_scores`), or None while a first-seed lr is still to run."""
-    scores = val_scores(arm, runs, seed, steps, warmup)
-    done = len(scores) == len(arm_lrs(arm, runs, seed, steps, warmup))
-    return choose_lr(scores) if done else None
+    return lr_of(*first_seed_sweep(arm, runs, seed, steps, warmup))
 
 
 def choose_lr(scores: dict[float, float]) -> float:

@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         run_model(kind, shape, p, save=lambda partial: write_json(path, {**results, "models": done + [partial]}))
         results = read_json(path)
     # a model kept by --update and the ones measured now, in the usual column order
-    order = ["minilm", "qwen", "tiny", "tiny64"]
+    order = list(DEFAULTS)
     results["models"].sort(key=lambda m: order.index(m["kind"]) if m["kind"] in order else len(order))
     write_json(path, results)
     from . import report

@@ -17,7 +17,7 @@ trains in every arm, the seeded "comparison" task, adapters on all 36 encoder li
   * Learning rate: the three lrs of the arm's family in LRS run on the first seed; the one with
     the best VALIDATION accuracy (ties: the smaller lr) is the arm's lr (`arms.chosen_lr`), and
     the remaining seeds run at it. When the best is the grid's top or bottom lr, one lr
-    arms.EDGE_FACTOR past that edge runs first (`arms.arm_lrs`, at most arms.MAX_EDGE_STEPS
+    arms.EDGE_FACTOR past that edge runs first (`arms.first_seed_sweep`, at most arms.MAX_EDGE_STEPS
     times). The test split never enters the choice.
   * Validation split: `lora_lite.tasks` with val_fraction = VAL_FRACTION sets aside the operand
     pairs whose hash lies just above the test band, out of the training pool, so validation
@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from . import adapters
-from .arms import arm_id, arm_lrs, chosen_lr, frontier_run, run_id, svd_family
+from .arms import arm_id, first_seed_sweep, frontier_run, lr_of, run_id, svd_family
 from .common import environment, parse_list, read_json, write_json
 
 LORA_RANKS = (1, 2, 4, 8, 16)
@@ -119,14 +119,15 @@ def grid(model, rows: list[str] | None = None, quick: bool = False) -> list[dict
 
 def pending(arms: list[dict], runs: list[dict], seeds: list[int], steps: int, warmup: int) -> list[dict]:
     """Runs still to do: first every lr of every arm on seeds[0] (edge extensions included,
-    `arms.arm_lrs`); an arm whose lrs are all done gets seeds[1:] at its chosen lr. Those follow-ups come first, so arms complete early."""
+    `arms.first_seed_sweep`); an arm whose lrs are all done gets seeds[1:] at its chosen lr.
+    Those follow-ups come first, so arms complete early."""
     done = {run_id(r) for r in runs}
     follow, sweep = [], []
     for arm in arms:
-        lr = chosen_lr(arm, runs, seeds[0], steps, warmup)
+        lrs, scores = first_seed_sweep(arm, runs, seeds[0], steps, warmup)
+        lr = lr_of(lrs, scores)
         if lr is None:
-            sweep += [s for x in arm_lrs(arm, runs, seeds[0], steps, warmup)
-                      if run_id(s := frontier_run(arm, x, seeds[0], steps, warmup)) not in done]
+            sweep += [s for x in lrs if run_id(s := frontier_run(arm, x, seeds[0], steps, warmup)) not in done]
             continue
         follow += [s for seed in seeds[1:] if run_id(s := frontier_run(arm, lr, seed, steps, warmup)) not in done]
     return follow + sweep

@@ -498,21 +498,20 @@ FRACTION = 0.1  # "LoRA quality at a fraction of the parameters": under this sha
 
 def frontier_summary(data: dict) -> list[dict]:
     """Per arm of the grid: params (measured where a run exists), the first seed's validation
-    accuracy per lr (the grid's and any edge extension, `arms.arm_lrs`), the chosen lr (None
+    accuracy per lr (the grid's and any edge extension, `arms.first_seed_sweep`), the chosen lr (None
     until every one of them ran) and the test accuracy of every seed at it."""
-    from .arms import MAX_EDGE_STEPS, arm_lrs, chosen_lr, frontier_run, run_id, val_scores
+    from .arms import MAX_EDGE_STEPS, first_seed_sweep, frontier_run, lr_of, run_id
 
     seeds, steps, warmup = data["seeds"], data["steps"], data["warmup_steps"]
     by_id = {run_id(r): r for r in data["runs"]}
     out = []
     for arm in data["grid"]:
-        scores = val_scores(arm, data["runs"], seeds[0], steps, warmup)
-        lr = chosen_lr(arm, data["runs"], seeds[0], steps, warmup)
+        lrs, scores = first_seed_sweep(arm, data["runs"], seeds[0], steps, warmup)
+        lr = lr_of(lrs, scores)
         runs = [] if lr is None else [by_id[i] for seed in seeds
                                       if (i := run_id(frontier_run(arm, lr, seed, steps, warmup))) in by_id]
         accs = [r["acc"] for r in runs]
         measured = {r["params"] for r in data["runs"] if r["row"] == arm["row"] and r["knobs"] == arm["knobs"]}
-        lrs = arm_lrs(arm, data["runs"], seeds[0], steps, warmup)
         capped = lr in (lrs[0], lrs[-1]) and len(lrs) == len(arm["lrs"]) + MAX_EDGE_STEPS
         out.append({**arm, "params": measured.pop() if len(measured) == 1 else arm["params"],
                     "scores": scores, "lr": lr, "capped": capped, "seeds": [r["seed"] for r in runs], "accs": accs,
