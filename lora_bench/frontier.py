@@ -133,6 +133,31 @@ def pending(arms: list[dict], runs: list[dict], seeds: list[int], steps: int, wa
     return follow + sweep
 
 
+def unsteered(arms: list[dict], runs: list[dict], seeds: list[int], steps: int, warmup: int) -> list[dict]:
+    """The specs of the runs at each arm's chosen lr (every seed) that finished without a steering
+    record (they predate it, or ran with --no-steer): `--steer-missing` trains them again and
+    adds the record to the stored run."""
+    by_id = {run_id(r): r for r in runs}
+    out = []
+    for arm in arms:
+        lr = lr_of(*first_seed_sweep(arm, runs, seeds[0], steps, warmup))
+        if lr is None:
+            continue
+        specs = [frontier_run(arm, lr, seed, steps, warmup) for seed in seeds]
+        out += [s for s in specs if (r := by_id.get(run_id(s))) is not None and "steer" not in r]
+    return out
+
+
+def add_steering(runs: list[dict], res: dict) -> dict:
+    """Put a rerun's steering record on the stored run it repeats, with the rerun's scores under
+    "steer_rerun" (seeded training on one CPU thread repeats the run to the bit; the report
+    reads the stored scores, the steering table the rerun's); returns the stored run."""
+    (old,) = [r for r in runs if run_id(r) == run_id(res)]
+    old["steer"] = res["steer"]
+    old["steer_rerun"] = {k: res[k] for k in ("acc", "val_acc", "train_s") if k in res}
+    return old
+
+
 # ---- running ------------------------------------------------------------------------------------
 
 def _line(res: dict, left: int) -> str:
@@ -141,22 +166,34 @@ def _line(res: dict, left: int) -> str:
             f"{res['val_acc']:.3f} ({res['train_s']:.0f} s, {res['params']:,} params)")
 
 
-def run_grid(arms: list[dict], data: dict, path: Path, base, run_p: dict, *, jobs: int, threads: int) -> None:
+def run_grid(arms: list[dict], data: dict, path: Path, base, run_p: dict, *, jobs: int, threads: int,
+             steer_missing: bool = False) -> None:
     """Run everything `pending` lists for `arms`, appending each result to data["runs"] (and the
     file) as it finishes. With jobs > 1 at most `jobs` runs are in flight, so an arm's follow-up seeds
-    start as soon as its lr is chosen instead of queueing behind the whole sweep."""
+    start as soon as its lr is chosen instead of queueing behind the whole sweep. steer_missing:
+    then the `unsteered` runs again, their steering records added to the stored runs."""
     from . import quality
 
     args = data["seeds"], data["steps"], data["warmup_steps"]
 
+    def todo():
+        return pending(arms, data["runs"], *args) + (unsteered(arms, data["runs"], *args) if steer_missing else [])
+
     def finished(res):
-        data["runs"].append(res)
+        known = {run_id(r) for r in data["runs"]}
+        if run_id(res) in known:
+            stored = add_steering(data["runs"], res)
+            if stored["acc"] != res["acc"]:
+                print(f"warning: {run_id(res)} trained again scores {res['acc']:.4f}, stored {stored['acc']:.4f}",
+                      flush=True)
+        else:
+            data["runs"].append(res)
         write_json(path, data)
-        print(_line(res, len(pending(arms, data["runs"], *args))), flush=True)
+        print(_line(res, len(todo())), flush=True)
 
     if jobs <= 1:
-        while todo := pending(arms, data["runs"], *args):
-            finished(quality.run_one(base, todo[0], run_p))
+        while left := todo():
+            finished(quality.run_one(base, left[0], run_p))
         return
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -165,7 +202,7 @@ def run_grid(arms: list[dict], data: dict, path: Path, base, run_p: dict, *, job
                              initargs=(threads,)) as pool:
         inflight: dict[str, object] = {}
         while True:
-            for s in pending(arms, data["runs"], *args):
+            for s in todo():
                 if len(inflight) >= jobs:
                     break
                 if run_id(s) not in inflight:
@@ -209,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the runs that would start now and record the grid in the JSON; run nothing")
     ap.add_argument("--no-steer", action="store_true",
                     help="skip the steering evaluation (test accuracy at coefficients -1 ... 1) after training")
+    ap.add_argument("--steer-missing", action="store_true",
+                    help="also train again the chosen-lr runs stored without a steering record, and add it")
     a = ap.parse_args(argv)
+    if a.steer_missing and a.no_steer:
+        ap.error("--steer-missing needs the steering evaluation: drop --no-steer")
 
     if a.quick:
         a.seeds = "0,1" if a.seeds == "0,1,2" else a.seeds
@@ -250,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     data.update(bench="frontier", protocol=p, env=environment(), grid=[*full, *kept], seeds=seeds, steps=a.steps,
                 warmup_steps=warmup, jobs=a.jobs, threads_per_job=a.threads)
     todo = pending(arms, data["runs"], seeds, a.steps, warmup)
+    if a.steer_missing:
+        todo += unsteered(arms, data["runs"], seeds, a.steps, warmup)
     print(f"{len(arms)} arms; {len(todo)} runs to start now (more follow as lrs are chosen)", flush=True)
     if a.list:
         for s in todo:
@@ -258,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(path, data)
         return 0
     t0 = time.perf_counter()
-    run_grid(arms, data, path, base, run_p, jobs=a.jobs, threads=a.threads)
+    run_grid(arms, data, path, base, run_p, jobs=a.jobs, threads=a.threads, steer_missing=a.steer_missing)
     write_json(path, data)
     print(f"done in {time.perf_counter() - t0:.0f} s; {path}", flush=True)
     from .report import write_frontier_file

@@ -177,6 +177,28 @@ def test_the_steering_table_reads_only_runs_at_the_chosen_lr():
     assert row["lr"] == 5e-4 and row["n"] == 2 and row["accs"] == [0.4, 0.5, 0.9]
 
 
+def test_steer_missing_reruns_only_chosen_lr_runs_without_a_record():
+    """Seed 0 at 2e-4 lost the lr choice: never rerun. At the chosen 5e-4, seed 0 has its record
+    and seed 1 does not: only seed 1 is listed, and the rerun's record lands on the stored run."""
+    steer = {"coeffs": [-1.0, 0.0, 1.0], "scaled": [0.4, 0.5, 0.9]}
+    runs = [_run(2e-4, 0, 0.70, 0.5), {**_run(5e-4, 0, 0.80, 0.6), "steer": steer},
+            _run(1e-3, 0, 0.75, 0.7), _run(5e-4, 1, 0.8, 0.61)]
+    for r in runs:
+        r["id"] = arms.run_id(r)
+    (spec,) = frontier.unsteered([ARM], runs, [0, 1], 600, 30)
+    assert (spec["lr"], spec["seed"]) == (5e-4, 1)
+    assert frontier.pending([ARM], runs, [0, 1], 600, 30) == []  # nothing new to train
+    rerun = {**_run(5e-4, 1, 0.8, 0.61), "train_s": 12.0, "steer": steer}
+    stored = frontier.add_steering(runs, rerun)
+    assert stored is runs[3] and stored["steer"] == steer and stored["steer_rerun"]["acc"] == 0.61
+    assert len(runs) == 4 and frontier.unsteered([ARM], runs, [0, 1], 600, 30) == []
+
+
+def test_steer_missing_and_no_steer_contradict():
+    with pytest.raises(SystemExit):
+        frontier.main(["--quick", "--steer-missing", "--no-steer", "--list"])
+
+
 # ---- frontier verdicts --------------------------------------------------------------------------
 
 LORA = [(1_000, 0.80, 0.01), (10_000, 0.90, 0.01)]  # at log10 params 3 and 4: a seed may sit ±0.02 away
@@ -294,6 +316,28 @@ def test_quick_run_writes_json_and_report_and_resumes(tmp_path):
     assert "| `lora` (r=1" in steering and "| `ia3` |" in steering
     assert frontier.main(args) == 0  # resumes: nothing left to run
     assert json.loads((tmp_path / "frontier_quick.json").read_text())["runs"] == runs
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_steer_missing_trains_the_same_run_again_and_adds_its_record(tmp_path):
+    """Runs stored without steering get it from a rerun, which repeats the stored scores to the bit."""
+    args = ["--quick", "--rows", "lora", "--steps", "2", "--n-train", "64", "--n-val", "16", "--n-test", "16",
+            "--out", str(tmp_path)]
+    assert frontier.main([*args, "--no-steer"]) == 0
+    before = json.loads((tmp_path / "frontier_quick.json").read_text())["runs"]
+    assert before and not any("steer" in r for r in before)
+    assert frontier.main([*args, "--steer-missing"]) == 0
+    after = json.loads((tmp_path / "frontier_quick.json").read_text())["runs"]
+    assert [r["id"] for r in after] == [r["id"] for r in before]  # no run added
+    data = json.loads((tmp_path / "frontier_quick.json").read_text())
+    chosen = {r["id"] for r in report.frontier_steering_data(data)["runs"]}
+    assert len(chosen) == 4  # 2 arms x 2 seeds at their chosen lrs
+    for r in after:
+        assert ("steer" in r) == (r["id"] in chosen)
+        if r["id"] in chosen:
+            assert r["steer_rerun"]["acc"] == r["acc"] and r["steer_rerun"]["val_acc"] == r["val_acc"]
+            assert r["steer"]["scaled"][r["steer"]["coeffs"].index(1.0)] == r["acc"]  # c = 1 is the trained adapter
 
 
 def test_optional_report_block_renders_only_where_its_markers_are():
