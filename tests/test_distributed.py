@@ -12,6 +12,7 @@ port to race for) and the whole run is bounded by TIMEOUT_S.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import math
 import os
 import time
@@ -38,7 +39,7 @@ def run_workers(fn, tmp_path) -> None:
         _worker, args=(fn, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1.0):  # re-raises a worker's exception with its traceback
+    while not _joined(ctx, tmp_path):  # re-raises a worker's exception with its traceback
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
@@ -46,7 +47,18 @@ def run_workers(fn, tmp_path) -> None:
             pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
 
 
+def _joined(ctx, tmp_path) -> bool:
+    """ctx.join(1 s); a worker killed by a signal fails with the ranks that had passed every check
+    (a crash in teardown reads differently from one in the test) and the workers' stack dumps."""
+    try:
+        return ctx.join(timeout=1.0)
+    except mp.ProcessExitedException as e:
+        done = sorted(f.name for f in tmp_path.glob("passed-rank*"))
+        raise AssertionError(f"{e}; ranks past their checks: {done or 'none'}") from e
+
+
 def _worker(rank: int, fn, tmp: str) -> None:
+    faulthandler.enable()  # a worker killed by SIGABRT/SIGSEGV prints its Python stacks to stderr
     torch.set_num_threads(1)  # two processes on a 2-core box
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
@@ -55,6 +67,7 @@ def _worker(rank: int, fn, tmp: str) -> None:
     try:
         fn(rank, tmp)
         dist.barrier()  # no rank tears gloo down while another is still in a collective
+        open(os.path.join(tmp, f"passed-rank{rank}"), "w").close()
     finally:
         dist.destroy_process_group()
 
