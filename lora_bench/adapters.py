@@ -97,8 +97,10 @@ def _peft_config(method: str, cfg, names: list[str]):
                     "eva_config": peft.EvaConfig(rho=1.0, whiten=False, use_label_mask=False)},
             "corda": {"init_lora_weights": "corda", "corda_config": CordaConfig(corda_method="ipm")},
         }[method]
-        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=names,
-                               bias="none", use_rslora=False, **init)
+        # antipasto_corda (gains, no alpha) is timed against CorDA-initialised LoRA: alpha = r
+        # (scale 1) there, which changes no cost
+        return peft.LoraConfig(r=cfg.r, lora_alpha=getattr(cfg, "alpha", cfg.r), lora_dropout=0.0,
+                               target_modules=names, bias="none", use_rslora=False, **init)
     return peft_config(cfg, names)
 
 

@@ -51,6 +51,19 @@ def test_setting_attaches_on_both_benchmark_geometries(tiny, minilm, name):
     ll.runtime.validate(minilm.model, REGISTRY[name], cfg, find_targets(minilm.model, cfg))
 
 
+@pytest.mark.parametrize("name", [n for n in REGISTRY if adapters.peft_method(n)])
+def test_every_peft_row_builds_and_trains(tiny, name):
+    """C1's (and C2's) PEFT row of each variant builds and has the same targets trainable; a
+    config field a variant drops (antipasto_corda's alpha) broke `bench cost` mid-run without it."""
+    from peft import PeftModel
+
+    model = tiny.build("peft", name)
+    assert isinstance(model, PeftModel)
+    trained = {n.split(".base_layer")[0].split(".lora_")[0].split(".ia3_")[0].split(".hra_")[0]
+               .split(".road_")[0].split(".delora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trained) == len(tiny.target_layers(tiny.config(name)))
+
+
 @pytest.mark.parametrize("name", ["lora", "pissa", "lora_xs", "hra"])
 def test_analytic_macs_per_token_match_the_flop_counter(name):
     """Matmul-only adapters: FLOPs / 2 per extra token equals the analytic per-token MACs
@@ -311,6 +324,33 @@ def test_rerun_report_puts_each_arm_beside_its_rows_c2_result():
     assert lines["| `delora` (lambda0=15.0)"].split(" | ")[1:] == [
         "", "1e-3", "0.510 ± 0.014 (2)", "0.520, 0.500", "0.200", "**no** |"]
     assert lines["| head-only"].split(" | ")[1:4] == ["0.510 ± 0.014 (lr 1e-3)", "1e-3", "0.510 ± 0.014 (2)"]
+
+
+def test_rerun_report_without_diagnostics_has_no_dw_column():
+    env, proto = {"cpu": "x", "cuda": None}, {"batch_size": 4, "rank": 16, "task": "comparison"}
+    run = {"row": "lora", "knobs": {}, "lr": 1e-3, "family": "x", "params": 1, "head_params": 1, "train_s": 1.0,
+           "init_s": 0.5}
+    before = {"protocol": proto, "env": env, "runs": [{**run, "seed": s, "acc": a, "steps": 5, "schedule": "constant",
+                                                       "warmup_steps": 0} for s, a in ((0, 0.6), (1, 0.8))]}
+    after = {"protocol": proto, "env": env, "runs": [{**run, "seed": s, "acc": a, "steps": 10,
+                                                      "schedule": "warmup_cosine", "warmup_steps": 2}
+                                                     for s, a in ((0, 0.9), (1, 0.95))]}
+    md = report.rerun_markdown(before, after, "quality_600")
+    assert "`results/quality_600.md`" in md and "ΔW/W" not in md
+    (line,) = [x for x in md.splitlines() if x.startswith("| `lora`")]
+    assert line.split(" | ")[1:] == ["0.700 ± 0.141 (lr 1e-3)", "1e-3", "0.925 ± 0.035 (2)", "0.900, 0.950", " |"]
+
+
+def test_rows_all_is_every_variant_and_each_peft_row_of_the_same_method():
+    from lora_bench import adapters
+    from lora_lite.variant import REGISTRY
+
+    got = quality.rows(["all"])
+    assert set(REGISTRY) <= set(got) and {"head", "full", "peft:lora"} <= set(got)
+    peft_rows = [r for r in got if r.startswith("peft:")]
+    assert len(peft_rows) == len(set(peft_rows))
+    assert all(adapters.peft_method(r[5:]) == r[5:] for r in peft_rows)
+    assert "peft:antipasto_corda" not in got and "peft:pissa" in got and "peft:ia3_ff" in got
 
 
 def test_best_lr_is_chosen_per_family_by_mean_accuracy():
