@@ -66,7 +66,12 @@ PROTOCOL_KEYS = ("task", "batch_size", "n_train", "n_test", "rank", "head_lr", "
 
 def rows(names: list[str] | None = None) -> list[str]:
     """The requested rows (default: anchors, then every registered variant) in order; a
-    "peft:<variant>" row runs PEFT's implementation of that variant's method."""
+    "peft:<variant>" row runs PEFT's implementation of that variant's method; ["all"]: the
+    default rows, then a PEFT row for every variant PEFT implements as the same method (not
+    antipasto_corda: its PEFT counterpart, CorDA-initialised LoRA, is C1's attach-cost reference)."""
+    if names == ["all"]:
+        peft = [f"peft:{n}" for n in adapters.settings() if adapters.peft_method(n) == n and f"peft:{n}" not in ANCHORS]
+        names = [*ANCHORS, *adapters.settings(), *peft]
     wanted = names or [*ANCHORS, *adapters.settings()]
     peft_rows = [n for n in wanted if n.startswith("peft:") and n not in ANCHORS]
     for n in peft_rows:
@@ -372,7 +377,8 @@ def plan(a, chosen: dict[str, float]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_bench quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="run the learning-rate sweep instead")
-    ap.add_argument("--rows", help="comma-separated rows (head, full, peft:lora, variant names)")
+    ap.add_argument("--rows", help="comma-separated rows (head, full, peft:lora, variant names, peft:<variant>); "
+                                   "all: every variant and every PEFT row")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, help="optimizer steps (default 150; --sweep: --sweep-steps)")
     ap.add_argument("--sweep-steps", type=int, default=100)

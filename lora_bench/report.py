@@ -252,10 +252,11 @@ def diagnosis_markdown(data: dict) -> str:
                          "lrrrrll")
 
 
-def rerun_markdown(before: dict, after: dict) -> str:
-    """Before → after: every arm of a rerun (e.g. `quality_rerun`: longer budget, other lrs and
-    knobs) beside its row's result in the C2 table (`before`: the row's bench setting), with each
-    seed's accuracy, the mean ‖ΔW‖/‖W‖ at the last logged step and the head-only verdict."""
+def rerun_markdown(before: dict, after: dict, name: str = "quality_rerun") -> str:
+    """Before → after: every arm of a rerun (`results/<name>.json`, e.g. `quality_rerun`: longer
+    budget, other lrs and knobs) beside its row's result in the C2 table (`before`: the row's bench
+    setting), with each seed's accuracy, the mean ‖ΔW‖/‖W‖ at the last logged step (a column only
+    when a run logged it, `--diagnose`) and the head-only verdict."""
     from .diagnose import summary as diag_summary
 
     old = {s["row"]: s for s in quality_rows(before)}
@@ -276,14 +277,18 @@ def rerun_markdown(before: dict, after: dict) -> str:
             ", ".join(f"{acc:.3f}" for _, acc in sorted(zip(s["seeds"], s["accs"]))),
             _opt(statistics.fmean(dws) if dws else None, ".3f"), beats])
     r0, b0 = after["runs"][0], before["runs"][0]
+    diag = any(r[5] != "—" for r in rows)
     note = (f"Before: the C2 table above ({b0['steps']} steps, {_schedule(b0)} lr, the row's bench setting, "
-            f"first line of each row). After: `results/quality_rerun.md`, {r0['steps']} steps, {_schedule(r0)} lr "
+            f"first line of each row). After: `results/{name}.md`, {r0['steps']} steps, {_schedule(r0)} lr "
             f"schedule, device {r0.get('device', 'cpu')} ({after['env'].get('cuda') or after['env']['cpu']}); "
-            f"accuracies per seed in seed order; ΔW/W = ‖W_eff − W‖_F/‖W‖_F at the last step, mean over "
-            f"target layers and seeds; \"beats head-only\" as in the C2 table, against this run's head-only.\n\n")
+            f"accuracies per seed in seed order; "
+            + ("ΔW/W = ‖W_eff − W‖_F/‖W‖_F at the last step, mean over target layers and seeds; " if diag else "")
+            + "\"beats head-only\" as in the C2 table, against this run's head-only.\n\n")
     head = ["row (knobs)", f"{b0['steps']} steps: mean ± std", "lr", f"{r0['steps']} steps: mean ± std (seeds)",
             "per seed", "ΔW/W", "beats head-only"]
-    return note + _table(head, rows, "lrrrrrl")
+    if not diag:
+        head, rows = head[:5] + head[6:], [r[:5] + r[6:] for r in rows]
+    return note + _table(head, rows, "lrrrrrl" if diag else "lrrrrl")
 
 
 def curves_plot(data: dict, path: Path) -> bool:
@@ -974,9 +979,10 @@ def blocks(results: Path) -> dict[str, str]:
     quality = read_json(results / "quality.json")
     if quality and quality["runs"]:
         out["quality"] = quality_markdown(quality)
-    rerun = read_json(results / "quality_rerun.json")
-    if quality and quality["runs"] and rerun and rerun["runs"]:
-        out["quality-rerun"] = rerun_markdown(quality, rerun)
+    for block, name in (("quality-rerun", "quality_rerun"), ("quality-600", "quality_600")):
+        rerun = read_json(results / f"{name}.json")
+        if quality and quality["runs"] and rerun and rerun["runs"]:
+            out[block] = rerun_markdown(quality, rerun, name)
     sweep = read_json(results / "quality_sweep.json")
     if sweep and sweep["runs"]:
         out["quality-sweep"] = sweep_markdown(sweep)
