@@ -111,3 +111,81 @@ def test_a_feedforward_pattern_that_matches_no_target_is_refused(qwen):
     assert_untouched(model, before)
     with pytest.raises(ValueError, match="IA3Config.feedforward_modules: invalid regex"):
         ll.IA3Config(feedforward_modules=("(",))
+
+
+# ---- the gate form: t ⊙ (1 + c·(g − 1)) as one product ------------------------------------------
+
+
+def _gated_layer(variant: str, dtype: torch.dtype, g: torch.Tensor) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(dtype)
+    cfg = ll.IA3Config(target_names=("0",)) if variant == "ia3" else ll.IA3FFConfig(target_names=("0",))
+    ll.attach(layer, cfg)
+    with torch.no_grad():
+        layer[0].lora_g.copy_(g)
+    return layer
+
+
+@pytest.mark.parametrize("variant", ["ia3", "ia3_ff"])
+@pytest.mark.parametrize("c", [1.0, 0.5, -1.0, 0.0])
+def test_the_gate_hook_is_the_additive_change(variant, c):
+    """The hook's one product equals base + c·Δ from the variant's own delta in float64, and is
+    the base to the bit at c = 0."""
+    g = torch.linspace(0.2, 1.8, 8)
+    layer = _gated_layer(variant, torch.float32, g)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    W, b = layer[0].weight.double(), layer[0].bias.double()
+    gd = g.double()
+    ref = (x.double() @ W.T + b) * (1 + c * (gd - 1)) if variant == "ia3" else (
+        (x.double() * (1 + c * (gd - 1))) @ W.T + b)
+    with torch.no_grad(), ll.scaled(layer, c):
+        y = layer(x)
+        with ll.disabled(layer):
+            y0 = layer(x)
+    assert rel_err(y.double(), ref) <= 1e-6
+    if c == 0:
+        assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("variant", ["ia3", "ia3_ff"])
+def test_a_bf16_activation_is_gated_by_the_fp32_gate_and_rounded_once(variant):
+    """g = 1 + 3·2⁻⁹ is 1 + 2⁻⁷ in bf16. The product runs in fp32 (the gate's dtype) and is
+    rounded to bf16 once, as PEFT's IA3 does: the output is the fp32-product reference to the
+    bit, and differs from what a gate cast to bf16 first would give."""
+    g = torch.full((8,), 1 + 3 * 2.0 ** -9)
+    assert g.bfloat16().float().eq(1 + 2.0 ** -7).all()
+    layer = _gated_layer(variant, torch.bfloat16, g)
+    x = (torch.randn(64, 8, generator=torch.Generator().manual_seed(2)) * 4).bfloat16()
+    lin = layer[0]
+    with torch.no_grad():
+        y = layer(x)
+        with ll.disabled(layer):
+            y0 = layer(x)
+
+        def out(gate):
+            if variant == "ia3":
+                return (y0.float() * gate).bfloat16() if gate.dtype == torch.float32 else y0 * gate
+            xg = (x.float() * gate).bfloat16() if gate.dtype == torch.float32 else x * gate
+            return torch.nn.functional.linear(xg, lin.weight, lin.bias)
+
+        assert torch.equal(y, out(g))
+        assert not torch.equal(y, out(g.bfloat16()))
+
+
+def test_a_gate_with_scale_outside_is_refused():
+    from dataclasses import dataclass, field
+
+    from lora_lite.config import CONFIGS, AdapterConfig
+    from lora_lite.variant import REGISTRY, register
+    from lora_lite.variants.ia3 import IA3
+
+    @dataclass(frozen=True, kw_only=True)
+    class BadCfg(AdapterConfig):
+        variant: str = field(default="bad_gate", init=False)
+
+    class Bad(IA3):
+        name, config, scale_outside = "bad_gate", BadCfg, True
+
+    with pytest.raises(TypeError, match="a gate is applied as .*scale_outside does not apply"):
+        register(Bad)
+    assert "bad_gate" not in REGISTRY and "bad_gate" not in CONFIGS

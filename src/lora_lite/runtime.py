@@ -11,7 +11,8 @@ is an object holding that same state: `copy.deepcopy(model)` or `torch.save(mode
 state and the hooks together, so the copy is an independent attached model.
 
 Hooks: an output hook returns y + scale·Δy, a pre-hook hands the layer x + scale·Δx, with Δ
-from the variant's `delta` / `delta_input`. With cfg.compute == "input" (default, AMP-style)
+from the variant's `delta` / `delta_input` (a gate variant, Δ = t ⊙ (g − 1), declares `gate`
+and gets the same change as one product, t ⊙ (1 + scale·(g − 1)): `gated`). With cfg.compute == "input" (default, AMP-style)
 the variant computes Δ in the activation's dtype, casting its small tensors; with "adapter"
 the activation is cast to the adapter tensors' dtype first and Δ back.
 """
@@ -446,8 +447,9 @@ class AdapterHook:
     its own switches. `first` names one of the layer's adapter tensors, whose current dtype is
     the adapter dtype (it follows `.to()`)."""
 
-    def __init__(self, state: AttachState, delta: Callable, first: str, scale_outside: bool = False):
-        self.state, self.delta, self.first, self.scale_outside = state, delta, first, scale_outside
+    def __init__(self, state: AttachState, delta: Callable, first: str, scale_outside: bool = False,
+                 gate: Callable | None = None):
+        self.state, self.delta, self.first, self.scale_outside, self.gate = state, delta, first, scale_outside, gate
 
     def __call__(self, module: nn.Module, args: tuple, y: torch.Tensor):
         # Runs once per target per forward: every skipped no-op cast and every kernel folded
@@ -456,6 +458,8 @@ class AdapterHook:
         if not state.enabled:
             return None
         x, cfg = args[0], state.cfg
+        if self.gate is not None:
+            return gated(y, self.gate(module, cfg), state.scale, cfg.compute == "adapter")
         dt = getattr(module, self.first).dtype if cfg.compute == "adapter" else x.dtype
         d = self.delta(module, cfg, _as(x, dt), _as(y, dt))
         c = state.scale * cfg.scale if self.scale_outside else state.scale
@@ -470,9 +474,22 @@ class AdapterPreHook(AdapterHook):
         if not state.enabled:
             return None
         x = args[0]
+        if self.gate is not None:
+            return (gated(x, self.gate(module, state.cfg), state.scale, state.cfg.compute == "adapter"),) + args[1:]
         dt = getattr(module, self.first).dtype if state.cfg.compute == "adapter" else x.dtype
         d = self.delta(module, state.cfg, _as(x, dt))
         return (x.add(_as(d, x.dtype), alpha=state.scale),) + args[1:]
+
+
+def gated(t: torch.Tensor, g: torch.Tensor, c: float, in_adapter_dtype: bool) -> torch.Tensor:
+    """t + c·t ⊙ (g − 1), the change of a gate variant at strength c, as one product: t ⊙ g at
+    c = 1, t ⊙ (1 + c·(g − 1)) otherwise (formed on the small gate; exactly t at g = 1 or c = 0).
+    The product runs in the promoted dtype of t and g (a bf16 activation times an fp32 gate is
+    rounded once, as PEFT's IA3 does; casting g to bf16 first would swallow gates within 2⁻⁸ of
+    1), or in g's dtype with compute="adapter"; the result is in t's dtype. Against the additive
+    form t + c·(t ⊙ (g − 1)) it saves two activation-sized kernels forward and backward."""
+    f = g if c == 1 else torch.add(g, -1.0).mul_(c).add_(1.0)
+    return _as(_as(t, g.dtype) * f if in_adapter_dtype else t * f, t.dtype)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -536,9 +553,9 @@ def _add_hook(layer: nn.Module, variant: type[Variant], state: AttachState, firs
     elif kind == "embedding":
         layer.register_forward_hook(EmbeddingHook(state, variant.delta_embedding, first))
     elif variant.delta_input is not None:
-        layer.register_forward_pre_hook(AdapterPreHook(state, variant.delta_input, first))
+        layer.register_forward_pre_hook(AdapterPreHook(state, variant.delta_input, first, gate=variant.gate))
     else:
-        layer.register_forward_hook(AdapterHook(state, variant.delta, first, variant.scale_outside))
+        layer.register_forward_hook(AdapterHook(state, variant.delta, first, variant.scale_outside, variant.gate))
 
 
 def _remove_hooks(state: AttachState) -> None:

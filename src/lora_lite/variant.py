@@ -10,6 +10,10 @@ A variant is a class of static functions (math only; no hooks, no model walking,
     init(layer, cfg, stats)                              optional; fill tensors from W / stats
     delta(layer, cfg, x, y) -> Δy                        output hook: the layer returns y + Δy, or
     delta_input(layer, cfg, x) -> Δx                     input pre-hook: the layer runs on x + Δx
+    gate(layer, cfg) -> g                                optional, for a delta (delta_input) that is
+                                                         y ⊙ (g − 1) (x ⊙ (g − 1)): the hook applies
+                                                         t ⊙ (1 + c·(g − 1)), t ⊙ g at c = 1, as one
+                                                         product (see `gated` in runtime.py)
     effective_weight(layer, cfg) -> (W_eff, b_eff)       closed form of the adapted layer
     low_rank_delta(layer, cfg) -> (B, A) | None          W_eff − W = B A when that is low-rank
                                                          and b_eff = b (exported as a plain LoRA)
@@ -166,6 +170,7 @@ class Variant:
 
     delta: ClassVar[Callable | None] = None
     delta_input: ClassVar[Callable | None] = None
+    gate: ClassVar[Callable | None] = None
     delta_embedding: ClassVar[Callable | None] = None
 
     @staticmethod
@@ -328,6 +333,8 @@ def register(cls: type[Variant]) -> type[Variant]:
         raise TypeError(f"{cls.__name__}: a 'fused' in kinds needs low_rank_delta (the per-expert B A)")
     if cls.scale_outside and cls.delta is None:
         raise TypeError(f"{cls.__name__}: scale_outside applies to an output hook's delta, not delta_input")
+    if cls.gate is not None and cls.scale_outside:
+        raise TypeError(f"{cls.__name__}: a gate is applied as t ⊙ (1 + c·(g − 1)); scale_outside does not apply")
     if cls.calibration not in (None, "gram", "diag"):
         raise ValueError(f"{cls.__name__}.calibration must be None, 'gram' or 'diag'")
     if cls.requires_calibration and cls.calibration is None:

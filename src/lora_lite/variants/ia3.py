@@ -71,6 +71,10 @@ class IA3(Variant):
         return y * like(y, layer.lora_g.float() - 1.0)
 
     @staticmethod
+    def gate(layer, cfg):  # the hook applies y ⊙ g as one product (runtime.gated)
+        return layer.lora_g.float()
+
+    @staticmethod
     def effective_weight(layer, cfg):
         g = layer.lora_g.float()
         b = layer.bias

@@ -40,6 +40,10 @@ class IA3FF(Variant):
         return x * like(x, layer.lora_g.float() - 1.0)
 
     @staticmethod
+    def gate(layer, cfg):  # the pre-hook applies x ⊙ g as one product (runtime.gated)
+        return layer.lora_g.float()
+
+    @staticmethod
     def effective_weight(layer, cfg):
         return dense_weight(layer) * layer.lora_g.float(), layer.bias
 
