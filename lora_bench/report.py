@@ -949,6 +949,41 @@ def per_target_markdown(data: dict) -> str | None:
     return "".join(out)
 
 
+def cost_summary_markdown(data: dict) -> str | None:
+    """The README's short C1: per method PEFT shares, our step / PEFT's on each model, and on the
+    64-wide model (whose step is the hooks' own cost) the µs each hooked layer adds, ours / PEFT."""
+    pairs: dict[str, dict] = {}
+    for m in data["models"]:
+        for r in m["rows"]:
+            if r["lib"] == "peft" or r["lib"] == "ours" and "ratio_vs_peft" in r:
+                pairs.setdefault(r["group"], {}).setdefault(m["kind"], {})[r["lib"]] = r
+    shared = [g for g, per in pairs.items() if any("ours" in p and "peft" in p for p in per.values())]
+    if not shared:
+        return None
+    head, rows = ["method"], []
+    for m in data["models"]:
+        t = MODEL_LABELS.get(m["kind"], m["kind"])
+        per_target = m["kind"] == "tiny64"
+        head.append(f"{t}: µs per target, ours / PEFT (step ratio)" if per_target else f"{t}: ours / PEFT step")
+    for g in shared:
+        cells = [f"`{g}` ↔ {next(p['peft']['method'] for p in pairs[g].values() if 'peft' in p)}"]
+        for m in data["models"]:
+            ours, peft = (pairs[g].get(m["kind"], {}).get(k) for k in ("ours", "peft"))
+            if not (ours and peft):
+                cells.append("—")
+            elif m["kind"] == "tiny64":
+                cells.append(f"{ours['step_us_per_target']:.0f} / {peft['step_us_per_target']:.0f} "
+                             f"(**{ours['ratio_vs_peft']:.2f}**)")
+            else:
+                cells.append(f"**{ours['ratio_vs_peft']:.2f}**")
+        rows.append(cells)
+    when = ", ".join(sorted({m.get("date", data["env"]["date"])[:10] for m in data["models"]}))
+    note = (f"Training step, lora-lite / HF PEFT on the same targets, one CPU thread (median of paired "
+            f"repeats; < 1 is faster), measured {when}; the full tables, memory and checkpoint "
+            f"sizes: [docs/benchmarks.md](docs/benchmarks.md#c1-cost).\n\n")
+    return note + _table(head, rows, "l" + "r" * (len(head) - 1))
+
+
 def write_cost_file(out: Path, name: str) -> None:
     data = read_json(out / f"{name}.json")
     if data and data["models"]:
@@ -973,6 +1008,9 @@ def blocks(results: Path) -> dict[str, str]:
         out["cost"] = ratio_markdown({**cost, "models": [m for m in cost["models"] if m["kind"] != "tiny64"]})
         if small:
             out["cost"] += "\n" + per_target_markdown({**cost, "models": small})
+        summary = cost_summary_markdown(cost)
+        if summary:
+            out["cost-summary"] = summary
     gpu = read_json(results / "cost_gpu.json")
     if gpu and gpu["models"]:
         out["cost-gpu"] = ratio_markdown(gpu, "cost_gpu")

@@ -326,6 +326,27 @@ def test_rerun_report_puts_each_arm_beside_its_rows_c2_result():
     assert lines["| head-only"].split(" | ")[1:4] == ["0.510 ± 0.014 (lr 1e-3)", "1e-3", "0.510 ± 0.014 (2)"]
 
 
+def test_cost_summary_reads_each_shared_method_per_model():
+    def row(group, lib, ratio=None, us=None):
+        r = {"group": group, "lib": lib, "method": {"lora": "LoRA", "lora_xs": "—"}[group]}
+        if ratio is not None:
+            r["ratio_vs_peft"] = ratio
+        if us is not None:
+            r["step_us_per_target"] = us
+        return r
+
+    data = {"env": {"date": "2026-12-07 11:00 UTC"}, "models": [
+        {"kind": "minilm", "rows": [row("lora", "base"), row("lora", "ours", 0.97, 2580.0), row("lora", "peft", None, 3065.0),
+                                    row("lora_xs", "ours")]},
+        {"kind": "tiny64", "rows": [row("lora", "ours", 0.92, 105.4), row("lora", "peft", None, 133.2)]}]}
+    md = report.cost_summary_markdown(data)
+    (line,) = [x for x in md.splitlines() if x.startswith("| `")]
+    assert line == "| `lora` ↔ LoRA | **0.97** | 105 / 133 (**0.92**) |"  # lora_xs has no PEFT row: left out
+    assert "measured 2026-12-07" in md
+    assert report.cost_summary_markdown({"env": {"date": "x"}, "models": [{"kind": "minilm", "rows": [
+        row("lora_xs", "ours")]}]}) is None
+
+
 def test_rerun_report_without_diagnostics_has_no_dw_column():
     env, proto = {"cpu": "x", "cuda": None}, {"batch_size": 4, "rank": 16, "task": "comparison"}
     run = {"row": "lora", "knobs": {}, "lr": 1e-3, "family": "x", "params": 1, "head_params": 1, "train_s": 1.0,
