@@ -189,3 +189,20 @@ def test_a_gate_with_scale_outside_is_refused():
     with pytest.raises(TypeError, match="a gate is applied as .*scale_outside does not apply"):
         register(Bad)
     assert "bad_gate" not in REGISTRY and "bad_gate" not in CONFIGS
+
+
+def test_compute_adapter_runs_the_gate_product_in_the_adapter_dtype():
+    """compute="adapter" with bf16 gates on an fp32 layer: the activation is cast to bf16, gated
+    there and cast back, as the additive form did."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    ll.attach(layer, ll.IA3Config(target_names=("0",), dtype=torch.bfloat16, compute="adapter"))
+    with torch.no_grad():
+        layer[0].lora_g.copy_(torch.linspace(0.5, 1.5, 8))
+        x = torch.randn(4, 8)
+        y = layer(x)
+        with ll.disabled(layer):
+            y0 = layer(x)
+    g = layer[0].lora_g
+    assert g.dtype == torch.bfloat16
+    assert torch.equal(y, (y0.bfloat16() * g).float())

@@ -459,11 +459,15 @@ class AdapterHook:
             return None
         x, cfg = args[0], state.cfg
         if self.gate is not None:
-            return gated(y, self.gate(module, cfg), state.scale, cfg.compute == "adapter")
+            return gated(y, self.gate(module, cfg), state.scale, self.adapter_dtype(module, cfg))
         dt = getattr(module, self.first).dtype if cfg.compute == "adapter" else x.dtype
         d = self.delta(module, cfg, _as(x, dt), _as(y, dt))
         c = state.scale * cfg.scale if self.scale_outside else state.scale
         return y.add(_as(d, y.dtype), alpha=c)
+
+    def adapter_dtype(self, module: nn.Module, cfg: AdapterConfig) -> torch.dtype | None:
+        """The adapter tensors' dtype with compute="adapter" (the math runs in it), else None."""
+        return getattr(module, self.first).dtype if cfg.compute == "adapter" else None
 
 
 class AdapterPreHook(AdapterHook):
@@ -475,21 +479,21 @@ class AdapterPreHook(AdapterHook):
             return None
         x = args[0]
         if self.gate is not None:
-            return (gated(x, self.gate(module, state.cfg), state.scale, state.cfg.compute == "adapter"),) + args[1:]
+            return (gated(x, self.gate(module, state.cfg), state.scale, self.adapter_dtype(module, state.cfg)),) + args[1:]
         dt = getattr(module, self.first).dtype if state.cfg.compute == "adapter" else x.dtype
         d = self.delta(module, state.cfg, _as(x, dt))
         return (x.add(_as(d, x.dtype), alpha=state.scale),) + args[1:]
 
 
-def gated(t: torch.Tensor, g: torch.Tensor, c: float, in_adapter_dtype: bool) -> torch.Tensor:
+def gated(t: torch.Tensor, g: torch.Tensor, c: float, dt: torch.dtype | None = None) -> torch.Tensor:
     """t + c·t ⊙ (g − 1), the change of a gate variant at strength c, as one product: t ⊙ g at
     c = 1, t ⊙ (1 + c·(g − 1)) otherwise (formed on the small gate; exactly t at g = 1 or c = 0).
     The product runs in the promoted dtype of t and g (a bf16 activation times an fp32 gate is
-    rounded once, as PEFT's IA3 does; casting g to bf16 first would swallow gates within 2⁻⁸ of
-    1), or in g's dtype with compute="adapter"; the result is in t's dtype. Against the additive
-    form t + c·(t ⊙ (g − 1)) it saves two activation-sized kernels forward and backward."""
+    rounded once, as PEFT's IA3 does; a gate cast to bf16 first moves in steps of 2⁻⁷), or in
+    `dt` (compute="adapter": the adapter tensors' dtype); the result is in t's dtype. Against
+    the additive form t + c·(t ⊙ (g − 1)) it saves an activation-sized kernel forward and backward."""
     f = g if c == 1 else torch.add(g, -1.0).mul_(c).add_(1.0)
-    return _as(_as(t, g.dtype) * f if in_adapter_dtype else t * f, t.dtype)
+    return _as(t * f if dt is None else _as(t, dt) * _as(f, dt), t.dtype)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
