@@ -29,7 +29,10 @@ def _label(row: str) -> str:
 
 
 def _sci(x: float) -> str:
+    """1e-3, 5e-4; a second digit only where one is not exact (1.2e-3, an edge extension)."""
     m, e = f"{x:.0e}".split("e")
+    if float(f"{m}e{e}") != x:
+        m, e = f"{x:.1e}".split("e")
     return f"{m}e{int(e)}"
 
 
@@ -599,7 +602,7 @@ def frontier_statement(s: dict, lora: list[dict], n_test: int | None = None) -> 
     if pos["side"] is None:
         lo, hi = (ends[j]["label"] for j in pos["between"])
         where = f"between `{lo}` and `{hi}`" if lo != hi else f"at `{lo}`"
-        return _cell(pos), (f"{me} is **{v}** the LoRA frontier: at equal params it reads "
+        return _cell(pos), (f"{me} is **{v}** {'against ' if v == 'mixed' else ''}the LoRA frontier: at equal params it reads "
                             f"{_pm(pos['frontier_mean'], pos['frontier_std'])} (interpolated in log10 params "
                             f"{where}; {said}).")
     end = ends[0] if pos["side"] == "fewer" else ends[-1]
