@@ -12,9 +12,10 @@ state and the hooks together, so the copy is an independent attached model.
 
 Hooks: an output hook returns y + scale·Δy, a pre-hook hands the layer x + scale·Δx, with Δ
 from the variant's `delta` / `delta_input` (a gate variant, Δ = t ⊙ (g − 1), declares `gate`
-and gets the same change as one product, t ⊙ (1 + scale·(g − 1)): `gated`). With cfg.compute == "input" (default, AMP-style)
-the variant computes Δ in the activation's dtype, casting its small tensors; with "adapter"
-the activation is cast to the adapter tensors' dtype first and Δ back.
+and gets the same change as one product, t ⊙ (1 + scale·(g − 1)): `gated`). With
+cfg.compute == "input" (default, AMP-style) the variant computes Δ in the activation's dtype,
+casting its small tensors; with "adapter" the activation is cast to the adapter tensors' dtype
+first and Δ back.
 """
 
 from __future__ import annotations
@@ -479,7 +480,8 @@ class AdapterPreHook(AdapterHook):
             return None
         x = args[0]
         if self.gate is not None:
-            return (gated(x, self.gate(module, state.cfg), state.scale, self.adapter_dtype(module, state.cfg)),) + args[1:]
+            g = self.gate(module, state.cfg)
+            return (gated(x, g, state.scale, self.adapter_dtype(module, state.cfg)),) + args[1:]
         dt = getattr(module, self.first).dtype if state.cfg.compute == "adapter" else x.dtype
         d = self.delta(module, state.cfg, _as(x, dt))
         return (x.add(_as(d, x.dtype), alpha=state.scale),) + args[1:]
