@@ -112,8 +112,9 @@ def quality_rows(data: dict, requested_first: bool = False) -> list[dict]:
         })
     head = next((s for s in out if s["row"] == "head"), None)
     for s in out:
-        # "beats head-only": the mean gain exceeds the larger of the two seed spreads
-        s["beats_head"] = None if head is None or s is head else (
+        # "beats head-only": the mean gain exceeds the larger of the two seed spreads; no verdict
+        # while either side has a single seed (no spread to compare with)
+        s["beats_head"] = None if head is None or s is head or min(s["n"], head["n"]) < 2 else (
             s["mean"] - head["mean"] > max(s["std"], head["std"]))
     return out
 

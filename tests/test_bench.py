@@ -362,6 +362,16 @@ def test_rerun_report_without_diagnostics_has_no_dw_column():
     assert line.split(" | ")[1:] == ["0.700 ± 0.141 (lr 1e-3)", "1e-3", "0.925 ± 0.035 (2)", "0.900, 0.950", " |"]
 
 
+def test_no_head_only_verdict_from_a_single_seed():
+    run = {"knobs": {}, "lr": 1e-3, "family": "x", "params": 1, "head_params": 1, "train_s": 1.0, "init_s": 0.5,
+           "steps": 10, "schedule": "constant", "warmup_steps": 0}
+    one = {"runs": [{**run, "row": "head", "seed": 0, "acc": 0.5}, {**run, "row": "lora", "seed": 0, "acc": 0.55}]}
+    assert [s["beats_head"] for s in report.quality_rows(one)] == [None, None]
+    two = {"runs": one["runs"] + [{**run, "row": "head", "seed": 1, "acc": 0.52},
+                                  {**run, "row": "lora", "seed": 1, "acc": 0.57}]}
+    assert [s["beats_head"] for s in report.quality_rows(two)] == [None, True]
+
+
 def test_rows_all_is_every_variant_and_each_peft_row_of_the_same_method():
     from lora_bench import adapters
     from lora_lite.variant import REGISTRY
@@ -402,13 +412,16 @@ def test_the_cost_block_shows_the_64_wide_model_as_per_target_overhead(tmp_path)
     """C1 run with --models minilm,qwen,tiny64: the ratio columns cover MiniLM and the decoder;
     the 64-wide model follows as the µs-per-hooked-layer table."""
     cost = json.loads((ROOT / "results" / "cost.json").read_text())
-    tiny = json.loads((ROOT / "results" / "cost_tiny64.json").read_text())
-    (tmp_path / "cost.json").write_text(json.dumps({**cost, "models": cost["models"] + tiny["models"]}))
+    big = [m for m in cost["models"] if m["kind"] != "tiny64"]
+    small = ([m for m in cost["models"] if m["kind"] == "tiny64"]
+             or json.loads((ROOT / "results" / "cost_tiny64.json").read_text())["models"])
+    (tmp_path / "cost.json").write_text(json.dumps({**cost, "models": big + small}))
     block = report.blocks(tmp_path)["cost"]
     ratio, per_target = block.split("Per-target overhead:")
     assert "MiniLM-L6: ours / PEFT step" in ratio and "64-wide" not in ratio
     assert "**64-wide Qwen3 (per-target overhead)" in per_target and "| `lora` | 56 |" in per_target
-    assert report.blocks(ROOT / "results")["cost"] == report.ratio_markdown(cost)  # no tiny64: as before
+    (tmp_path / "cost.json").write_text(json.dumps({**cost, "models": big}))  # no tiny64: ratios only
+    assert report.blocks(tmp_path)["cost"] == report.ratio_markdown({**cost, "models": big})
 
 
 def test_cost_update_keeps_the_other_models_in_column_order(tmp_path, monkeypatch):
