@@ -461,7 +461,7 @@ class AdapterHook:
         x, cfg = args[0], state.cfg
         if self.gate is not None:
             return gated(y, self.gate(module, cfg), state.scale, self.adapter_dtype(module, cfg))
-        dt = getattr(module, self.first).dtype if cfg.compute == "adapter" else x.dtype
+        dt = self.adapter_dtype(module, cfg) or x.dtype
         d = self.delta(module, cfg, _as(x, dt), _as(y, dt))
         c = state.scale * cfg.scale if self.scale_outside else state.scale
         return y.add(_as(d, y.dtype), alpha=c)
@@ -482,7 +482,7 @@ class AdapterPreHook(AdapterHook):
         if self.gate is not None:
             g = self.gate(module, state.cfg)
             return (gated(x, g, state.scale, self.adapter_dtype(module, state.cfg)),) + args[1:]
-        dt = getattr(module, self.first).dtype if state.cfg.compute == "adapter" else x.dtype
+        dt = self.adapter_dtype(module, state.cfg) or x.dtype
         d = self.delta(module, state.cfg, _as(x, dt))
         return (x.add(_as(d, x.dtype), alpha=state.scale),) + args[1:]
 
@@ -511,7 +511,7 @@ class EmbeddingHook(AdapterHook):
         state = self.state
         if not state.enabled:
             return None
-        dt = getattr(module, self.first).dtype if state.cfg.compute == "adapter" else y.dtype
+        dt = self.adapter_dtype(module, state.cfg) or y.dtype
         d = self.delta(module, state.cfg, args[0], y.to(dt))
         if state.scale != 1.0:
             d = d * state.scale
