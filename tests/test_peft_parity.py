@@ -180,3 +180,29 @@ def test_peft_corda_factors_injected_into_antipasto_corda(qwen, tmp_path):
         ours_res = layer.weight - (layer.lora_U * layer.lora_S) @ layer.lora_P
         assert rel_err(ours_res, W_res) <= 1e-5, name
     assert torch.equal(qwen.out(injected), qwen.out(qwen.model))
+
+
+@pytest.mark.parametrize("svd", ["full", "auto"])
+def test_pissa_svd_full_gives_pefts_factors_where_auto_sketches(svd):
+    """On a layer wide enough for the sketch (r = 4: 2r + 16 = 24 <= 256 / 4) and a flat random
+    spectrum, svd='full' gives PEFT's init_lora_weights='pissa' factors and residual to rounding;
+    'auto' gives the sketch's, which span a measurably different top-4 subspace."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(256, 384))
+    ours = nn.Sequential(nn.Linear(256, 384))
+    ours.load_state_dict(base.state_dict())
+    cfg = ll.PiSSAConfig(r=4, alpha=8.0, svd=svd)
+    ll.attach(ours, cfg)
+    layer = ours[0]
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                      init_lora_weights="pissa", lora_dropout=0.0))
+    t = theirs.base_model.model[0]
+    A, B = t.lora_A["default"].weight, t.lora_B["default"].weight
+    product = rel_err(cfg.scale * layer.lora_B0 @ layer.lora_A0, cfg.scale * B @ A)
+    if svd == "full":
+        assert rel_err(layer.lora_A0, A) <= 1e-6 and rel_err(layer.lora_B0, B) <= 1e-6
+        assert rel_err(t.base_layer.weight, layer.weight - cfg.scale * layer.lora_B0 @ layer.lora_A0) <= 1e-6
+    else:
+        assert product > 1e-3  # the sketched subspace: the same captured energy, other directions
+        assert float(torch.linalg.matrix_norm(layer.weight - cfg.scale * layer.lora_B0 @ layer.lora_A0)
+                     / torch.linalg.matrix_norm(t.base_layer.weight)) - 1 <= 2e-5

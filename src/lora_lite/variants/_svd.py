@@ -21,10 +21,11 @@ def sketch_width(r: int) -> int:
     return 2 * r + 16
 
 
-def top_r_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_r_svd(W: torch.Tensor, r: int, *, full: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 top-r SVD triplets of W: U_r (d_out, r), S_r (r,) descending, Vh_r (r, d_in).
 
-    When k = sketch_width(r) <= min(d_out, d_in) / 4, randomized subspace iteration finds them
+    With `full`, always the full SVD, sliced (torch.linalg.svd: the factors PEFT's inits use).
+    Otherwise, when k = sketch_width(r) <= min(d_out, d_in) / 4, randomized subspace iteration finds them
     (Q ← orth(W G), then POWER_ITERS × Q ← orth(W orth(Wᵀ Q)); W ≈ Q (Qᵀ W) and the small SVD
     of Qᵀ W gives the triplets); otherwise the full SVD, sliced. The sketch G is drawn from a
     generator seeded here, so attach is reproducible and leaves the global RNG untouched. U_r
@@ -38,7 +39,7 @@ def top_r_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torc
     """
     W = W.detach().float()
     k = sketch_width(r)
-    if 4 * k > min(W.shape):
+    if full or 4 * k > min(W.shape):
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         return U[:, :r], S[:r], Vh[:r]
     g = torch.Generator().manual_seed(0)
