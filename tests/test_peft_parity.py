@@ -70,12 +70,9 @@ def test_same_tensors_give_same_outputs(bench, case):
             else:  # sketched top-r: PEFT's residual is the optimal one; ours within the documented 6e-6
                 excess = float(W_res.norm() / dense_weight(t.base_layer).norm()) - 1
                 assert -1e-6 <= excess <= 2e-5, (name, excess)
-                with torch.no_grad():  # the same tensors from here on: PEFT gets our residual
-                    w = t.base_layer.weight
-                    w.copy_(W_res if w.shape == W_res.shape else W_res.T)  # (Conv1D stores Wᵀ)
 
     perturb(ours)
-    copy_to_peft(ours, theirs)
+    copy_to_peft(ours, theirs)  # PiSSA: also our residual into PEFT's base (checked below)
     y_ours, y_theirs = bench.out(ours), bench.out(theirs)
     assert rel_err(y_ours, bench.out(bench.model)) > 1e-3, "adapter is a no-op; parity is vacuous"
     assert rel_err(y_ours, y_theirs) <= 1e-5
@@ -206,3 +203,12 @@ def test_pissa_svd_full_gives_pefts_factors_where_auto_sketches(svd):
         assert product > 1e-3  # the sketched subspace: the same captured energy, other directions
         assert float(torch.linalg.matrix_norm(layer.weight - cfg.scale * layer.lora_B0 @ layer.lora_A0)
                      / torch.linalg.matrix_norm(t.base_layer.weight)) - 1 <= 2e-5
+    # copied into PEFT at init, ours and PEFT's both compute the base function: copy_to_peft also
+    # writes our residual W − s·B0 A0 into PEFT's base layer (PEFT's residual beside our factors
+    # would be off by s·(B0 A0 − B A) ≈ `product` of the adapter's part)
+    x = torch.randn(7, 256)
+    with torch.no_grad():
+        y = ours(x)
+        assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+        copy_to_peft(ours, theirs)
+        assert rel_err(theirs(x), y) <= 1e-6

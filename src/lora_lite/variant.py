@@ -88,7 +88,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -279,6 +279,9 @@ class PeftMap:
     combine   ({target: fields from `imports`}) -> one config's fields, when the targets' fields
               differ because the variant places differently per target (IA3's
               feedforward_modules); None = differing fields are refused
+    base      (target layer, cfg) -> the weight (d_out, d_in), fp32, that PEFT's base layer holds
+              under this adapter when PEFT's init rewrites it (PiSSA: W − s·B0 A0); `copy_to_peft`
+              writes it. None = PEFT leaves the pristine W
     """
 
     method: str
@@ -288,6 +291,7 @@ class PeftMap:
     imports: Callable[[dict, str, dict], dict | None] | None = None
     reads: tuple[str, ...] = ()
     combine: Callable[[dict[str, dict]], dict] | None = None
+    base: Callable[[Any, AdapterConfig], Any] | None = None
 
 
 @dataclass(frozen=True)

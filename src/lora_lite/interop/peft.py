@@ -47,7 +47,7 @@ from torch import nn
 
 from ..checkpoint import _DTYPE_CODES, Adapter, adapter_of, load, read, write_atomic
 from ..config import AdapterConfig
-from ..kinds import fused_parameters, kind_of
+from ..kinds import fused_parameters, is_transposed, kind_of
 from ..runtime import ensure_free, state_of, unwrap, variant_of
 from ..variant import REGISTRY, PeftMap
 from ..variants.lora import PEFT_LORA_TENSORS  # the plain-LoRA form every low-rank change exports as
@@ -168,13 +168,20 @@ def _in_peft_layout(tensors, layer, kind: str) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def copy_to_peft(model: nn.Module, peft_model: nn.Module) -> None:
-    """Copy the adapter attached to `model` into the same-method PEFT model `peft_model`."""
+    """Copy the adapter attached to `model` into the same-method PEFT model `peft_model`; where
+    PEFT's init rewrote the base weight (PiSSA's residual), the residual our tensors imply
+    replaces it, so the PEFT model computes our function and not PEFT's init mixed with ours."""
     state = state_of(model)
     inner = peft_model.base_model.model
     kinds = {n: kind_of(m) for n, m in state.targets.items()}
     for name, layer in state.targets.items():
         target = inner.get_submodule(_peft_module(name, kinds))
-        for path, tensor in peft_tensors(name, layer, state.cfg, kinds[name]).items():
+        base = variant_of(state.cfg).at_target(name, state.cfg).peft.base
+        copies = dict(peft_tensors(name, layer, state.cfg, kinds[name]))
+        if base is not None:
+            W = base(layer, state.cfg)
+            copies["base_layer.weight"] = W.T if is_transposed(target.base_layer) else W  # (Conv1D stores Wᵀ)
+        for path, tensor in copies.items():
             owner, _, leaf = path.rpartition(".")
             slot = getattr(target.get_submodule(owner), leaf)
             if slot.shape != tensor.shape:
