@@ -295,6 +295,51 @@ def rerun_markdown(before: dict, after: dict, name: str = "quality_rerun") -> st
     return note + _table(head, rows, "lrrrrrl" if diag else "lrrrrl")
 
 
+def _first_departure(a: list[float], b: list[float], tol: float) -> int | None:
+    """The first step (1-based) whose two logged training losses differ by more than tol."""
+    return next((t + 1 for t, (x, y) in enumerate(zip(a, b)) if abs(x - y) > tol), None)
+
+
+def peft_pairs_markdown(data: dict, tol: float = 1e-3) -> str | None:
+    """Each PEFT row beside our row of the same method, lr and knobs, seed by seed: test accuracy
+    and how long the two training-loss curves stay within `tol` of each other (same seed = same
+    data order, head init and adapter init RNG). None when the file has no such pair."""
+    summaries = quality_rows(data)
+    ours = {(s["row"], s["lr"], s["steps"], tuple(sorted(s["knobs"].items()))): s
+            for s in summaries if s["lib"] == "lora-lite"}
+    curves = {(r["row"], r["lr"], r["steps"], r["seed"]): r.get("curve") for r in data["runs"]}
+    rows = []
+    for p in (s for s in summaries if s["lib"] == "PEFT"):
+        o = ours.get((p["row"][5:], p["lr"], p["steps"], tuple(sorted(p["knobs"].items()))))
+        seeds = sorted(set(p["seeds"]) & set(o["seeds"])) if o else []
+        if not seeds:
+            continue
+        acc_o, acc_p = dict(zip(o["seeds"], o["accs"])), dict(zip(p["seeds"], p["accs"]))
+        departs = []
+        for seed in seeds:
+            co, cp = curves.get((o["row"], o["lr"], o["steps"], seed)), curves.get((p["row"], p["lr"], p["steps"], seed))
+            if co and cp:
+                d = _first_departure(co["loss"], cp["loss"], tol)
+                departs.append(f"all {min(len(co['loss']), len(cp['loss']))}" if d is None else f"{d - 1}")
+            else:
+                departs.append("—")
+        rows.append([f"`{o['row']}`" + (f" ({_knob_text(o['knobs'])})" if o["knobs"] else ""), _sci(p["lr"]),
+                     ", ".join(f"{acc_o[s]:.3f}" for s in seeds), ", ".join(f"{acc_p[s]:.3f}" for s in seeds),
+                     f"{statistics.fmean(acc_o[s] - acc_p[s] for s in seeds):+.3f}",
+                     str(sum(acc_o[s] == acc_p[s] for s in seeds)) + f" of {len(seeds)}", ", ".join(departs)])
+    if not rows:
+        return None
+    r0 = data["runs"][0]
+    note = (f"Ours against PEFT on the same runs: {r0['steps']} steps, {_schedule(r0)} lr, the same lr and seed (data "
+            f"order, head init); PEFT's row starts from our row's adapter tensors, copied into its slots "
+            f"(`copy_to_peft`; EVA keeps PEFT's own data-driven init). Per seed in seed order. \"Loss within "
+            f"{tol:g}\" = the number of steps, from the first, whose logged training losses (4 decimals) stay within "
+            f"{tol:g} of PEFT's before the first that does not.\n\n")
+    head = ["method", "lr", "ours: test acc per seed", "PEFT: test acc per seed", "ours − PEFT (mean)",
+            "seeds with equal acc", f"steps with loss within {tol:g}"]
+    return note + _table(head, rows, "lrrrrrr")
+
+
 def curves_plot(data: dict, path: Path) -> bool:
     """Training loss (moving average over 10 steps) and held-out accuracy against the step, one
     line per arm (mean over seeds). False when no run has a curve."""
@@ -1025,6 +1070,10 @@ def blocks(results: Path) -> dict[str, str]:
         rerun = read_json(results / f"{name}.json")
         if quality and quality["runs"] and rerun and rerun["runs"]:
             out[block] = rerun_markdown(quality, rerun, name)
+    q600 = read_json(results / "quality_600.json")
+    pairs = peft_pairs_markdown(q600) if q600 and q600["runs"] else None
+    if pairs:
+        out["quality-600-peft"] = pairs
     sweep = read_json(results / "quality_sweep.json")
     if sweep and sweep["runs"]:
         out["quality-sweep"] = sweep_markdown(sweep)

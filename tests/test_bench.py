@@ -458,3 +458,25 @@ def test_cost_console_line_labels_every_number():
     assert "over base +8% (paired ratio)" in line and "ours/PEFT step 0.93 (paired ratio)" in line
     assert "saved for backward +1.5 MiB over base" in line
     assert _summary("minilm", {"lib": "base", "variant": None, "step_ms": 122.8}).count(";") == 0
+
+
+def test_peft_pairs_set_each_peft_row_beside_ours_seed_by_seed():
+    env, proto = {"cpu": "x", "cuda": None}, {"batch_size": 4, "rank": 16, "task": "comparison"}
+    base = {"knobs": {}, "family": "x", "params": 1, "head_params": 1, "train_s": 1.0, "init_s": 0.5, "steps": 4,
+            "schedule": "warmup_cosine", "warmup_steps": 1}
+    loss = [0.7, 0.6, 0.5, 0.4]
+
+    def run(row, seed, acc, curve, lr=1e-3):
+        return {**base, "row": row, "seed": seed, "acc": acc, "lr": lr, "curve": {"loss": curve}}
+
+    data = {"protocol": proto, "env": env, "runs": [
+        run("lora", 0, 0.9, loss), run("peft:lora", 0, 0.9, loss),
+        run("lora", 1, 0.8, loss), run("peft:lora", 1, 0.8, [0.7, 0.6, 0.5, 0.4009]),
+        run("pissa", 0, 0.9, loss), run("peft:pissa", 0, 0.85, [0.7, 0.6005, 0.52, 0.4]),
+        run("dora", 0, 0.9, loss), run("peft:dora", 0, 0.9, loss, lr=5e-4),  # another lr: no pair
+        run("peft:hra", 0, 0.7, loss)]}  # no row of ours: no pair
+    md = report.peft_pairs_markdown(data)
+    lines = {x.split(" | ")[0]: x.split(" | ")[1:] for x in md.splitlines() if x.startswith("| `")}
+    assert lines == {"| `lora`": ["1e-3", "0.900, 0.800", "0.900, 0.800", "+0.000", "2 of 2", "all 4, all 4 |"],
+                     "| `pissa`": ["1e-3", "0.900", "0.850", "+0.050", "0 of 1", "2 |"]}
+    assert report.peft_pairs_markdown({**data, "runs": data["runs"][-2:]}) is None
