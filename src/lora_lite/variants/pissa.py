@@ -94,7 +94,8 @@ class PiSSA(Variant):
     # same function (parity tests), but its adapter only fits that residual base, so we export
     # the rank-2r change [sB, −sB0][A; A0] as a plain LoRA instead.
     peft = PeftMap("LORA", PEFT_LORA_TENSORS, lambda cfg, t: peft_lora_fields(cfg, t, init_lora_weights="pissa"),
-                   export=False, base=lambda layer, cfg: dense_weight(layer) - cfg.scale * layer.lora_B0 @ layer.lora_A0)
+                   export=False,
+                   base=lambda layer, cfg: dense_weight(layer) - cfg.scale * layer.lora_B0.float() @ layer.lora_A0.float())
     # the scale is folded into the init, so alpha = r (s = 1) as in the seed benchmark; the
     # additive form runs one rank-2r product
     bench = BenchSetting("pissa", lambda r, g: {"r": r, "alpha": float(r)},
