@@ -295,15 +295,16 @@ def rerun_markdown(before: dict, after: dict, name: str = "quality_rerun") -> st
     return note + _table(head, rows, "lrrrrrl" if diag else "lrrrrl")
 
 
-def _first_departure(a: list[float], b: list[float], tol: float) -> int | None:
-    """The first step (1-based) whose two logged training losses differ by more than tol."""
-    return next((t + 1 for t, (x, y) in enumerate(zip(a, b)) if abs(x - y) > tol), None)
+def _steps_together(a: list[float], b: list[float], tol: float) -> int:
+    """How many steps, from the first, two logged training-loss curves stay within tol."""
+    return next((t for t, (x, y) in enumerate(zip(a, b)) if abs(x - y) > tol), min(len(a), len(b)))
 
 
 def peft_pairs_markdown(data: dict, tol: float = 1e-3) -> str | None:
     """Each PEFT row beside our row of the same method, lr and knobs, seed by seed: test accuracy
-    and how long the two training-loss curves stay within `tol` of each other (same seed = same
-    data order, head init and adapter init RNG). None when the file has no such pair."""
+    and how long the two training-loss curves stay within `tol` of each other (same seed: the same
+    data order and head init; PEFT's row starts from our adapter tensors, `quality.prepare`).
+    None when the file has no such pair."""
     summaries = quality_rows(data)
     ours = {(s["row"], s["lr"], s["steps"], tuple(sorted(s["knobs"].items()))): s
             for s in summaries if s["lib"] == "lora-lite"}
@@ -319,8 +320,8 @@ def peft_pairs_markdown(data: dict, tol: float = 1e-3) -> str | None:
         for seed in seeds:
             co, cp = curves.get((o["row"], o["lr"], o["steps"], seed)), curves.get((p["row"], p["lr"], p["steps"], seed))
             if co and cp:
-                d = _first_departure(co["loss"], cp["loss"], tol)
-                departs.append(f"all {min(len(co['loss']), len(cp['loss']))}" if d is None else f"{d - 1}")
+                n, end = _steps_together(co["loss"], cp["loss"], tol), min(len(co["loss"]), len(cp["loss"]))
+                departs.append(f"all {n}" if n == end else str(n))
             else:
                 departs.append("—")
         rows.append([f"`{o['row']}`" + (f" ({_knob_text(o['knobs'])})" if o["knobs"] else ""), _sci(p["lr"]),
@@ -1070,10 +1071,9 @@ def blocks(results: Path) -> dict[str, str]:
         rerun = read_json(results / f"{name}.json")
         if quality and quality["runs"] and rerun and rerun["runs"]:
             out[block] = rerun_markdown(quality, rerun, name)
-    q600 = read_json(results / "quality_600.json")
-    pairs = peft_pairs_markdown(q600) if q600 and q600["runs"] else None
-    if pairs:
-        out["quality-600-peft"] = pairs
+        pairs = peft_pairs_markdown(rerun) if block == "quality-600" and rerun and rerun["runs"] else None
+        if pairs:
+            out["quality-600-peft"] = pairs
     sweep = read_json(results / "quality_sweep.json")
     if sweep and sweep["runs"]:
         out["quality-sweep"] = sweep_markdown(sweep)
