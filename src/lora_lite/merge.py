@@ -77,8 +77,8 @@ def scaled(model: nn.Module, c: float | torch.Tensor) -> Iterator[nn.Module]:
         with ll.scaled(model, c):
             out = model(input_ids, attention_mask=attention_mask)
     """
-    c = coefficient(c, "scaled(model, c)")
     state = state_of(unwrap(model))
+    c = coefficient(c, "scaled(model, c)", state.device)
     before = state.scale
     strength = _product(before, c)
     state.check_coefficient(strength, "scaled(model, c)")
