@@ -304,6 +304,7 @@ def test_merge_save_export_refuse_a_tensor(qwen, tmp_path):
             ll.merge(model)
         with pytest.raises(RuntimeError, match="inside ll.disabled / ll.scaled"):
             ll.export_peft(model, tmp_path / "peft")
+        assert "scale <coefficient tensor (4,)>" in str(ll.describe(model))
     ll.reconfigure(model, coeff=torch.tensor(C))
     with pytest.raises(RuntimeError, match=r"merge: coeff is a coefficient tensor.*reconfigure\(model, coeff=1.0\)"):
         ll.merge(model)
