@@ -349,3 +349,37 @@ def test_compile_takes_new_values_without_recompiling(qwen, case):
             qwen.out(compiled, batch)
         assert counter.frame_count == 2  # one more graph: coeff went from a float to a tensor
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,knob", [(p.values[0], "scaled") for p in CASE_PARAMS]
+                         + [(p.values[0], "coeff") for p in coeff_cases()])
+def test_training_gradients_are_the_sum_of_the_rows(qwen, case, knob):
+    """One backward through a batch with per-example c (both signs in one forward, as a
+    bidirectional steering loss has) gives the sum of the rows' gradients, each row run alone
+    with its float c."""
+    model = attached(qwen, case).train()
+    batch = four_rows(qwen)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def grads(c, rows):
+        for p in params.values():
+            p.grad = None
+        if knob == "coeff":
+            ll.reconfigure(model, coeff=c)
+            out = model(**rows).logits
+        else:
+            with ll.scaled(model, c):
+                out = model(**rows).logits
+        (out * rows["attention_mask"][..., None]).square().sum().backward()
+        if knob == "coeff":
+            ll.reconfigure(model, coeff=1.0)
+        return {n: p.grad.clone() for n, p in params.items()}
+
+    cs = [abs(c) for c in C] if getattr(state_of(model).cfg, "suppress_only", False) else C  # needs coeff >= 0
+    together = grads(torch.tensor(cs), batch)
+    alone = [grads(c, row(batch, i)) for i, c in enumerate(cs)]
+    assert any(g.abs().max() > 0 for g in together.values())
+    for n, g in together.items():
+        want = sum(a[n] for a in alone)  # zero by design where a clamp holds (antipasto_ablate's α)
+        assert (rel_err(g, want) <= 1e-5) if want.abs().max() > 0 else not g.abs().max(), n

@@ -66,7 +66,8 @@ class AttachState:
         self.per_row = tuple(v for v in values if isinstance(v, torch.Tensor))
 
     def refuse_per_row(self, what: str) -> None:
-        """Raise for an operation that needs one strength for the whole model (merge, export, save)."""
+        """Raise for an operation that needs one strength for the whole model (merge; save and
+        export refuse a coefficient tensor in the config through `to_dict`)."""
         for name, value in (("ll.scaled", self.scale),
                             *((f"{f}", getattr(self.cfg, f)) for f in self.variant.runtime_fields)):
             if isinstance(value, torch.Tensor):
