@@ -11,7 +11,7 @@ trains in every arm, the seeded "comparison" task, adapters on all 36 encoder li
 
   * Arms (`grid`): LoRA at r in LORA_RANKS (the frontier), IA3 and IA3-FF, HRA and LoRA-XS at
     the two SIZES each, and every variant whose benchmark setting is in the "svd" lr family
-    (`arms.svd_family`: the AntiPaSTO gain/rotation variants) at r in SVD_RANKS. An arm is its
+    (`arms.members("svd")`: the AntiPaSTO gain/rotation variants) at r in SVD_RANKS. An arm is its
     variant's benchmark setting (`BenchSetting.knobs`) with r set to its rank, so LoRA keeps
     alpha = 2r.
   * Learning rate: the three lrs of the arm's family in LRS run on the first seed; the one with
@@ -45,13 +45,14 @@ each (arm, lr, steps, schedule, seed) is one run with the run id of `lora_bench.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from . import adapters
-from .arms import arm_id, first_seed_sweep, frontier_run, lr_of, run_id, svd_family
+from .arms import arm_id, first_seed_sweep, frontier_run, lr_of, members, run_id
 from .common import environment, parse_list, read_json, write_json
 
 LORA_RANKS = (1, 2, 4, 8, 16)
@@ -79,6 +80,13 @@ def _sized(row: str, sizes) -> list[tuple[str, int | None]]:
     return [(row, r) for r in sizes]
 
 
+def _trainable(variant, d_in: int, d_out: int, cfg) -> int:
+    """Trainable parameters per target: as the variant counts them, else as its specs create them."""
+    if variant.params_per_layer is not None:
+        return variant.params_per_layer(d_in, d_out, cfg)
+    return sum(math.prod(s.shape) for s in variant.param_specs(d_in, d_out, cfg).values() if s.trainable)
+
+
 def grid(model, rows: list[str] | None = None, quick: bool = False) -> list[dict]:
     """Every arm: {"label", "row", "size", "knobs" (config fields), "params", "lrs"}, the LoRA
     frontier first. `params` counts the trainable adapter tensors the variant declares
@@ -94,7 +102,7 @@ def grid(model, rows: list[str] | None = None, quick: bool = False) -> list[dict
     else:
         wanted = [*_sized("lora", LORA_RANKS), ("ia3", None), ("ia3_ff", None),
                   *(arm for row, sizes in SIZES.items() for arm in _sized(row, sizes)),
-                  *(arm for row in svd_family() for arm in _sized(row, SVD_RANKS))]
+                  *(arm for row in members("svd") for arm in _sized(row, SVD_RANKS))]
     if rows:
         unknown = sorted(set(rows) - {row for row, _ in wanted})
         if unknown:
@@ -110,7 +118,7 @@ def grid(model, rows: list[str] | None = None, quick: bool = False) -> list[dict
         # pins r to its benchmark default (256) whatever rank it is given
         knobs = {**setting.knobs(size, geom), "r": size} if size is not None else {}
         cfg = adapters.make_config(row, size or 1, targets, geom, knobs)
-        params = sum(REGISTRY[row].at_target(name, cfg).params_per_layer(*dims(layer), cfg)
+        params = sum(_trainable(REGISTRY[row].at_target(name, cfg), *dims(layer), cfg)
                      for name, layer in find_targets(model, cfg))
         out.append({"label": f"{row}" + (f" r={size}" if size is not None else ""), "row": row, "size": size,
                     "knobs": knobs, "params": params, "lrs": list(LRS[setting.family])})

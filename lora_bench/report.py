@@ -722,11 +722,11 @@ def frontier_verdicts(rows: list[dict], n_test: int) -> tuple[list[dict], dict[s
 def frontier_claim_markdown(data: dict) -> str:
     """The README's short form of the frontier: the LoRA points and the SVD-family arms (the
     variants whose claim this tests) with their verdicts, then the fraction-of-parameters claim."""
-    from .arms import svd_family
+    from .arms import members
 
     rows = frontier_summary(data)
     lora, verdicts = frontier_verdicts(rows, data["protocol"]["n_test"])
-    svd = set(svd_family())
+    svd = set(members("svd"))
     shown = sorted((s for s in rows if s["complete"] and (s["row"] == "lora" or s["row"] in svd)),
                    key=lambda s: s["params"])
     waiting = [s["label"] for s in rows if not s["complete"]]

@@ -7,6 +7,7 @@ declares is a case, so a new variant is tested by every generic suite without an
     NEUTRAL       variant -> tensors to zero for an exact identity (deliberately non-identity inits)
     IDENTITY_TOL  variant -> {base dtype: relative tolerance of the identity at init}; absent = 0
     TRAINABLE     variant -> (d_in, d_out, cfg) -> trainable parameters per layer, as the paper counts
+                  (the variants that state it)
     CASE_PARAMS   CASES as pytest params: each variant's first example in the fast tier, the
                   others in the full tier only (marker slow)
 """
@@ -40,7 +41,7 @@ def _tables():
 CASES, NO_DATA, QWEN_ONLY = _tables()
 NEUTRAL = {n: v.neutral for n, v in REGISTRY.items() if v.neutral}
 IDENTITY_TOL = {n: dict(v.identity_tol) for n, v in REGISTRY.items() if v.identity_tol}
-TRAINABLE = {n: v.params_per_layer for n, v in REGISTRY.items()}
+TRAINABLE = {n: v.params_per_layer for n, v in REGISTRY.items() if v.params_per_layer is not None}
 
 
 def _params():

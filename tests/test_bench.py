@@ -28,9 +28,10 @@ def tiny():
     return cost.Setup("tiny", layers=2, batch_size=2, seq_len=12, n_calib=2, rank=4)
 
 
-def test_every_variant_family_has_an_lr_grid():
-    families = {s.family for s in adapters.settings().values()}
-    assert families and set(quality.FAMILY_GRID) >= families
+def test_every_row_has_an_ascending_positive_lr_grid():
+    for row in [*quality.ANCHORS, *adapters.settings()]:
+        lrs = quality.grid(row)
+        assert lrs and list(lrs) == sorted(set(lrs)) and lrs[0] > 0, row
 
 
 def test_available_lists_the_registry_and_refuses_unknown_names():

@@ -71,15 +71,21 @@ Class attributes say what the runtime must check or provide:
 What the rest of the code would otherwise list by variant name is declared here too, and read
 from the registry (interop, the generic test suites, the benchmark):
 
-    params_per_layer(d_in, d_out, cfg)  trainable parameters per target, as the paper counts them
-                        (tests compare it with what attach creates)
     identity_tol        {base dtype: max |y − y_base| / max |y_base| at init}; absent = bit for bit
     neutral             tensors to zero for an exact identity when identity_at_init is False
     renamed_tensors     {old name: name} of tensors renamed since a release: `ll.read` maps them
-    examples            {case name: Example}: small configs every generic suite runs
     peft                PeftMap: the same function as an HF PEFT method (tensor map, config
                         fields, import); None = no counterpart (export goes through low_rank_delta)
-    bench               BenchSetting: the benchmark's lr family, knobs and analytic MACs
+
+Optional declarations for the test suites and the benchmark (`register` fills the defaults, so
+a new variant needs none of them to attach, save, merge and export):
+
+    params_per_layer(d_in, d_out, cfg)  trainable parameters per target, as the paper counts them
+                        (tests compare it with what attach creates); default: None = not stated
+    examples            {case name: Example}: small configs every generic suite runs; default:
+                        one case named after the variant with the config's defaults
+    bench               BenchSetting: the benchmark's lr grid, knobs and analytic MACs; default:
+                        BenchSetting() (see its fields' defaults)
 """
 
 from __future__ import annotations
@@ -162,10 +168,7 @@ class Variant:
     examples: ClassVar[dict]
     peft: ClassVar[PeftMap | None] = None
     bench: ClassVar[BenchSetting]
-
-    @staticmethod
-    def params_per_layer(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        raise NotImplementedError
+    params_per_layer: ClassVar[Callable[[int, int, AdapterConfig], int] | None] = None
     kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
 
     delta: ClassVar[Callable | None] = None
@@ -294,21 +297,51 @@ class PeftMap:
     base: Callable[[Any, AdapterConfig], Any] | None = None
 
 
+# The quality benchmark's learning-rate grid for a variant that states none: LoRA's range.
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+
+
 @dataclass(frozen=True)
 class BenchSetting:
-    """The benchmark's default setting of a variant (lora_bench reads it).
+    """The benchmark's default setting of a variant (lora_bench reads it; the library never does).
 
-    family  learning-rate family (the quality benchmark sweeps one lr grid per family)
+    lrs     the learning rates the quality benchmark sweeps for this variant
     knobs   (rank, geometry) -> config fields; geometry has min_dim (the smallest target side)
-            and out_gcd (gcd of the targets' d_out)
-    macs    (d_in, d_out, cfg) -> (added MACs per token, added MACs per forward call)
+            and out_gcd (gcd of the targets' d_out). Default: {"r": rank} when the config has r,
+            else {}
+    macs    (d_in, d_out, cfg) -> (added MACs per token, added MACs per forward call). Default:
+            one MAC per adapter tensor value per token (`param_specs`), nothing per call
     peft    the benchmark's PEFT row for the same method (a PEFT_ROWS key of lora_bench), or None
+    family  rows with the same family share one lr choice in the sweep (a row and its PEFT
+            twin, or methods with the same update geometry); default: the variant's own name
     """
 
-    family: str
-    knobs: Callable[[int, object], dict]
-    macs: Callable[[int, int, AdapterConfig], tuple[int, int]]
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    knobs: Callable[[int, object], dict] | None = None
+    macs: Callable[[int, int, AdapterConfig], tuple[int, int]] | None = None
     peft: str | None = None
+    family: str | None = None
+
+    def __post_init__(self) -> None:
+        lrs = self.lrs
+        if not (isinstance(lrs, (tuple, list)) and lrs and all(isinstance(v, (int, float)) and v > 0 for v in lrs)
+                and list(lrs) == sorted(set(lrs))):
+            raise ValueError(f"BenchSetting.lrs must be ascending distinct positive learning rates, got {lrs!r}")
+
+
+def _bench_defaults(cls: type[Variant]) -> BenchSetting:
+    """`cls.bench` (or BenchSetting()) with every unstated field derived from the variant."""
+    s = getattr(cls, "bench", None) or BenchSetting()
+    has_r = "r" in cls.config.__dataclass_fields__
+
+    def knobs(rank, geom):
+        return {"r": rank} if has_r else {}
+
+    def macs(d_in, d_out, cfg):
+        return sum(math.prod(p.shape) for p in cls.param_specs(d_in, d_out, cfg).values()), 0
+
+    return dataclasses.replace(s, lrs=tuple(s.lrs), knobs=s.knobs or knobs, macs=s.macs or macs,
+                               family=s.family or cls.name)
 
 
 REGISTRY: dict[str, type[Variant]] = {}
@@ -346,13 +379,13 @@ def register(cls: type[Variant]) -> type[Variant]:
     unknown = set(cls.runtime_fields) - set(cfg_cls.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{cls.__name__}.runtime_fields names unknown config fields {sorted(unknown)}")
-    missing = [a for a in ("examples", "bench") if not hasattr(cls, a)]
-    if cls.params_per_layer is Variant.params_per_layer:
-        missing.append("params_per_layer")
-    if missing:
-        raise TypeError(f"{cls.__name__}: a variant declares {missing} (see lora_lite.variant)")
+    if not hasattr(cls, "examples"):
+        cls.examples = {name: Example({})}
     if not cls.examples or not all(isinstance(e, Example) for e in cls.examples.values()):
         raise TypeError(f"{cls.__name__}.examples must be a non-empty {{name: Example}}")
+    if getattr(cls, "bench", None) is not None and not isinstance(cls.bench, BenchSetting):
+        raise TypeError(f"{cls.__name__}.bench must be a BenchSetting")
+    cls.bench = _bench_defaults(cls)
     if cls.identity_at_init == bool(cls.neutral):
         raise ValueError(f"{cls.__name__}: `neutral` names the tensors to zero exactly when identity_at_init is False")
     if cls.uses_rank and "r" not in cfg_cls.__dataclass_fields__:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from ..config import RankConfig, knob
 from ..variant import BenchSetting, Example, ParamSpec, Variant, register
 from ._antipasto import (
-    TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, frozen_rank, gain_core, gain_delta, init_top_r,
+    SVD_LRS, TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, frozen_rank, gain_core, gain_delta, init_top_r,
     steering_coeff, svd_specs,
 )
 
@@ -73,4 +73,4 @@ class AntiPaSTO(Variant):
         "antipasto": Example({"r": 4, **TWO_BLOCKS}),
         "antipasto_suppress": Example({"r": 4, "suppress_only": True, "coeff": 0.5, **TWO_BLOCKS}, calibrate=False),
     }
-    bench = BenchSetting("svd", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0))
+    bench = BenchSetting(SVD_LRS, big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0), family="svd")

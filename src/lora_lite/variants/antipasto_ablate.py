@@ -123,4 +123,6 @@ class AntiPaSTOAblate(Variant):
     }
     # its own, smaller lr family: the strength α is clamped to [0, 1], and the family's large
     # gain steps push it past the bounds (straight-through, but it lingers there)
-    bench = BenchSetting("ablate", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.k, 0))
+    # a strength clamped at 0 has zero gradient below it: moderate steps
+    bench = BenchSetting((5e-4, 1e-3, 2e-3, 5e-3), big_rank,
+                         lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.k, 0), family="ablate")

@@ -89,5 +89,5 @@ class AntiPaSTODPLR(Variant):
     examples = {"antipasto_dplr": Example({"r": 8, "core_rank": 2, **TWO_BLOCKS})}
     # the rank-k core trains like a LoRA: its own lr family (the gain-only members want 10-50x
     # larger steps, at which the core diverges)
-    bench = BenchSetting("dplr", big_rank,
-                         lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.core_rank, 0))
+    bench = BenchSetting((1e-4, 3e-4, 1e-3, 3e-3), big_rank,
+                         lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.core_rank, 0), family="dplr")

@@ -102,5 +102,5 @@ class HRA(Variant):
         reads=("r",),
     )
     # compact WY: per token x Ûᵀ, · T⁻ᵀ, · Û (2r·d_in + r²); per call Û Ûᵀ and an r x r inverse
-    bench = BenchSetting("hra", lambda r, g: {"r": r - r % 2},
+    bench = BenchSetting((3e-5, 1e-4, 3e-4, 1e-3, 3e-3), lambda r, g: {"r": r - r % 2},
                          lambda i, o, c: (2 * c.r * i + c.r * c.r, c.r * c.r * i + c.r ** 3), peft="hra")
