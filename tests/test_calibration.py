@@ -9,6 +9,8 @@ adapted block 0 would change block 1's statistics and fail.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from lora_lite.calibration import collect_stats
 from lora_lite.runtime import state_of
 from lora_lite.targets import find_targets
 
+from cases import CASES, PRIMARY, variant
 from conftest import assert_untouched, rel_err, snapshot
 
 R = 4
@@ -267,18 +270,13 @@ def test_progress_bar_can_be_disabled(qwen, capsys):
         assert ("lora-lite calibration" in capsys.readouterr().err) == progress
 
 
-STEERABLE = {
-    "antipasto": lambda: ll.AntiPaSTOConfig(r=R, layers=(0, 1)),
-    "antipasto_corda": lambda: ll.AntiPaSTOCorDAConfig(r=R, layers=(0, 1)),
-    "antipasto_asvd": lambda: ll.AntiPaSTOASVDConfig(r=R, layers=(0, 1)),
-    "antipasto_ablate": lambda: ll.AntiPaSTOAblateConfig(r=R, k=2, layers=(0, 1)),
-    "antipasto_dplr": lambda: ll.AntiPaSTODPLRConfig(r=R, core_rank=2, layers=(0, 1)),
-}
+# every variant with a run-time steering coefficient, its primary case on two layers
+STEERABLE = [c for c in PRIMARY if "coeff" in variant(c).runtime_fields]
 
 
 @pytest.mark.parametrize("case", STEERABLE)
 def test_coeff_steers_an_attached_model(qwen, case, tmp_path):
-    cfg = STEERABLE[case]()
+    cfg = dataclasses.replace(CASES[case](qwen.targets), layers=(0, 1))
     data = qwen.calibration if ll.REGISTRY[cfg.variant].requires_calibration else None
     model = qwen.fresh()
     y0 = qwen.out(model)

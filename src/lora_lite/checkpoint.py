@@ -238,10 +238,6 @@ def read(path: str | os.PathLike) -> Adapter:
                 f"base parameter; the file was not written by lora-lite or was edited"
             )
         tensors[name][pname] = t
-    for per in tensors.values():
-        for old, new in variant_of(cfg).renamed_tensors.items():
-            if old in per and new not in per:
-                per[new] = per.pop(old)
     empty = [n for n, per in tensors.items() if not per]
     if empty:
         raise CheckpointError(f"{path}: target(s) {empty[:3]} have no adapter tensors")

@@ -411,6 +411,8 @@ def install(
             p.requires_grad_(True)
         for name, layer in targets:
             _add_hook(layer, variant.at_target(name, cfg), state, next(iter(state.specs[name])))
+        state.specs = {n: {p: dataclasses.replace(s, init=None) for p, s in specs.items()}
+                       for n, specs in state.specs.items()}  # inits ran; closures would not pickle
         setattr(model, STATE_ATTR, state)
     except BaseException:
         _remove_hooks(state)

@@ -73,7 +73,6 @@ from the registry (interop, the generic test suites, the benchmark):
 
     identity_tol        {base dtype: max |y − y_base| / max |y_base| at init}; absent = bit for bit
     neutral             tensors to zero for an exact identity when identity_at_init is False
-    renamed_tensors     {old name: name} of tensors renamed since a release: `ll.read` maps them
     peft                PeftMap: the same function as an HF PEFT method (tensor map, config
                         fields, import); None = no counterpart (export goes through low_rank_delta)
 
@@ -108,19 +107,21 @@ INITS = ("zeros", "ones", "near_zero", "near_one", "kaiming")
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One adapter tensor. `init` is a name from INITS or a callable filling the tensor in place.
+    """One adapter tensor. `init` is a name from INITS or a callable filling the tensor in place;
+    None leaves the values to whoever fills them (the attach state keeps its specs so, once the
+    tensors exist: a callable may be a closure, which a whole-model `torch.save` cannot pickle).
 
     Trainable specs become `nn.Parameter`s; frozen ones become persistent buffers when
     `as_buffer` (the default for frozen tensors) or frozen parameters otherwise.
     """
 
     shape: tuple[int, ...]
-    init: str | Callable[[torch.Tensor], object] = "zeros"
+    init: str | Callable[[torch.Tensor], object] | None = "zeros"
     trainable: bool = True
     as_buffer: bool | None = None
 
     def __post_init__(self) -> None:
-        if not callable(self.init) and self.init not in INITS:
+        if self.init is not None and not callable(self.init) and self.init not in INITS:
             raise ValueError(f"ParamSpec.init: unknown init {self.init!r}; use one of {INITS}")
         if self.trainable and self.as_buffer:
             raise ValueError("ParamSpec: a trainable tensor cannot be a buffer")
@@ -131,8 +132,10 @@ class ParamSpec:
 
 
 @torch.no_grad()
-def init_tensor(t: torch.Tensor, init: str | Callable[[torch.Tensor], object]) -> None:
+def init_tensor(t: torch.Tensor, init: str | Callable[[torch.Tensor], object] | None) -> None:
     """Fill `t` in place according to a ParamSpec init."""
+    if init is None:
+        return
     if callable(init):
         init(t)
     elif init == "zeros":
@@ -164,7 +167,6 @@ class Variant:
     scale_outside: ClassVar[bool] = False
     identity_tol: ClassVar[dict] = {}
     neutral: ClassVar[tuple[str, ...]] = ()
-    renamed_tensors: ClassVar[dict[str, str]] = {}
     examples: ClassVar[dict]
     peft: ClassVar[PeftMap | None] = None
     bench: ClassVar[BenchSetting]
@@ -393,8 +395,6 @@ def register(cls: type[Variant]) -> type[Variant]:
     if cls.scale_outside and not hasattr(cfg_cls, "scale"):
         raise TypeError(f"{cls.__name__}: scale_outside needs a config with alpha (subclass ScaledConfig)")
     fields = {f.name for f in dataclasses.fields(cfg_cls)}
-    if set(cfg_cls.retired_fields) & fields:
-        raise ValueError(f"{cfg_cls.__name__}.retired_fields names current fields {sorted(set(cfg_cls.retired_fields) & fields)}")
     undocumented = sorted(n for n in fields if not field_doc(cfg_cls, n))
     if undocumented:
         raise TypeError(f"{cfg_cls.__name__}: fields {undocumented} have no doc; declare them with "

@@ -41,7 +41,6 @@ class AntiPaSTOConfig(RankConfig):
     coeff: float = steering_coeff("the gain exponent, z = coeff·g (< 0 swaps suppress and amplify)")
     suppress_only: bool = knob(False, "hold g <= 0 (a straight-through clamp), so every gain stays in "
                                       "(0, 1]: directions are only suppressed; needs coeff >= 0")
-    retired_fields = ("alpha",)
 
     def check(self):
         if self.suppress_only and self.coeff < 0:

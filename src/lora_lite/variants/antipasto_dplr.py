@@ -38,7 +38,6 @@ class AntiPaSTODPLRConfig(AntiPaSTOConfig):
     variant: str = field(default="antipasto_dplr", init=False)
     core_rank: int = knob(8, "rank k of the core B A that mixes the r frozen directions; 1 <= k <= r "
                              "(no core is antipasto)")
-    renamed_fields = {"lora_rank": "core_rank"}  # its name in configs of lora-lite <= 0.1
 
     def check(self):
         super().check()

@@ -58,7 +58,6 @@ class AntiPaSTORotConfig(RankConfig):
     rotate_basis: Literal["V", "U", "both", "none"] = knob("V", (
         "which singular basis rotates: 'V' (input side), 'U' (output side), 'both' (each its own "
         "rotations), 'none' (only the additive δ_s)"))
-    retired_fields = ("alpha",)
 
     def check(self):
         name = type(self).__name__

@@ -49,7 +49,6 @@ class DeLoRAConfig(RankConfig):
     lambda0: float = knob(15.0, "initial bound λ of each rank-1 term (PEFT's delora_lambda); > 0. After "
                                 "one step ‖ΔW‖/‖W‖ ≈ λ0/√(r·d_in): aim for 0.01-0.05 (attach warns from "
                                 "0.05); the default is PEFT's")
-    retired_fields = ("alpha",)
 
     def check(self):
         if not self.lambda0 > 0:

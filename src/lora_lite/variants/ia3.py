@@ -33,7 +33,6 @@ class IA3Config(AdapterConfig):
     feedforward_modules: tuple[str, ...] = knob((), (
         "regexes (re.search on each target's full name): targets whose input is gated instead of "
         "the output (the paper's FFN placement, PEFT's feedforward_modules); each must match a target"))
-    retired_fields = ("r", "alpha")
 
     def check(self) -> None:
         for pattern in self.feedforward_modules:

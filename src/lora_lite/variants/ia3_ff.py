@@ -25,7 +25,6 @@ GAIN_LRS = (1e-3, 5e-3, 2e-2, 5e-2)  # the benchmark's lr grid of elementwise ga
 @dataclass(frozen=True, kw_only=True)
 class IA3FFConfig(AdapterConfig):
     variant: str = field(default="ia3_ff", init=False)
-    retired_fields = ("r", "alpha")
 
 
 @register

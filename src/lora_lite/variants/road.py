@@ -45,7 +45,6 @@ class RoadConfig(AdapterConfig):
         "for the cos and sin terms (2 per output)"))
     group_size: int = knob(64, "G: inside each group of G outputs, k pairs with k + G/2; even, >= 2, "
                                "and must divide every target's d_out")
-    retired_fields = ("r", "alpha")
 
     def check(self):
         if self.group_size < 2 or self.group_size % 2:
