@@ -8,6 +8,8 @@ A variant is a class of static functions (math only; no hooks, no model walking,
     advise(layers, cfg)                                  optional; once per attach, all targets:
                                                          warn about a config known to train badly
     init(layer, cfg, stats)                              optional; fill tensors from W / stats
+    init_shared(shared, cfg)                             optional; fill the tensors shared by all
+                                                         targets (ParamSpec shared=True), once
     delta(layer, cfg, x, y) -> Δy                        output hook: the layer returns y + Δy, or
     delta_input(layer, cfg, x) -> Δx                     input pre-hook: the layer runs on x + Δx
     gate(layer, cfg) -> g                                optional, for a delta (delta_input) that is
@@ -113,21 +115,33 @@ class ParamSpec:
 
     Trainable specs become `nn.Parameter`s; frozen ones become persistent buffers when
     `as_buffer` (the default for frozen tensors) or frozen parameters otherwise.
+
+    `shared`: one tensor for the whole adapter instead of one per target (VeRA's random
+    projections). Every target declares the shape it reads; the runtime creates one tensor of
+    the elementwise largest shape, initialised once (`init`, then the variant's `init_shared`),
+    and registers that same `nn.Parameter` on every target (as tied weights are), so the math
+    reads it as `layer.<name>`, sliced to its own leading block, and `.to()`, `copy.deepcopy`
+    and `torch.save` keep one tensor. A checkpoint stores it once.
     """
 
     shape: tuple[int, ...]
     init: str | Callable[[torch.Tensor], object] | None = "zeros"
     trainable: bool = True
     as_buffer: bool | None = None
+    shared: bool = False
 
     def __post_init__(self) -> None:
         if self.init is not None and not callable(self.init) and self.init not in INITS:
             raise ValueError(f"ParamSpec.init: unknown init {self.init!r}; use one of {INITS}")
         if self.trainable and self.as_buffer:
             raise ValueError("ParamSpec: a trainable tensor cannot be a buffer")
+        if self.shared and self.as_buffer:
+            raise ValueError("ParamSpec: a shared tensor is one Parameter tied across targets, not a buffer")
 
     @property
     def is_buffer(self) -> bool:
+        if self.shared:  # module buffers are converted per module by .to(); a tied Parameter stays one
+            return False
         return (not self.trainable) if self.as_buffer is None else self.as_buffer
 
 
@@ -200,6 +214,11 @@ class Variant:
     @staticmethod
     def init(layer: nn.Module, cfg: AdapterConfig, stats: dict | None) -> None:
         """Fill tensors that depend on W or on calibration statistics (ParamSpec inits ran)."""
+
+    @staticmethod
+    def init_shared(shared: dict[str, torch.Tensor], cfg: AdapterConfig) -> None:
+        """Fill the shared tensors {name: tensor} (ParamSpec shared=True) once per attach, after
+        their ParamSpec inits ran and before any per-target `init`."""
 
     @classmethod
     def change(cls, layer: nn.Module, cfg: AdapterConfig, x: torch.Tensor, y: torch.Tensor | None = None
@@ -287,6 +306,10 @@ class PeftMap:
     base      (target layer, cfg) -> the weight (d_out, d_in), fp32, that PEFT's base layer holds
               under this adapter when PEFT's init rewrites it (PiSSA: W − s·B0 A0); `copy_to_peft`
               writes it. None = PEFT leaves the pristine W
+    shared    ((our shared tensor, PEFT's model-level name), ...): tensors PEFT keeps once on its
+              tuner (VeRA's vera_A / vera_B, `base_model.<name>` in the saved file), same layout
+    kinds     the layer kinds PEFT's method adapts; None = interop's table for the method
+              (`PEFT_KINDS`: nn.Linear only unless listed)
     """
 
     method: str
@@ -297,6 +320,8 @@ class PeftMap:
     reads: tuple[str, ...] = ()
     combine: Callable[[dict[str, dict]], dict] | None = None
     base: Callable[[Any, AdapterConfig], Any] | None = None
+    shared: tuple[tuple[str, str], ...] = ()
+    kinds: tuple[str, ...] | None = None
 
 
 # The quality benchmark's learning-rate grid for a variant that states none: LoRA's range.
