@@ -21,7 +21,7 @@ from safetensors import safe_open
 peft = pytest.importorskip("peft")
 
 import lora_lite as ll  # noqa: E402
-from lora_lite.interop.peft import PEFT_KINDS, native_export  # noqa: E402
+from lora_lite.interop.peft import native_export, peft_kinds  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
 from lora_lite.targets import find_targets  # noqa: E402
 from lora_lite.variant import REGISTRY  # noqa: E402
@@ -52,7 +52,7 @@ def linear_only_in_peft(variant: str) -> bool:
     """PEFT has the variant's method for nn.Linear only: on GPT-2's Conv1D a low-rank change goes
     out as a plain LoRA, any other is refused."""
     m = REGISTRY[variant].peft
-    return m is not None and "conv1d" not in PEFT_KINDS.get(m.method, ("linear",))
+    return m is not None and "conv1d" not in peft_kinds(m)
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
@@ -78,7 +78,9 @@ def test_export_loads_in_peft_with_our_outputs(request, bench, case, tmp_path):
     for d in ("from_model", "from_file"):
         conf, tensors = read_dir(tmp_path / d)
         assert conf["peft_type"] == (REGISTRY[cfg.variant].peft.method if native else "LORA")
-        assert all(any(k.startswith(f"base_model.model.{t}.") for t in targets) for k in tensors)
+        shared = {f"base_model.{theirs}" for _, theirs in (REGISTRY[cfg.variant].peft.shared if native else ())}
+        assert all(any(k.startswith(f"base_model.model.{t}.") for t in targets) for k in tensors.keys() - shared)
+        assert shared <= tensors.keys()  # a tensor PEFT holds once per model, saved once
         assert sorted(conf["target_modules"]) == sorted(targets)
         if "fan_in_fan_out" in conf:
             assert conf["fan_in_fan_out"] == (bench == "gpt2")

@@ -22,7 +22,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import lora_lite as ll  # noqa: E402
-from lora_lite.interop.peft import PEFT_KINDS, copy_to_peft, peft_config, peft_methods  # noqa: E402
+from lora_lite.interop.peft import copy_to_peft, peft_config, peft_kinds, peft_methods  # noqa: E402
 from lora_lite.kinds import kind_of  # noqa: E402
 from lora_lite.quant import dense_weight  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
@@ -50,7 +50,7 @@ def bench(request):
 @pytest.mark.parametrize("case", PEFT_CASES)
 def test_same_tensors_give_same_outputs(bench, case):
     m = REGISTRY[CASES[case](()).variant].peft
-    if bench.kind == "gpt2" and "conv1d" not in PEFT_KINDS.get(m.method, ("linear",)):
+    if bench.kind == "gpt2" and "conv1d" not in peft_kinds(m):
         pytest.skip(f"PEFT 0.21 has {m.method} for nn.Linear only, not Conv1D")
     ours = bench.fresh()
     cfg = attach_case(bench, case, ours)

@@ -136,10 +136,15 @@ def test_save_detach_load_roundtrip(bench, case, tmp_path):
     path = tmp_path / "adapter.safetensors"
     ll.save(model, path)
 
-    expected = {f"{t}.{p}" for t, specs in state_of(model).specs.items() for p in specs}
+    specs = state_of(model).specs  # a shared tensor (ParamSpec shared=True) is stored once
+    expected = {f"shared.{p}" if s.shared else f"{t}.{p}" for t, per in specs.items() for p, s in per.items()}
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
+        stored = sum(f.get_tensor(k).numel() for k in keys)
     assert keys == expected
+    held = {id(t): t.numel() for t_name, layer in state_of(model).targets.items()
+            for t in (getattr(layer, p) for p in specs[t_name])}
+    assert stored == sum(held.values()), "the file holds each adapter tensor as often as memory does: once"
     assert not keys & set(bench.model.state_dict()), "the checkpoint holds base weights"
 
     ll.detach(model)
