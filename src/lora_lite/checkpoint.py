@@ -19,7 +19,7 @@ Adapter)` then checks the fit (targets, tensor names, shapes, dtypes, trained ba
 base fingerprints) before the model is touched, and fills it from those same in-memory tensors:
 no calibration data, no data-dependent init (frozen SVD factors and initial factors are in
 the file). Metadata is parsed as data (JSON, dtype names through an allow-list), nothing is
-executed or unpickled. Format 1 files (no hashes) still read, with a warning.
+executed or unpickled.
 
 Every file the library writes goes through `write_atomic`: a new file in the same folder
 (permissions from the umask, as a plain `open()` gives), fsync, then a rename over the target.
@@ -50,7 +50,7 @@ from .kinds import KINDS, kind_of
 from .runtime import (
     ensure_free, install, layer_specs, shared_specs, state_of, trainable_params, unwrap, validate, variant_of,
 )
-from .targets import named_linear_layers
+from .targets import targets_by_name
 
 try:
     from torch.distributed.tensor import DTensor
@@ -59,7 +59,7 @@ except ImportError:  # torch built without distributed support: nothing can be s
 
 FORMAT = "lora-lite"
 FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", FORMAT_VERSION)  # 1: no content hashes (loads with a warning)
+READABLE_VERSIONS = (FORMAT_VERSION,)
 # safetensors names of the config dtype allow-list
 _DTYPE_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 BASE = "base."  # key prefix of trained base parameters; adapter keys end in ".lora_*"
@@ -289,7 +289,7 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
     where, cfg = adapter.source, adapter.config
     variant = variant_of(cfg)
     names = adapter.targets
-    found, absent = named_linear_layers(model, names)
+    found, absent = targets_by_name(model, names)
     if absent:
         raise CheckpointError(
             f"{where}: {len(absent)} target(s) are not adaptable layers of this model, e.g. "
@@ -383,15 +383,6 @@ def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return _open(path, lambda f: {key: f.get_tensor(key) for key in f.keys()})
 
 
-def _read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
-    """Metadata and {key: (shape, dtype)} without reading tensor data (`lora-lite inspect`); the
-    same checks as `_read` but no integrity check, which needs the data."""
-    def shapes(f):
-        return {key: (tuple(f.get_slice(key).get_shape()), _DTYPE_CODES[f.get_slice(key).get_dtype()]) for key in f.keys()}
-
-    return _open(path, shapes)
-
-
 def _open(path: str, read):
     """(metadata, read(handle)) of a lora-lite checkpoint of a readable version whose tensors
     all have allowed dtypes; CheckpointError otherwise."""
@@ -432,28 +423,21 @@ _PEFT_HINT = ("an HF PEFT adapter folder (adapter_config.json), not a lora-lite 
 
 def _verify(path: str, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
     """Integrity (metadata and per-tensor sha256) and finiteness, before anything else is read."""
-    if meta["format_version"] == "1" and "sha256" not in meta and "metadata_sha256" not in meta:
-        warnings.warn(
-            f"{path}: a format-1 checkpoint records no content hashes, so its integrity cannot be "
-            f"verified; save it again with lora-lite {__version__} to add them",
-            stacklevel=3,
+    if meta.get("metadata_sha256") != _metadata_digest(meta):
+        raise CheckpointError(
+            f"{path}: the metadata does not match its recorded sha256 (metadata_sha256); the "
+            f"file is corrupted or was edited"
         )
-    else:
-        if meta.get("metadata_sha256") != _metadata_digest(meta):
+    hashes = _parse_json(path, meta, "sha256", dict)
+    if set(hashes) != set(tensors):
+        odd = sorted(set(hashes) ^ set(tensors))
+        raise CheckpointError(f"{path}: tensors and recorded hashes disagree on {odd[:3]}")
+    for key, t in tensors.items():
+        if hashes[key] != _digest(t):
             raise CheckpointError(
-                f"{path}: the metadata does not match its recorded sha256 (metadata_sha256); the "
-                f"file is corrupted or was edited"
+                f"{path}: tensor {key} does not match its recorded sha256; the file is "
+                f"corrupted or was edited"
             )
-        hashes = _parse_json(path, meta, "sha256", dict)
-        if set(hashes) != set(tensors):
-            odd = sorted(set(hashes) ^ set(tensors))
-            raise CheckpointError(f"{path}: tensors and recorded hashes disagree on {odd[:3]}")
-        for key, t in tensors.items():
-            if hashes[key] != _digest(t):
-                raise CheckpointError(
-                    f"{path}: tensor {key} does not match its recorded sha256; the file is "
-                    f"corrupted or was edited"
-                )
     for key, t in tensors.items():
         if not _finite(t):
             raise CheckpointError(f"{path}: tensor {key} holds non-finite values (NaN/Inf)")

@@ -66,13 +66,6 @@ def describe(path: str) -> dict:
     }
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _patterns(names: list[str]) -> list[str]:
     """Target names with block indices folded: 'model.layers.{0-3}.self_attn.q_proj'."""
     groups: dict[str, list[int]] = {}

@@ -38,7 +38,7 @@ from .targets import find_targets
 from .variant import REGISTRY, ParamSpec, Variant, init_tensor, like
 
 STATE_ATTR = "_lora_lite"
-PREFIX = "lora_"
+TENSOR_PREFIX = "lora_"  # every adapter tensor name starts with it
 
 
 @dataclass
@@ -268,8 +268,8 @@ def validate(
     ensure_free(model)
     for name, layer in targets:
         placed = variant.at_target(name, cfg)
-        leftover = [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(PREFIX)]
-        leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(PREFIX)]
+        leftover = [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(TENSOR_PREFIX)]
+        leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(TENSOR_PREFIX)]
         if leftover:
             raise RuntimeError(f"{name} already holds adapter tensors {leftover}; use a pristine model")
         check_kind(name, layer, variant)
@@ -617,8 +617,8 @@ def _remove_hooks(state: AttachState) -> None:
 def _create(layer: nn.Module, pname: str, spec: ParamSpec, dtype: torch.dtype,
             shared: nn.Parameter | None = None) -> None:
     """Register tensor `pname` on `layer`: a new one per `spec`, or the adapter's `shared` one."""
-    if not pname.startswith(PREFIX):
-        raise ValueError(f"adapter tensor names must start with {PREFIX!r}, got {pname!r}")
+    if not pname.startswith(TENSOR_PREFIX):
+        raise ValueError(f"adapter tensor names must start with {TENSOR_PREFIX!r}, got {pname!r}")
     if hasattr(layer, pname):
         raise RuntimeError(f"{type(layer).__name__} already has an attribute {pname!r}")
     if shared is not None:

@@ -10,7 +10,8 @@ A variant is a class of static functions (math only; no hooks, no model walking,
     init(layer, cfg, stats)                              optional; fill tensors from W / stats
     init_shared(shared, cfg)                             optional; fill the tensors shared by all
                                                          targets (ParamSpec shared=True), once
-    delta(layer, cfg, x, y) -> Δy                        output hook: the layer returns y + Δy, or
+    delta(layer, cfg, x, y) -> Δy                        output hook: the layer returns y + Δy
+                                                         (Δy / s with scale_outside, below), or
     delta_input(layer, cfg, x) -> Δx                     input pre-hook: the layer runs on x + Δx
     gate(layer, cfg) -> g                                optional, for a delta (delta_input) that is
                                                          y ⊙ (g − 1) (x ⊙ (g − 1)): the hook applies

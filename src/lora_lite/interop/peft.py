@@ -3,7 +3,8 @@
 What is PEFT-specific about a variant is declared in its own file, as `Variant.peft` (a
 `PeftMap`: PEFT's method, where each of our tensors lives in PEFT's layer and how it is laid
 out, the PEFT config fields of the same method, and how a saved PEFT adapter's config maps to
-ours). This module is the machinery over those declarations; it names no variant.
+ours). This module is the machinery over those declarations and PEFT's own LoRA layout (the
+form every other low-rank change exports as); it names and imports no variant.
 
 A saved PEFT adapter (`adapter_model.safetensors`) keys tensors `base_model.model.<module>.<path>`
 with ".default" dropped (and DoRA's magnitude as `lora_magnitude_vector`, no ".weight"), next to
@@ -50,12 +51,14 @@ from ..config import AdapterConfig
 from ..kinds import fused_parameters, is_transposed, kind_of
 from ..runtime import ensure_free, state_of, unwrap, variant_of
 from ..variant import REGISTRY, PeftMap
-from ..variants.lora import PEFT_LORA_TENSORS  # the plain-LoRA form every low-rank change exports as
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 MODEL_LEVEL = "base_model."  # a tensor PEFT's tuner holds once for the model (VeRA's vera_A): base_model.<name>
+# PEFT's LoRA layer: lora_A / lora_B Linear weights, our (r, d_in) / (d_out, r) layout; the plain
+# LoRA every low-rank change W_eff − W = B A exports as.
+LORA_LAYOUT = (("lora_A", "lora_A.default.weight", None), ("lora_B", "lora_B.default.weight", None))
 # Layer kinds each PEFT method adapts (the others PEFT has for nn.Linear only).
 PEFT_KINDS = {"LORA": ("linear", "conv1d", "embedding", "fused"), "IA3": ("linear", "conv1d")}
 # An embedding's LoRA pair: PEFT's in-layer paths for our lora_A / lora_B there.
@@ -282,7 +285,7 @@ def _low_rank_lora(cfg: AdapterConfig, layers: dict, kinds: dict[str, str]) -> t
     tensors = {}
     for name, (B, A) in factors.items():  # fp32, as low_rank_delta computes them
         lora = {"lora_A": A, "lora_B": B}
-        for path, t in _in_peft_layout(PEFT_LORA_TENSORS, SimpleNamespace(**lora), kinds[name]).items():
+        for path, t in _in_peft_layout(LORA_LAYOUT, SimpleNamespace(**lora), kinds[name]).items():
             tensors[f"{PREFIX}{_peft_module(name, kinds)}.{_file_key(path)}"] = t
     fields = dict(
         peft_type="LORA", r=k, lora_alpha=k, lora_dropout=0.0, target_modules=list(layers),
