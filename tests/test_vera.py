@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 import lora_lite as ll
+from lora_lite.cli import describe
 from lora_lite.runtime import state_of
 
 from conftest import assert_untouched, rel_err, snapshot
@@ -77,6 +78,9 @@ def test_checkpoint_holds_the_projections_once(qwen, tmp_path):
     shared = stored.pop("shared.lora_A") + stored.pop("shared.lora_B")
     assert shared == state.shared["lora_A"].numel() + state.shared["lora_B"].numel()
     assert sum(stored.values()) == trainable  # every other value is a trained one
+    seen = describe(str(tmp_path / "a.safetensors"))  # `lora-lite inspect`
+    assert (seen["trainable_parameters"], seen["stored_parameters"]) == (trainable, trainable + shared)
+    assert seen["tensors"]["shared.lora_A"]["count"] == 1 and not seen["tensors"]["shared.lora_A"]["trainable"]
 
 
 def test_copies_moves_and_detach_keep_one_projection_each(qwen):
