@@ -736,7 +736,7 @@ def frontier_claim_markdown(data: dict) -> str:
     out = ["| arm | trainable params | test accuracy (3 seeds) | vs LoRA frontier at equal params |",
            "| --- | ---: | ---: | --- |"]
     out += [f"| `{s['label']}` | {s['params']:,} | {_pm(s['mean'], s['std'])} | "
-            f"{'frontier' if s['row'] == 'lora' else verdicts[s['label']][0]} |" for s in shown]
+            f"{'frontier' if s['row'] == FRONTIER else verdicts[s['label']][0]} |" for s in shown]
     text = "\n".join(out) + "\n"
     if lora:
         text += "\n" + fraction_claim([s for s in rows if s["row"] != FRONTIER and s["complete"]], lora,

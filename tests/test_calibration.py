@@ -228,14 +228,16 @@ class _LinearLike(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-@pytest.mark.parametrize("case", [c for c in CALIBRATED if c != "eva"])
+@pytest.mark.parametrize("case", [c for c in PRIMARY if variant(c).needs_dense_weight])
 def test_weight_reading_variants_refuse_non_dense_layers_untouched(qwen, case):
     model = qwen.fresh()
     mlp = model.model.layers[0].mlp
     mlp.down_proj = _LinearLike(mlp.down_proj)
     before = snapshot(model)
     with pytest.raises(TypeError, match="needs torch.nn.Linear"):
-        ll.attach(model, CALIBRATED[case][0](()), calibration_data=qwen.calibration, progress=False)
+        cfg = CASES[case](())
+        data = qwen.calibration if variant(case).calibration_needs(cfg)[0] else None
+        ll.attach(model, cfg, calibration_data=data, progress=False)
     assert_untouched(model, before)
     ll.attach(model, ll.EVAConfig(r=R), calibration_data=qwen.calibration, progress=False)  # hook-only: fine
     assert hasattr(mlp.down_proj, "lora_A")
