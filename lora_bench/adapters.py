@@ -29,11 +29,6 @@ def settings() -> dict[str, BenchSetting]:
     later, e.g. by a test, is included)."""
     return {name: v.bench for name, v in REGISTRY.items()}
 
-PEFT_LABELS = {
-    "lora": "LoRA", "pissa": "PiSSA", "dora": "DoRA", "delora": "DeLoRA", "hra": "HRA",
-    "ia3": "IA3", "ia3_ff": "IA3 (feed-forward)", "road": "RoAd", "eva": "EVA",
-    "corda": "CorDA-init LoRA",
-}
 
 
 def available(names: list[str] | None = None, log: Callable[[str], None] = print) -> list[str]:

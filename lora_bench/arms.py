@@ -9,33 +9,28 @@ import statistics
 
 from . import adapters
 
-FAMILY_GRID = {
-    "head": (1e-3, 3e-3, 1e-2),
-    "full": (2e-5, 5e-5, 1e-4),
-    "lora": (3e-4, 5e-4, 1e-3, 3e-3),
-    "pissa": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),  # principal-subspace init: updates are large from step 0
-    "lora_xs": (1e-4, 3e-4, 1e-3, 4e-3, 1e-2),
-    "delora": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    "hra": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
-    "gain": (1e-3, 5e-3, 2e-2, 5e-2),
-    "road": (1e-3, 3e-3, 5e-3, 1e-2, 2e-2),  # rotation angles: unstable where IA3 gates are best
-    "svd": (1e-3, 5e-3, 2e-2, 5e-2),  # r scalar gains per layer: large steps
-    "ablate": (5e-4, 1e-3, 2e-3, 5e-3),  # a strength clamped at 0 with zero gradient below it
-    "dplr": (1e-4, 3e-4, 1e-3, 3e-3),
-}
-ANCHORS = {"head": "head", "full": "full", "peft:lora": "lora"}  # row -> family
+# The anchor rows are no variants: their lr grids are the benchmark's own. A variant row's grid
+# is what its file declares (`BenchSetting.lrs`); a PEFT row "peft:<variant>" takes its twin's.
+ANCHOR_GRID = {"head": (1e-3, 3e-3, 1e-2), "full": (2e-5, 5e-5, 1e-4)}
+ANCHORS = ("head", "full", "peft:lora")  # the reference rows, listed first
 SWEEP_SEED = 100
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 FRONTIER_SCHEDULE = "warmup_cosine"
 
 
-def svd_family() -> list[str]:
-    """Variants whose benchmark setting is in the "svd" lr family, in registry order."""
-    return [name for name, s in adapters.settings().items() if s.family == "svd"]
+def members(family_: str) -> list[str]:
+    """Variants whose benchmark setting is in lr family `family_`, in registry order."""
+    return [name for name, s in adapters.settings().items() if s.family == family_]
 
 
 def family(row: str) -> str:
-    return ANCHORS.get(row) or adapters.settings()[row.removeprefix("peft:")].family
+    """The lr family of a row: an anchor's own name, else its variant's (`BenchSetting.family`)."""
+    return row if row in ANCHOR_GRID else adapters.settings()[row.removeprefix("peft:")].family
+
+
+def grid(row: str) -> tuple[float, ...]:
+    """The lrs the sweep runs for a row (`ANCHOR_GRID`, else its variant's `BenchSetting.lrs`)."""
+    return ANCHOR_GRID.get(row) or adapters.settings()[row.removeprefix("peft:")].lrs
 
 
 def schedule_label(schedule: str, warmup: int) -> str:
@@ -62,7 +57,7 @@ def best_lrs(sweep: dict | None) -> dict[str, float]:
     grid count."""
     acc: dict[str, dict[str, dict[float, float]]] = {}
     for r in (sweep or {}).get("runs", []):
-        if r["lr"] in FAMILY_GRID[family(r["row"])]:  # a row moved to another family keeps its grid's lrs
+        if r["lr"] in grid(r["row"]):  # a row whose grid changed keeps only its current lrs
             acc.setdefault(family(r["row"]), {}).setdefault(r["row"], {})[r["lr"]] = r["acc"]
     chosen = {}
     for fam, per_row in acc.items():

@@ -451,7 +451,8 @@ def run_model(kind: str, shape: dict, p: dict, log=print, save=lambda partial: N
             stp = [s for _, s in times[key]]
             row = {
                 "group": label, "lib": lib, "variant": name,
-                "method": adapters.PEFT_LABELS.get(adapters.peft_method(name) or "", name) if name else lib,
+                # the method: its variant class's name (LoRA, DoRA, ...), for PEFT's row too
+                "method": ll.REGISTRY[name].__name__ if name in ll.REGISTRY else name or lib,
                 "params": trainable(built[key]),
                 "fwd_ms": 1e3 * statistics.median(fwd), "step_ms": 1e3 * statistics.median(stp),
                 **info[key],

@@ -9,13 +9,12 @@ The C2 setup of `lora_bench.quality` (pretrained MiniLM-L6, mean-pooled, a linea
 trains in every arm, the seeded "comparison" task, adapters on all 36 encoder linears), with a
 600-step linear warm-up + cosine schedule and this protocol:
 
-  * Arms (`grid`): LoRA at r in LORA_RANKS (the frontier), IA3 and IA3-FF, HRA and LoRA-XS at
-    the two SIZES each, and every variant whose benchmark setting is in the "svd" lr family
-    (`arms.svd_family`: the AntiPaSTO gain/rotation variants) at r in SVD_RANKS. An arm is its
-    variant's benchmark setting (`BenchSetting.knobs`) with r set to its rank, so LoRA keeps
-    alpha = 2r.
-  * Learning rate: the three lrs of the arm's family in LRS run on the first seed; the one with
-    the best VALIDATION accuracy (ties: the smaller lr) is the arm's lr (`arms.chosen_lr`), and
+  * Arms (`grid`, from results/frontier_grid.json): the frontier row at its ranks, further rows
+    at their sizes, and every member of a listed lr family (`arms.members`) at the family's
+    sizes. An arm is its variant's benchmark setting (`BenchSetting.knobs`) with r set to its
+    rank, so LoRA keeps alpha = 2r.
+  * Learning rate: the three lrs of the arm's family (the grid file's "lrs") run on the first
+    seed; the one with the best VALIDATION accuracy (ties: the smaller lr) is the arm's lr (`arms.chosen_lr`), and
     the remaining seeds run at it. When the best is the grid's top or bottom lr, one lr
     arms.EDGE_FACTOR past that edge runs first (`arms.first_seed_sweep`, at most arms.MAX_EDGE_STEPS
     times). The test split never enters the choice.
@@ -45,29 +44,18 @@ each (arm, lr, steps, schedule, seed) is one run with the run id of `lora_bench.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from . import adapters
-from .arms import arm_id, first_seed_sweep, frontier_run, lr_of, run_id, svd_family
+from .arms import arm_id, first_seed_sweep, frontier_run, lr_of, members, run_id
 from .common import environment, parse_list, read_json, write_json
 
-LORA_RANKS = (1, 2, 4, 8, 16)
-# HRA r·Σd_in = LoRA r/2·Σ(d_in + d_out) on MiniLM: r = 4, 16 sit at LoRA r = 2, 8's counts.
-# LoRA-XS (r² per layer): r = 16 is below the frontier's range, r = 64 inside it.
-SIZES = {"hra": (4, 16), "lora_xs": (16, 64)}
-SVD_RANKS = (32, 256)
-# Three lrs per family, about 2.5x apart, centred on the lr the C2 sweep and the 600-step
-# rerun (results/quality_sweep.md, results/quality_rerun.md) chose for the family.
-LRS = {
-    "lora": (2e-4, 5e-4, 1e-3),
-    "gain": (7e-3, 2e-2, 5e-2),
-    "hra": (4e-5, 1e-4, 3e-4),
-    "lora_xs": (1e-3, 4e-3, 1e-2),
-    "svd": (2e-3, 5e-3, 2e-2),
-}
+# Which arms, at which sizes and lrs: data (it names variants), read by `grid`
+GRID = Path(__file__).resolve().parents[1] / "results" / "frontier_grid.json"
 VAL_FRACTION = 0.1
 PROTOCOL_KEYS = ("task", "batch_size", "n_train", "n_val", "n_test", "val_fraction", "rank", "head_lr",
                  "calib_batches")
@@ -75,8 +63,21 @@ PROTOCOL_KEYS = ("task", "batch_size", "n_train", "n_val", "n_test", "val_fracti
 
 # ---- the grid -----------------------------------------------------------------------------------
 
-def _sized(row: str, sizes) -> list[tuple[str, int | None]]:
-    return [(row, r) for r in sizes]
+def _wanted(spec: list[dict]) -> list[tuple[str, int | None]]:
+    """(row, size) of every arm a grid spec lists: a row at its sizes (or none: no rank), or every
+    member of a family (`arms.members`) at the family's sizes."""
+    out = []
+    for entry in spec:
+        rows = [entry["row"]] if "row" in entry else members(entry["family"])
+        out += [(row, size) for row in rows for size in entry.get("sizes", [None])]
+    return out
+
+
+def _trainable(variant, d_in: int, d_out: int, cfg) -> int:
+    """Trainable parameters per target: as the variant counts them, else as its specs create them."""
+    if variant.params_per_layer is not None:
+        return variant.params_per_layer(d_in, d_out, cfg)
+    return sum(math.prod(s.shape) for s in variant.param_specs(d_in, d_out, cfg).values() if s.trainable)
 
 
 def grid(model, rows: list[str] | None = None, quick: bool = False) -> list[dict]:
@@ -89,12 +90,8 @@ def grid(model, rows: list[str] | None = None, quick: bool = False) -> list[dict
 
     from .models import TARGETS
 
-    if quick:
-        wanted = [("lora", 1), ("lora", 2), ("ia3", None)]
-    else:
-        wanted = [*_sized("lora", LORA_RANKS), ("ia3", None), ("ia3_ff", None),
-                  *(arm for row, sizes in SIZES.items() for arm in _sized(row, sizes)),
-                  *(arm for row in svd_family() for arm in _sized(row, SVD_RANKS))]
+    spec = read_json(GRID)
+    wanted = _wanted(spec["quick" if quick else "arms"])
     if rows:
         unknown = sorted(set(rows) - {row for row, _ in wanted})
         if unknown:
@@ -110,10 +107,10 @@ def grid(model, rows: list[str] | None = None, quick: bool = False) -> list[dict
         # pins r to its benchmark default (256) whatever rank it is given
         knobs = {**setting.knobs(size, geom), "r": size} if size is not None else {}
         cfg = adapters.make_config(row, size or 1, targets, geom, knobs)
-        params = sum(REGISTRY[row].at_target(name, cfg).params_per_layer(*dims(layer), cfg)
+        params = sum(_trainable(REGISTRY[row].at_target(name, cfg), *dims(layer), cfg)
                      for name, layer in find_targets(model, cfg))
         out.append({"label": f"{row}" + (f" r={size}" if size is not None else ""), "row": row, "size": size,
-                    "knobs": knobs, "params": params, "lrs": list(LRS[setting.family])})
+                    "knobs": knobs, "params": params, "lrs": list(spec["lrs"][setting.family])})
     return out
 
 

@@ -47,12 +47,12 @@ from pathlib import Path
 import torch
 
 from . import adapters
-from .common import environment, write_json
+from .common import environment, read_json, write_json
 
 PROMPT = "Question: {query} Think step by step.\nAnswer:"
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
-LR_BY_FAMILY = {"svd": 5e-3, "dplr": 5e-3, "delora": 1e-3, "gain": 5e-3}  # else 1e-4 (SPEC B6.1)
-CALIBRATION_BATCHES = {"eva": 4}  # else 64 (SPEC B6.1)
+# SPEC B6.1's lr per family and calibration batches per variant (data, not code)
+PROTOCOL = Path(__file__).resolve().parents[1] / "results" / "gsm8k_protocol.json"
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -298,7 +298,8 @@ def run(a) -> dict:
     kind, required = ll.REGISTRY[cfg.variant].calibration_needs(cfg)
     calibration = None
     if required or (a.calibrate_optional and kind):
-        n = CALIBRATION_BATCHES.get(a.variant, 64)
+        proto = read_json(PROTOCOL)
+        n = proto["calibration_batches"].get(a.variant, proto["default_calibration_batches"])
         calibration = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in
                        (next(batches) for _ in range(n))]
         batches = training_batches(tok, train_rows, a.batch_size, a.max_seq_length, device)
@@ -315,7 +316,8 @@ def run(a) -> dict:
     print(f"{a.variant}: {params:,} trainable params, +{per_token:,} MACs/token, "
           f"fwd {fwd_ms:.1f} ms, fwd+bwd {fwd_bwd_ms:.1f} ms, init {init_s:.2f} s", flush=True)
 
-    lr = a.lr or LR_BY_FAMILY.get(adapters.settings()[a.variant].family, 1e-4)
+    proto = read_json(PROTOCOL)
+    lr = a.lr or proto["lr_by_family"].get(adapters.settings()[a.variant].family, proto["default_lr"])
     t0 = time.perf_counter()
     stats = train(model, batches, steps=a.steps, grad_accum=a.grad_accum, lr=lr, log_every=a.log_every)
     train_s = time.perf_counter() - t0

@@ -32,7 +32,8 @@ STEER_COEFFS through `ll.scaled(model, c)` (y + c·Δy at every target; 0 is the
 the trained head) and, where the variant has a run-time `coeff`, through `ll.reconfigure(model,
 coeff=c·coeff)`; stored as the run's "steer" record (`--no-steer` skips it).
 
-Learning rates: each row is swept over its family's grid (FAMILY_GRID) on seed 100 and
+Learning rates: each row is swept over its lr grid (`arms.grid`: the variant's
+`BenchSetting.lrs`) on seed 100 and
 --sweep-steps steps, scored on a held-out set re-sampled with that seed; the final run uses
 the lr with the best mean accuracy over the rows of each family (`best_lrs`) unless `--lr`
 says otherwise. Runs are appended
@@ -57,7 +58,7 @@ from lora_lite.interop.peft import copy_to_peft, peft_methods
 
 from . import adapters
 from .arms import (  # noqa: F401  (re-exported: the run ids and lr choice live in arms.py)
-    ANCHORS, FAMILY_GRID, SCHEDULES, SWEEP_SEED, arm_id, best_lrs, family, run_id, schedule_label,
+    ANCHORS, SCHEDULES, SWEEP_SEED, arm_id, best_lrs, family, grid, run_id, schedule_label,
 )
 from .common import environment, parse_list, read_json, write_json
 
@@ -364,9 +365,9 @@ def plan(a, chosen: dict[str, float]) -> list[dict]:
     check_knobs(knobs, row_names)
     for seed in [SWEEP_SEED] if a.sweep else [int(s) for s in parse_list(a.seeds)]:
         for row in row_names:
-            grid = FAMILY_GRID[family(row)]
-            default = chosen.get(family(row), grid[(len(grid) - 1) // 2])
-            lrs = per_row.get(row) or every or (list(grid) if a.sweep else [default])
+            lrs_ = grid(row)
+            default = chosen.get(family(row), lrs_[(len(lrs_) - 1) // 2])
+            lrs = per_row.get(row) or every or (list(lrs_) if a.sweep else [default])
             for k in knob_arms(row, knobs):
                 for lr in lrs:
                     todo.append({"row": row, "knobs": k, "seed": seed, "lr": lr, "steps": a.steps,

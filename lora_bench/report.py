@@ -19,6 +19,7 @@ from pathlib import Path
 from .common import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
+FRONTIER = read_json(ROOT / "results" / "frontier_grid.json")["frontier"]  # the frontier's row
 OPTIONAL_BLOCKS = {"frontier", "frontier-claim", "frontier-steering"}  # results/frontier.md stands alone until a doc has markers
 DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")  # where the generated blocks live
 ANCHOR_LABELS = {"head": "head-only", "full": "full fine-tune", "peft:lora": "PEFT LoRA"}
@@ -471,25 +472,26 @@ def steering_plot(data: dict, path: Path) -> bool:
 
 # ---- ablations ----------------------------------------------------------------------------------
 
-# The seed's single-seed GSM8K results (SPEC B6.2) for the arms it ablated, to compare orderings.
-SEED_GSM8K = {
-    ("antipasto_rot", "rotate_basis=V"): 57.2, ("antipasto_rot", "rotate_basis=U"): 56.5,
-    ("antipasto_rot", "rotate_basis=both"): 55.6,
-    ("antipasto", ""): 56.0, ("antipasto_asvd", ""): 55.6, ("antipasto_corda", ""): 54.7,
-}
+def seed_gsm8k(results: Path) -> dict[tuple[str, str], float]:
+    """{(row, knob text): GSM8K %} of the seed's single-seed results (results/seed_gsm8k.json)."""
+    data = read_json(results / "seed_gsm8k.json") or {"arms": []}
+    return {(a["row"], a["knobs"]): a["gsm8k"] for a in data["arms"]}
+
+
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # df -> t
 
 
-def ablation_markdown(name: str, data: dict) -> str:
+def ablation_markdown(name: str, data: dict, seed_results: dict[tuple[str, str], float] | None = None) -> str:
     """One ablation: per arm mean ± std over seeds, the paired difference to the first arm
-    (mean ± std of per-seed differences, t = mean / (std/√n)) and init time."""
+    (mean ± std of per-seed differences, t = mean / (std/√n)), init time and the seed's GSM8K
+    result of the same arm (`seed_gsm8k`)."""
     summary = quality_rows(data, requested_first=True)  # the first requested arm is the reference
     if not summary:
         return ""
     ref = summary[0]
     rows = []
     for s in summary:
-        seed = SEED_GSM8K.get((s["row"], _knob_text(s["knobs"])))
+        seed = (seed_results or {}).get((s["row"], _knob_text(s["knobs"])))
         if s is ref:
             diff, t, sig = "(reference)", "", ""
         else:
@@ -519,7 +521,8 @@ def ablation_markdown(name: str, data: dict) -> str:
 
 def ablations(results: Path) -> str | None:
     files = sorted(results.glob("ablation_*.json"))
-    parts = [ablation_markdown(f.stem.removeprefix("ablation_"), read_json(f)) for f in files]
+    seed = seed_gsm8k(results)
+    parts = [ablation_markdown(f.stem.removeprefix("ablation_"), read_json(f), seed) for f in files]
     parts = [x for x in parts if x]
     return "\n".join(parts) if parts else None
 
@@ -712,31 +715,31 @@ def fraction_claim(rows: list[dict], lora: list[dict], n_test: int | None = None
 def frontier_verdicts(rows: list[dict], n_test: int) -> tuple[list[dict], dict[str, tuple[str, str]]]:
     """(the finished LoRA arms, {label: (cell, sentence)} for every other finished arm). Only
     finished arms (every seed at the chosen lr) are compared: one seed has no spread to read."""
-    lora = [s for s in rows if s["row"] == "lora" and s["complete"]]
+    lora = [s for s in rows if s["row"] == FRONTIER and s["complete"]]
     if not lora:
         return [], {}
     return lora, {s["label"]: frontier_statement(s, lora, n_test)
-                  for s in rows if s["row"] != "lora" and s["complete"]}
+                  for s in rows if s["row"] != FRONTIER and s["complete"]}
 
 
 def frontier_claim_markdown(data: dict) -> str:
     """The README's short form of the frontier: the LoRA points and the SVD-family arms (the
     variants whose claim this tests) with their verdicts, then the fraction-of-parameters claim."""
-    from .arms import svd_family
+    from .arms import members
 
     rows = frontier_summary(data)
     lora, verdicts = frontier_verdicts(rows, data["protocol"]["n_test"])
-    svd = set(svd_family())
-    shown = sorted((s for s in rows if s["complete"] and (s["row"] == "lora" or s["row"] in svd)),
+    svd = set(members("svd"))
+    shown = sorted((s for s in rows if s["complete"] and (s["row"] == FRONTIER or s["row"] in svd)),
                    key=lambda s: s["params"])
     waiting = [s["label"] for s in rows if not s["complete"]]
     out = ["| arm | trainable params | test accuracy (3 seeds) | vs LoRA frontier at equal params |",
            "| --- | ---: | ---: | --- |"]
     out += [f"| `{s['label']}` | {s['params']:,} | {_pm(s['mean'], s['std'])} | "
-            f"{'frontier' if s['row'] == 'lora' else verdicts[s['label']][0]} |" for s in shown]
+            f"{'frontier' if s['row'] == FRONTIER else verdicts[s['label']][0]} |" for s in shown]
     text = "\n".join(out) + "\n"
     if lora:
-        text += "\n" + fraction_claim([s for s in rows if s["row"] != "lora" and s["complete"]], lora,
+        text += "\n" + fraction_claim([s for s in rows if s["row"] != FRONTIER and s["complete"]], lora,
                                       data["protocol"]["n_test"]) + "\n"
     if waiting:
         text += (f"\nNot finished (`python -m lora_bench frontier --jobs 2` resumes them): "
@@ -755,7 +758,7 @@ def frontier_markdown(data: dict) -> str:
         tried = ", ".join(f"**{_sci(lr)}: {acc:.3f}**" if lr == s["lr"] else f"{_sci(lr)}: {acc:.3f}"
                           for lr, acc in sorted(s["scores"].items()))
         acc = f"{_pm(s['mean'], s['std'])} ({len(s['accs'])})" if s["mean"] is not None else "lr not chosen yet"
-        where = "frontier" if s["row"] == "lora" else verdicts.get(s["label"], ("",))[0]
+        where = "frontier" if s["row"] == FRONTIER else verdicts.get(s["label"], ("",))[0]
         chosen = "" if s["lr"] is None else _sci(s["lr"]) + (" (edge†)" if s["capped"] else "")
         table.append(f"| `{s['label']}` | {s['params']:,} | {acc} | {chosen} | {tried or '—'} | {where} |")
     r0, rest = data["runs"][0], ",".join(map(str, data["seeds"][1:])) or "—"
@@ -782,7 +785,7 @@ def frontier_markdown(data: dict) -> str:
                 "seed is below, mixed otherwise):\n\n")
         out += "".join(f"- {text}\n" for _, text in verdicts.values())
     if lora:
-        out += "\n" + fraction_claim([s for s in rows if s["row"] != "lora" and s["complete"]], lora,
+        out += "\n" + fraction_claim([s for s in rows if s["row"] != FRONTIER and s["complete"]], lora,
                                       p["n_test"]) + "\n"
     return out
 
@@ -799,14 +802,14 @@ def frontier_plot(data: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 5.8))
-    lora = sorted((s for s in rows if s["row"] == "lora"), key=lambda s: s["params"])
+    lora = sorted((s for s in rows if s["row"] == FRONTIER), key=lambda s: s["params"])
     if lora:
         ax.errorbar([s["params"] for s in lora], [s["mean"] for s in lora], yerr=[s["std"] for s in lora],
                     fmt="o-", color="black", capsize=3, lw=1.5, label="LoRA frontier")
         for s in lora:
             ax.annotate(f"r={s['size']}", (s["params"], s["mean"]), xytext=(4, -12), textcoords="offset points",
                         fontsize=8)
-    others = [s for s in rows if s["row"] != "lora"]
+    others = [s for s in rows if s["row"] != FRONTIER]
     markers, cmap, styles = "sD^v<>pP*Xh", plt.get_cmap("tab10"), {}
     # arms with nearly equal counts (e.g. r = 256 gains and LoRA-XS r = 16) spread sideways and
     # stack their labels, so each stays readable; the table has the exact numbers

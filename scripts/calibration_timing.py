@@ -35,22 +35,21 @@ from lora_lite.tasks import make_split
 from lora_lite.demo import load_minilm
 from lora_lite.runtime import state_of
 from lora_lite.targets import find_targets
+from lora_bench.adapters import geometry
 
 TARGETS = (r"^encoder\.",)
 
 
-def variants(r: int) -> dict:
-    """Each new variant with its calibrated path (optional-data variants get data too)."""
-    t = TARGETS
-    return {
-        "eva": ll.EVAConfig(r=r, alpha=2 * r, target_names=t),
-        "antipasto": ll.AntiPaSTOConfig(r=r, target_names=t),
-        "antipasto_rot": ll.AntiPaSTORotConfig(r=r, block_size=4, target_names=t),
-        "antipasto_corda": ll.AntiPaSTOCorDAConfig(r=r, target_names=t),
-        "antipasto_asvd": ll.AntiPaSTOASVDConfig(r=r, target_names=t),
-        "antipasto_ablate": ll.AntiPaSTOAblateConfig(r=r, cov_orient=True, target_names=t),
-        "antipasto_dplr": ll.AntiPaSTODPLRConfig(r=r, core_rank=4, target_names=t),
-    }
+def variants(r: int, geometry) -> dict:
+    """Every variant that reads calibration statistics, in its benchmark setting at rank r, with
+    its calibrated path (optional-data variants get data too)."""
+    out = {}
+    for name, v in ll.REGISTRY.items():
+        knobs = {**v.bench.knobs(r, geometry), "r": r}
+        cfg = ll.AdapterConfig.from_dict({"variant": name, **knobs, "target_names": list(TARGETS)})
+        if v.calibration_needs(cfg)[0] is not None:
+            out[name] = cfg
+    return out
 
 
 
@@ -94,7 +93,7 @@ def main() -> None:
             return model(**held_out).last_hidden_state
 
     y0 = out(base)
-    cfgs = variants(args.rank)
+    cfgs = variants(args.rank, geometry(base, TARGETS))
     rows = {}
     for name, cfg in cfgs.items():  # errors (one attach each)
         model = copy.deepcopy(base)
@@ -122,7 +121,7 @@ def main() -> None:
         rows[name] = row
         print(name, {k: f"{v:.2e}" for k, v in row.items()}, flush=True)
 
-    names = [n for n, _ in find_targets(base, cfgs["eva"])]
+    names = [n for n, _ in find_targets(base, next(iter(cfgs.values())))]
     lora_kw = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=names, lora_dropout=0.0)
     eva_cfg = peft.LoraConfig(**lora_kw, init_lora_weights="eva",
                               eva_config=peft.EvaConfig(rho=1.0, whiten=False, use_label_mask=False))

@@ -7,8 +7,15 @@ declares is a case, so a new variant is tested by every generic suite without an
     NEUTRAL       variant -> tensors to zero for an exact identity (deliberately non-identity inits)
     IDENTITY_TOL  variant -> {base dtype: relative tolerance of the identity at init}; absent = 0
     TRAINABLE     variant -> (d_in, d_out, cfg) -> trainable parameters per layer, as the paper counts
+                  (the variants that state it)
     CASE_PARAMS   CASES as pytest params: each variant's first example in the fast tier, the
                   others in the full tier only (marker slow)
+    PRIMARY       each variant's first example, in registry order
+    variant(case) the variant class of a case
+    HOOK_KINDS    the first variant's primary case of each hook kind (output, input pre-hook,
+                  gate, a run-time field): suites too slow for every case run these in the fast
+                  tier
+    primary_params()  PRIMARY as pytest params: HOOK_KINDS in the fast tier, the others slow
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ def _tables():
 CASES, NO_DATA, QWEN_ONLY = _tables()
 NEUTRAL = {n: v.neutral for n, v in REGISTRY.items() if v.neutral}
 IDENTITY_TOL = {n: dict(v.identity_tol) for n, v in REGISTRY.items() if v.identity_tol}
-TRAINABLE = {n: v.params_per_layer for n, v in REGISTRY.items()}
+TRAINABLE = {n: v.params_per_layer for n, v in REGISTRY.items() if v.params_per_layer is not None}
 
 
 def _params():
@@ -49,3 +56,31 @@ def _params():
 
 
 CASE_PARAMS = _params()
+PRIMARY = [next(iter(v.examples)) for v in REGISTRY.values()]
+
+
+def variant(case: str):
+    """The registered variant class a case attaches."""
+    return REGISTRY[CASES[case](()).variant]
+
+
+def _hook_kind(v) -> str:
+    if v.runtime_fields:
+        return "runtime field"
+    if v.gate is not None:
+        return "gate"
+    return "input" if v.delta_input is not None else "output"
+
+
+def _first_per_hook_kind() -> list[str]:
+    first: dict[str, str] = {}
+    for v in REGISTRY.values():
+        first.setdefault(_hook_kind(v), next(iter(v.examples)))
+    return list(first.values())
+
+
+HOOK_KINDS = _first_per_hook_kind()
+
+
+def primary_params():
+    return [pytest.param(c, marks=() if c in HOOK_KINDS else pytest.mark.slow) for c in PRIMARY]

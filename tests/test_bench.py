@@ -28,9 +28,10 @@ def tiny():
     return cost.Setup("tiny", layers=2, batch_size=2, seq_len=12, n_calib=2, rank=4)
 
 
-def test_every_variant_family_has_an_lr_grid():
-    families = {s.family for s in adapters.settings().values()}
-    assert families and set(quality.FAMILY_GRID) >= families
+def test_every_row_has_an_ascending_positive_lr_grid():
+    for row in [*quality.ANCHORS, *adapters.settings()]:
+        lrs = quality.grid(row)
+        assert lrs and list(lrs) == sorted(set(lrs)) and lrs[0] > 0, row
 
 
 def test_available_lists_the_registry_and_refuses_unknown_names():
@@ -286,7 +287,7 @@ def test_ablation_report_pairs_arms_by_seed():
             for b, accs in (("V", (0.6, 0.7, 0.8)), ("U", (0.7, 0.7, 0.9))) for s, acc in zip((0, 1, 2), accs)]
     data = {"protocol": {"batch_size": 4, "rank": 16, "task": "comparison"}, "env": {"cpu": "x", "cuda": None},
             "runs": runs, "arms": []}
-    md = report.ablation_markdown("rot", data)
+    md = report.ablation_markdown("rot", data, report.seed_gsm8k(ROOT / "results"))
     diffs = [0.1, 0.0, 0.1]  # U − V per seed
     m, sd = sum(diffs) / 3, torch.tensor(diffs).std().item()
     assert f"{m:+.3f} ± {sd:.3f} (n=3)" in md

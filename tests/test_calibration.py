@@ -9,6 +9,8 @@ adapted block 0 would change block 1's statistics and fail.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from lora_lite.calibration import collect_stats
 from lora_lite.runtime import state_of
 from lora_lite.targets import find_targets
 
+from cases import CASES, PRIMARY, variant
 from conftest import assert_untouched, rel_err, snapshot
 
 R = 4
@@ -225,14 +228,16 @@ class _LinearLike(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-@pytest.mark.parametrize("case", [c for c in CALIBRATED if c != "eva"])
+@pytest.mark.parametrize("case", [c for c in PRIMARY if variant(c).needs_dense_weight])
 def test_weight_reading_variants_refuse_non_dense_layers_untouched(qwen, case):
     model = qwen.fresh()
     mlp = model.model.layers[0].mlp
     mlp.down_proj = _LinearLike(mlp.down_proj)
     before = snapshot(model)
     with pytest.raises(TypeError, match="needs torch.nn.Linear"):
-        ll.attach(model, CALIBRATED[case][0](()), calibration_data=qwen.calibration, progress=False)
+        cfg = CASES[case](())
+        data = qwen.calibration if variant(case).calibration_needs(cfg)[0] else None
+        ll.attach(model, cfg, calibration_data=data, progress=False)
     assert_untouched(model, before)
     ll.attach(model, ll.EVAConfig(r=R), calibration_data=qwen.calibration, progress=False)  # hook-only: fine
     assert hasattr(mlp.down_proj, "lora_A")
@@ -267,18 +272,13 @@ def test_progress_bar_can_be_disabled(qwen, capsys):
         assert ("lora-lite calibration" in capsys.readouterr().err) == progress
 
 
-STEERABLE = {
-    "antipasto": lambda: ll.AntiPaSTOConfig(r=R, layers=(0, 1)),
-    "antipasto_corda": lambda: ll.AntiPaSTOCorDAConfig(r=R, layers=(0, 1)),
-    "antipasto_asvd": lambda: ll.AntiPaSTOASVDConfig(r=R, layers=(0, 1)),
-    "antipasto_ablate": lambda: ll.AntiPaSTOAblateConfig(r=R, k=2, layers=(0, 1)),
-    "antipasto_dplr": lambda: ll.AntiPaSTODPLRConfig(r=R, core_rank=2, layers=(0, 1)),
-}
+# every variant with a run-time steering coefficient, its primary case on two layers
+STEERABLE = [c for c in PRIMARY if "coeff" in variant(c).runtime_fields]
 
 
 @pytest.mark.parametrize("case", STEERABLE)
 def test_coeff_steers_an_attached_model(qwen, case, tmp_path):
-    cfg = STEERABLE[case]()
+    cfg = dataclasses.replace(CASES[case](qwen.targets), layers=(0, 1))
     data = qwen.calibration if ll.REGISTRY[cfg.variant].requires_calibration else None
     model = qwen.fresh()
     y0 = qwen.out(model)

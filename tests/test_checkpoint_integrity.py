@@ -1,10 +1,9 @@
-"""Checkpoint integrity: recorded hashes, refusal of corrupted or non-finite tensors, format 1."""
+"""Checkpoint integrity: recorded hashes, refusal of corrupted or non-finite tensors and of other versions."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 
 import pytest
 import torch
@@ -132,55 +131,11 @@ def test_save_refuses_a_diverged_adapter_and_keeps_the_previous_file(saved):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
-def _as_format_1(path, dst, edit_tensors=None):
-    """The same checkpoint as lora-lite 0.1 wrote it: version 1, no hash entries."""
-    meta, tensors = read(path)
-    meta = {k: v for k, v in meta.items() if k not in ("sha256", "metadata_sha256")}
-    meta["format_version"] = "1"
-    if edit_tensors:
-        edit_tensors(tensors)
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
-
-
-def test_format_1_loads_with_a_warning(saved, tmp_path):
-    path, y = saved
-    old = _as_format_1(path, tmp_path / "v1.safetensors")
-    model = base()
-    with pytest.warns(UserWarning, match="format-1 checkpoint records no content hashes.*cannot be verified"):
-        ll.load(model, old)
-    with torch.no_grad():
-        assert torch.equal(model(X), y)
-
-
-def test_format_1_still_refuses_non_finite_tensors(saved, tmp_path):
-    path, _ = saved
-
-    def poison(t):
-        t["2.lora_A"] = torch.full_like(t["2.lora_A"], float("nan"))
-
-    old = _as_format_1(path, tmp_path / "v1.safetensors", edit_tensors=poison)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _refused(old, r"tensor 2\.lora_A holds non-finite values")
-
-
-def test_a_format_1_label_does_not_skip_recorded_hashes(saved, tmp_path):
-    """Relabelling a version-2 file as version 1 cannot switch verification off."""
-    path, _ = saved
-
-    meta, tensors = read(path)
-    tensors["0.lora_B"] = tensors["0.lora_B"] + 1.0
-    meta["format_version"] = "1"
-    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=reseal_metadata(meta))
-    _refused(tmp_path / "b.safetensors", r"tensor 0\.lora_B does not match its recorded sha256")
-
-
 def test_unsupported_versions_are_refused(saved, tmp_path):
     path, _ = saved
-    for v in ("0", "3", "", "2.0"):
+    for v in ("0", "1", "3", "", "2.0"):
         _refused(rewrite(path, tmp_path / f"v{v}.safetensors", edit_meta=lambda m: m.update(format_version=v)),
-                 r"format version .* is not supported .* \(reads versions \[.1., .2.\]\)")
+                 r"format version .* is not supported .* \(reads versions \[.2.\]\)")
 
 
 def test_crafted_extreme_fingerprint_values_warn_not_crash(saved, tmp_path):

@@ -16,15 +16,13 @@ import pytest
 import torch
 import torch._dynamo
 
-from cases import CASES
+from cases import CASES, HOOK_KINDS
 from conftest import make_gpt2, make_qwen, rel_err
 from test_variants import attach_case
 
-# One case per kind of hook math: low-rank output hook, W read every call, compact-WY pre-hook,
-# elementwise pre-hook, frozen-SVD gains with Cayley rotations of both bases.
-DEFAULT = {"lora", "dora", "hra", "ia3_ff", "antipasto_rot_both"}
+# One case per hook kind (cases.HOOK_KINDS) in the full tier, every case with --run-optin.
 CASE_PARAMS = [
-    pytest.param(c, marks=pytest.mark.slow if c in DEFAULT else pytest.mark.optin) for c in CASES
+    pytest.param(c, marks=pytest.mark.slow if c in HOOK_KINDS else pytest.mark.optin) for c in CASES
 ]
 
 

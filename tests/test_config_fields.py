@@ -1,16 +1,14 @@
 """Configs teach and offer only what their variant reads.
 
 `help()` of every registered config lists each field with its doc (declared beside the field)
-and shows the signature once. A shared field a variant never reads (`alpha` of the AntiPaSTO
-family, DeLoRA and HRA; `r` and `alpha` of IA3 and RoAd) is not a field of its config: the
-constructor refuses it like any unknown field, while a saved config that holds it (a checkpoint
-of lora-lite <= 0.1.x) still loads, exactly, with the field dropped whatever its value.
+and shows the signature once. A shared field (`r`, `alpha`) is a field of a config exactly when
+its variant reads it: changing it changes the attached adapter; one it does not offer is refused
+like any unknown field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pydoc
 import re
 
@@ -21,18 +19,10 @@ import lora_lite as ll
 from lora_lite.config import CONFIGS
 from lora_lite.variant import REGISTRY
 
-from cases import CASES
-from ckpt_files import rewrite
-from test_variants import attach_case, perturb
+from cases import CASES, PRIMARY
+from test_variants import perturb
 
-BUILT_IN = sorted(n for n in REGISTRY if REGISTRY[n].__module__.startswith("lora_lite."))
-# what each variant's forward and init never read (lora-lite <= 0.1.x offered both to every variant)
-NOT_READ = {
-    **{n: {"alpha"} for n in ("antipasto", "antipasto_corda", "antipasto_asvd", "antipasto_dplr", "antipasto_rot",
-                              "antipasto_ablate", "delora", "hra")},
-    **{n: {"r", "alpha"} for n in ("ia3", "ia3_ff", "road")},
-}
-
+BUILT_IN_CASES = {c for c in CASES if REGISTRY[CASES[c](()).variant].__module__.startswith("lora_lite.")}
 
 def _doc(cls, name):
     """The field's doc: its own metadata, else the nearest base that documents it."""
@@ -76,45 +66,30 @@ def test_help_of_lora_config_opens_with_the_method_and_its_fields():
                                           "r: int = 8"]
 
 
-@pytest.mark.parametrize("name", BUILT_IN)
-def test_a_config_offers_only_the_shared_fields_its_variant_reads(name):
-    cls = CONFIGS[name]
+def _attached(qwen, case, **fields):
+    """The case's adapter with `fields` changed, tensors moved off init the same way each time."""
+    cfg = dataclasses.replace(CASES[case](qwen.targets), **fields)
+    model = qwen.fresh()
+    torch.manual_seed(0)
+    data = qwen.calibration if REGISTRY[cfg.variant].calibration_needs(cfg)[0] else None
+    ll.attach(model, cfg, calibration_data=data, progress=False)
+    perturb(model)
+    return model
+
+
+@pytest.mark.parametrize("case", [c for c in PRIMARY if c in BUILT_IN_CASES])
+def test_a_config_offers_the_shared_fields_its_variant_reads_and_no_other(qwen, case):
+    cls = type(CASES[case](()))
     fields = {f.name for f in dataclasses.fields(cls)}
-    assert {"r", "alpha"} - fields == NOT_READ.get(name, set())
-    assert set(cls.retired_fields) == NOT_READ.get(name, set())  # old saved configs still load
-    for field in NOT_READ.get(name, ()):
+    base = _attached(qwen, case)
+    y = qwen.out(base)
+    if "alpha" in fields:  # the scale: the same tensors, another output
+        alpha = CASES[case](()).alpha
+        assert not torch.equal(qwen.out(_attached(qwen, case, alpha=2 * alpha)), y)
+    if "r" in fields:  # the rank: other tensor shapes
+        r = CASES[case](()).r
+        shapes = lambda m: sorted(tuple(p.shape) for n, p in m.named_parameters() if ".lora_" in n)  # noqa: E731
+        assert shapes(_attached(qwen, case, r=2 * r)) != shapes(base)
+    for field in {"r", "alpha"} - fields:
         with pytest.raises(ValueError, match=rf"^{cls.__name__}: unknown field '{field}'; valid fields: \["):
             cls(**{field: 16})
-        assert field in _flat(pydoc.render_doc(cls, renderer=pydoc.plaintext)).split("Not offered: ")[1]
-
-
-@pytest.mark.parametrize("name", sorted(NOT_READ))
-def test_from_dict_drops_a_retired_field_whatever_its_value(name):
-    cls = CONFIGS[name]
-    new = cls().to_dict()
-    assert not set(NOT_READ[name]) & set(new)
-    for value in (16.0, 8, -3.5, "junk"):  # the field was never read, so no value of it meant anything
-        assert ll.AdapterConfig.from_dict({**new, **dict.fromkeys(NOT_READ[name], value)}) == cls()
-
-
-# One case per variant that lost a field; the SVD members each attach with an SVD per target.
-OLD_CASES = [next(c for c in CASES if CASES[c](()).variant == n) for n in sorted(NOT_READ)]
-
-
-@pytest.mark.parametrize("case", OLD_CASES)
-def test_a_checkpoint_saved_with_a_retired_field_loads_exactly(qwen, case, tmp_path):
-    model = qwen.fresh()
-    cfg = attach_case(qwen, case, model)
-    perturb(model)
-    y = qwen.out(model)
-    ll.save(model, tmp_path / "new.safetensors")
-
-    def old_meta(meta):  # as lora-lite <= 0.1.x wrote it: every shared field, a non-default value
-        saved = json.loads(meta["config"])
-        meta["config"] = json.dumps({"variant": saved.pop("variant"), "r": 5, "alpha": 3.5, **saved})
-
-    old = rewrite(tmp_path / "new.safetensors", tmp_path / "old.safetensors", edit_meta=old_meta)
-    assert ll.read(old).config == cfg
-    fresh = qwen.fresh()
-    ll.load(fresh, old)
-    assert torch.equal(qwen.out(fresh), y)

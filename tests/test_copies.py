@@ -3,7 +3,8 @@
 `copy.deepcopy` (a DPO reference model, an EMA copy, an evaluation copy) and a whole-model
 `torch.save` / `torch.load(weights_only=False)` carry the hooks and the attach state together:
 `disabled`, `scaled`, `reconfigure`, `detach`, `save` and training on either model change that
-model only. One case per hook kind: a low-rank output hook, a pre-hook, a steering coefficient.
+model only. Every variant's primary case; in the fast tier the first of each hook kind
+(`cases.HOOK_KINDS`: output hook, pre-hook, gate, a run-time field).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import pytest
 import torch
 
 import lora_lite as ll
+from cases import CASES, HOOK_KINDS, primary_params
+from lora_lite.variant import REGISTRY
 from test_variants import attach_case, perturb
 
-CASES_HERE = ["lora", "hra", "antipasto"]
+# a variant with a run-time field (a steering coefficient) for the reconfigure test
+RUNTIME = next((c for c in HOOK_KINDS if REGISTRY[CASES[c](()).variant].runtime_fields), None)
 
 
 def adapted(bench, case):
@@ -45,7 +49,7 @@ def copier(request):
     return deepcopy if request.param == "deepcopy" else whole_model_save
 
 
-@pytest.mark.parametrize("case", CASES_HERE)
+@pytest.mark.parametrize("case", primary_params())
 def test_switches_of_a_copy_are_its_own(qwen, copier, case):
     model = adapted(qwen, case)
     y_base, y_adapted = qwen.out(qwen.model), qwen.out(model)
@@ -67,17 +71,20 @@ def test_switches_of_a_copy_are_its_own(qwen, copier, case):
         assert_adapted(qwen, twin, y_adapted)
 
 
+@pytest.mark.skipif(RUNTIME is None, reason="no variant has a run-time field")
 def test_reconfigure_of_a_copy_is_its_own(qwen, copier):
-    model = adapted(qwen, "antipasto")
+    model = adapted(qwen, RUNTIME)
     y_adapted = qwen.out(model)
     twin = copier(model)
-    ll.reconfigure(twin, coeff=0.0)
-    assert torch.equal(qwen.out(twin), qwen.out(qwen.model))
+    field = REGISTRY[ll.describe(model).variant].runtime_fields[0]
+    before = getattr(ll.describe(model).config, field)
+    ll.reconfigure(twin, **{field: 0.0 * before})
+    assert not torch.equal(qwen.out(twin), y_adapted)
     assert_adapted(qwen, model, y_adapted)
-    assert ll.describe(model).config.coeff == 1.0
+    assert getattr(ll.describe(model).config, field) == before
 
 
-@pytest.mark.parametrize("case", CASES_HERE)
+@pytest.mark.parametrize("case", primary_params())
 def test_detach_of_a_copy_leaves_the_original_attached(qwen, copier, case):
     model = adapted(qwen, case)
     y_adapted = qwen.out(model)
@@ -91,8 +98,9 @@ def test_detach_of_a_copy_leaves_the_original_attached(qwen, copier, case):
     assert torch.equal(qwen.out(model), qwen.out(qwen.model))
 
 
-def test_training_and_saving_a_copy_leave_the_original(qwen, copier, tmp_path):
-    model = adapted(qwen, "lora")
+@pytest.mark.parametrize("case", primary_params())
+def test_training_and_saving_a_copy_leave_the_original(qwen, copier, tmp_path, case):
+    model = adapted(qwen, case)
     y_adapted = qwen.out(model)
     twin = copier(model)
     perturb(twin, seed=7)  # "train" the copy

@@ -14,7 +14,7 @@ from torch import nn
 
 import lora_lite as ll
 from lora_lite.config import CONFIGS, AdapterConfig, RankConfig
-from lora_lite.variant import REGISTRY, BenchSetting, Example, ParamSpec, Variant, register
+from lora_lite.variant import DEFAULT_LRS, REGISTRY, Example, ParamSpec, Variant, register
 
 from ckpt_files import rewrite
 from conftest import assert_untouched, make_qwen, snapshot
@@ -298,13 +298,36 @@ def test_failure_in_init_rolls_back(model, temp_variant):
         def delta(layer, cfg, x, y):
             return torch.zeros_like(y)
 
-        params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r * d_in)
-        examples = {"fails_late": Example({"r": 2})}
-        bench = BenchSetting("lora", lambda r, g: {"r": r}, lambda i, o, c: (0, 0))
 
     _refused(model, RuntimeError, "boom in init",
              lambda: ll.attach(model, FailsLate.config(r=2)))
     assert len(calls) == 5
+
+
+def test_register_needs_only_what_the_library_uses(model, temp_variant):
+    """Math, config and specs suffice: the suites' example and the benchmark setting default."""
+
+    @temp_variant
+    class Minimal(Variant):
+        name, config = "minimal", _failing_config("minimal")
+
+        @staticmethod
+        def param_specs(d_in, d_out, cfg):
+            return {"lora_A": ParamSpec((cfg.r, d_in), "kaiming"), "lora_B": ParamSpec((d_out, cfg.r))}
+
+        @staticmethod
+        def delta(layer, cfg, x, y):
+            return (x @ layer.lora_A.T) @ layer.lora_B.T
+
+    assert Minimal.examples == {"minimal": Example({})}
+    assert Minimal.params_per_layer is None
+    s = Minimal.bench
+    assert s.lrs == DEFAULT_LRS and s.family == "minimal" and s.peft is None
+    assert s.knobs(4, None) == {"r": 4}
+    assert s.macs(10, 6, Minimal.config(r=2)) == (2 * 10 + 6 * 2, 0)  # one MAC per adapter value
+    ll.attach(model, Minimal.config(r=2))  # attaches with nothing else declared
+    layers = ll.describe(model).targets
+    assert layers and ll.describe(model).adapter_params > 0
 
 
 # ----------------------------------------------------------------------------- checkpoints

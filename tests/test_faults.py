@@ -11,8 +11,9 @@ import torch
 import lora_lite as ll
 import lora_lite.checkpoint as ckpt
 import lora_lite.runtime as runtime
-from lora_lite.variant import REGISTRY
+from lora_lite.variant import REGISTRY, Variant
 
+from cases import CASES, PRIMARY, variant
 from conftest import assert_untouched, make_qwen, snapshot
 
 N_TARGETS = 14  # 7 linear layers in each of the tiny Qwen3's 2 blocks
@@ -56,13 +57,19 @@ def _untouched_after(model, exc_type, call):
 
 
 # ------------------------------------------------------------------------------------- attach
+# the primary case of every variant with its own init (one with calibration data and one
+# without in the fast tier, the others in the full tier)
+_INITS = [c for c in PRIMARY if variant(c).init is not Variant.init]
+_FAST = {next(c for c in _INITS if variant(c).calibration_needs(CASES[c](()))[1] is need) for need in (True, False)}
+
+
 @pytest.mark.parametrize("where", WHERE)
-@pytest.mark.parametrize("variant", ["pissa", "dora", "eva", "antipasto"])
-def test_variant_init_fails_at_a_target(model, qwen_bench, monkeypatch, variant, where):
-    cls = REGISTRY[variant]
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in _FAST else pytest.mark.slow) for c in _INITS])
+def test_variant_init_fails_at_a_target(model, qwen_bench, monkeypatch, case, where):
+    cls = variant(case)
     wrap = fail_on_call(WHERE[where])
     monkeypatch.setattr(cls, "init", staticmethod(wrap(cls.init)))
-    cfg = ll.AdapterConfig.from_dict({"variant": variant, "r": 4})
+    cfg = CASES[case](())
     data = qwen_bench.calibration if cls.calibration_needs(cfg)[0] else None
     _untouched_after(model, RuntimeError, lambda: ll.attach(model, cfg, calibration_data=data, progress=False))
     assert len(wrap.calls) == WHERE[where]

@@ -23,35 +23,27 @@ def _minilm_linears(model) -> list[tuple[int, int]]:
     return per_block * model.config.num_hidden_layers
 
 
-# trainable params per (d_in, d_out) target at rank r, as each paper counts them
-FORMULAS = {
-    "lora": lambda r, i, o: r * (i + o),
-    "ia3": lambda r, i, o: o,  # output gates
-    "ia3_ff": lambda r, i, o: i,  # input gates
-    "hra": lambda r, i, o: r * i,  # r Householder vectors of length d_in
-    "lora_xs": lambda r, i, o: r * r,  # the r x r core
-    "antipasto": lambda r, i, o: r,  # one gain per kept singular value
-    "antipasto_corda": lambda r, i, o: r,
-    "antipasto_asvd": lambda r, i, o: r,
-    "antipasto_rot": lambda r, i, o: r + r * (4 - 1) // 2,  # δ_s + V-side Cayley blocks of size 4
-}
-
-
-def test_grid_is_the_requested_arms_with_independently_counted_params(minilm):
-    svd = [n for n, v in REGISTRY.items() if v.bench.family == "svd"]
-    assert "antipasto" in svd and set(svd) <= set(FORMULAS), f"add the trainable-param formula of {svd}"
-    expected = ([("lora", r) for r in (1, 2, 4, 8, 16)] + [("ia3", None), ("ia3_ff", None)]
-                + [("hra", 4), ("hra", 16), ("lora_xs", 16), ("lora_xs", 64)]
-                + [(row, r) for row in svd for r in (32, 256)])
+def test_grid_is_the_arms_of_its_data_file_with_the_papers_param_counts(minilm):
+    spec = json.loads(frontier.GRID.read_text())
+    expected = []
+    for entry in spec["arms"]:  # a row at its sizes, or every member of a family at the family's
+        rows = [entry["row"]] if "row" in entry else [n for n, v in REGISTRY.items() if v.bench.family == entry["family"]]
+        assert rows, entry
+        expected += [(row, size) for row in rows for size in entry.get("sizes", [None])]
     arms = frontier.grid(minilm.model)
     assert [(a["row"], a["size"]) for a in arms] == expected
     shapes = _minilm_linears(minilm.model)
     assert len(shapes) == 36
     for a in arms:
-        want = sum(FORMULAS[a["row"]](a["size"], i, o) for i, o in shapes)
+        variant = REGISTRY[a["row"]]
+        if variant.params_per_layer is None:
+            continue
+        cfg = variant.config(**a["knobs"])  # an arm's knobs are its config fields
+        want = sum(variant.params_per_layer(i, o, cfg) for i, o in shapes)
         assert a["params"] == want, a["label"]
         assert len(a["lrs"]) == 3 and a["lrs"] == sorted(a["lrs"])
-    assert next(a for a in arms if a["label"] == "lora r=1")["params"] == 41_472
+        assert a["lrs"] == spec["lrs"][variant.bench.family]
+    assert next(a for a in arms if a["label"] == "lora r=1")["params"] == 41_472  # Σ (d_in + d_out)
     assert next(a for a in arms if a["label"] == "lora r=4")["knobs"] == {"r": 4, "alpha": 8.0}  # alpha = 2r
 
 

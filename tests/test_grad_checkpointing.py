@@ -1,8 +1,8 @@
 """Gradient checkpointing (HF's, both torch.utils.checkpoint modes) with attached adapters.
 
 Checkpointing recomputes each decoder block in the backward pass, hooks included, so adapter
-gradients must equal the non-checkpointed ones: tested for output-hook variants (lora, dora)
-and input pre-hook variants (hra, ia3_ff). With `use_reentrant=True` the reentrant checkpoint
+gradients must equal the non-checkpointed ones: tested for every variant's primary case (output
+hooks, input pre-hooks, gates; calibrated ones with their data). With `use_reentrant=True` the reentrant checkpoint
 only back-propagates into a block whose inputs require grad; with every base parameter frozen
 they do not unless the embedding output is made to (`model.enable_input_require_grads()`).
 """
@@ -14,12 +14,11 @@ import torch
 
 import lora_lite as ll
 
-from cases import CASES
+from cases import PRIMARY
 from conftest import make_qwen, rel_err
+from test_variants import attach_case
 
 pytestmark = pytest.mark.slow  # training steps with recomputation
-
-VARIANTS = ["lora", "dora", "hra", "ia3_ff"]  # output hooks, then input pre-hooks
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def bench():
 def attached(bench, case):
     model = bench.fresh().train()
     torch.manual_seed(0)  # the same random init in both models compared
-    ll.attach(model, CASES[case](()))
+    attach_case(bench, case, model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move off init so every trainable (LoRA's A too) gets a gradient
         for p in model.parameters():
@@ -54,7 +53,7 @@ def adapter_grads(model, batch) -> dict[str, torch.Tensor | None]:
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-@pytest.mark.parametrize("case", VARIANTS)
+@pytest.mark.parametrize("case", PRIMARY)
 def test_checkpointed_adapter_gradients_equal_plain_ones(bench, case, reentrant):
     plain = adapter_grads(attached(bench, case), bench.batch)
     model = attached(bench, case)
@@ -70,7 +69,7 @@ def test_checkpointed_adapter_gradients_equal_plain_ones(bench, case, reentrant)
 
 @pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
 def test_reentrant_checkpointing_without_input_grads_cannot_reach_the_adapter(bench):
-    model = attached(bench, "lora")
+    model = attached(bench, PRIMARY[0])
     enable_checkpointing(model, reentrant=True)
     model.disable_input_require_grads()  # undo what transformers >= 5 enables on its own
     with pytest.raises(RuntimeError, match="does not require grad"):

@@ -21,7 +21,7 @@ from safetensors import safe_open
 peft = pytest.importorskip("peft")
 
 import lora_lite as ll  # noqa: E402
-from lora_lite.interop.peft import native_export  # noqa: E402
+from lora_lite.interop.peft import native_export, peft_kinds  # noqa: E402
 from lora_lite.runtime import state_of  # noqa: E402
 from lora_lite.targets import find_targets  # noqa: E402
 from lora_lite.variant import REGISTRY  # noqa: E402
@@ -34,8 +34,6 @@ from test_variants import attach_case, perturb  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PEFT_TYPE = {"lora": "LORA", "eva": "LORA", "dora": "LORA", "delora": "DELORA", "hra": "HRA",
-             "ia3": "IA3", "ia3_ff": "IA3", "road": "ROAD"}
 
 
 def read_dir(d):
@@ -50,9 +48,11 @@ def peft_scales(pm):
 
 # ---- export -------------------------------------------------------------------------------------
 
-# PEFT has these methods for nn.Linear only: on GPT-2's Conv1D a low-rank change goes out as a
-# plain LoRA, any other is refused.
-LINEAR_ONLY_IN_PEFT = {"delora", "hra", "road"}
+def linear_only_in_peft(variant: str) -> bool:
+    """PEFT has the variant's method for nn.Linear only: on GPT-2's Conv1D a low-rank change goes
+    out as a plain LoRA, any other is refused."""
+    m = REGISTRY[variant].peft
+    return m is not None and "conv1d" not in peft_kinds(m)
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
@@ -64,8 +64,8 @@ def test_export_loads_in_peft_with_our_outputs(request, bench, case, tmp_path):
     perturb(model)
     y = qwen.out(model)
     assert rel_err(y, qwen.out(qwen.model)) > 1e-4, "adapter is a no-op; the check is vacuous"  # 10x the 1e-5 tolerance
-    native = cfg.variant in native_export() and not (bench == "gpt2" and cfg.variant in LINEAR_ONLY_IN_PEFT)
-    if bench == "gpt2" and cfg.variant in LINEAR_ONLY_IN_PEFT and REGISTRY[cfg.variant].low_rank_delta(
+    native = cfg.variant in native_export() and not (bench == "gpt2" and linear_only_in_peft(cfg.variant))
+    if bench == "gpt2" and linear_only_in_peft(cfg.variant) and REGISTRY[cfg.variant].low_rank_delta(
             next(iter(state_of(model).targets.values())), cfg) is None:
         with pytest.raises(ValueError, match=f"{cfg.variant!r} cannot be exported to PEFT on conv1d layers"):
             ll.export_peft(model, tmp_path / "from_model")
@@ -77,21 +77,24 @@ def test_export_loads_in_peft_with_our_outputs(request, bench, case, tmp_path):
     targets = state_of(model).targets
     for d in ("from_model", "from_file"):
         conf, tensors = read_dir(tmp_path / d)
-        assert conf["peft_type"] == (PEFT_TYPE.get(cfg.variant, "LORA") if native else "LORA")
-        assert all(any(k.startswith(f"base_model.model.{t}.") for t in targets) for k in tensors)
+        assert conf["peft_type"] == (REGISTRY[cfg.variant].peft.method if native else "LORA")
+        shared = {f"base_model.{theirs}" for _, theirs in (REGISTRY[cfg.variant].peft.shared if native else ())}
+        assert all(any(k.startswith(f"base_model.model.{t}.") for t in targets) for k in tensors.keys() - shared)
+        assert shared <= tensors.keys()  # a tensor PEFT holds once per model, saved once
         assert sorted(conf["target_modules"]) == sorted(targets)
         if "fan_in_fan_out" in conf:
             assert conf["fan_in_fan_out"] == (bench == "gpt2")
         pm = peft.PeftModel.from_pretrained(qwen.fresh(), tmp_path / d).eval()
         assert rel_err(qwen.out(pm), y) <= 1e-5, d
         if not native:  # a plain LoRA of W_eff − W with PEFT scale 1
-            assert conf["r"] == conf["lora_alpha"] == (2 * cfg.r if cfg.variant == "pissa" else cfg.r)
+            k = REGISTRY[cfg.variant].low_rank_delta(next(iter(targets.values())), cfg)[0].shape[1]  # B's rank
+            assert conf["r"] == conf["lora_alpha"] == k
             assert not conf["use_rslora"] and not conf["use_dora"] and conf["bias"] == "none"
             assert peft_scales(pm) == {1.0}
             assert {t.dtype for t in tensors.values()} == {torch.float32}
 
 
-@pytest.mark.parametrize("case", ["ia3", "ia3_ff", "road_1", "road_4", "dora", "hra", "delora", "pissa"])
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_export_with_biases(case, tmp_path):
     toy = make_toy()
     model = toy.fresh()
@@ -133,33 +136,34 @@ def saved_peft(qwen, pcfg, d, seed=0):
 
 
 T = ["q_proj", "v_proj", "down_proj"]
+# PEFT configs: each imports as the variant whose PeftMap has its method and accepts its options
 IMPORTS = {
-    "lora": (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=T, lora_dropout=0.1), "lora"),
-    "rslora": (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=T, use_rslora=True), "lora"),
-    "lora_uniform_patterns": (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=T,
-                                                      rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 8}), "lora"),
-    "dora": (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=T, use_dora=True), "dora"),
-    "dora_rslora": (lambda: peft.LoraConfig(r=4, lora_alpha=3, target_modules=T, use_dora=True, use_rslora=True), "dora"),
-    "ia3": (lambda: peft.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]), "ia3"),
-    "ia3_ff": (lambda: peft.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]), "ia3"),
-    "ia3_mixed": (lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                         feedforward_modules=["down_proj"]), "ia3"),
-    "hra": (lambda: peft.HRAConfig(r=4, target_modules=T), "hra"),
-    "delora": (lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=T, module_dropout=0.1), "delora"),
-    "road_1": (lambda: peft.RoadConfig(variant="road_1", group_size=16, target_modules=T), "road"),
-    "road_2": (lambda: peft.RoadConfig(variant="road_2", group_size=8, target_modules=T), "road"),
-    "road_4": (lambda: peft.RoadConfig(variant="road_4", group_size=16, target_modules=T), "road"),
+    "peft_lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=T, lora_dropout=0.1),
+    "peft_rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=T, use_rslora=True),
+    "peft_lora_uniform_patterns": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=T,
+                                                          rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 8}),
+    "peft_dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=T, use_dora=True),
+    "peft_dora_rslora": lambda: peft.LoraConfig(r=4, lora_alpha=3, target_modules=T, use_dora=True, use_rslora=True),
+    "peft_ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]),
+    "peft_ia3_ff": lambda: peft.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]),
+    "peft_ia3_mixed": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                             feedforward_modules=["down_proj"]),
+    "peft_hra": lambda: peft.HRAConfig(r=4, target_modules=T),
+    "peft_delora": lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=T, module_dropout=0.1),
+    "peft_road_1": lambda: peft.RoadConfig(variant="road_1", group_size=16, target_modules=T),
+    "peft_road_2": lambda: peft.RoadConfig(variant="road_2", group_size=8, target_modules=T),
+    "peft_road_4": lambda: peft.RoadConfig(variant="road_4", group_size=16, target_modules=T),
 }
 
 
 @pytest.mark.parametrize("name", IMPORTS)
 def test_import_matches_peft_and_round_trips(qwen, name, tmp_path):
-    make_cfg, variant = IMPORTS[name]
-    y_peft = saved_peft(qwen, make_cfg(), tmp_path / "peft")
+    pcfg = IMPORTS[name]()
+    y_peft = saved_peft(qwen, pcfg, tmp_path / "peft")
     assert rel_err(y_peft, qwen.out(qwen.model)) > 1e-3, "adapter is a no-op; the check is vacuous"
     model = qwen.fresh()
     cfg = ll.import_peft(model, tmp_path / "peft")
-    assert cfg.variant == variant
+    assert REGISTRY[cfg.variant].peft.method == str(pcfg.peft_type.value)
     assert rel_err(qwen.out(model), y_peft) <= 1e-5
     found = [n for n, _ in find_targets(qwen.fresh(), cfg)]  # the config alone selects the same layers
     assert found == list(state_of(model).targets)
@@ -205,14 +209,15 @@ def test_rslora_imports_with_peft_scale(qwen, r, exact, targets, tmp_path):
     assert err == 0.0 if exact else err <= FUSED_ADD_TOL, err
 
 
-@pytest.mark.parametrize("variant", ["lora", "eva", "dora"])
+@pytest.mark.parametrize("variant", [v for v in native_export() if REGISTRY[v].peft.method == "LORA"])
 @pytest.mark.parametrize("r, alpha, exact", [(4, 8, True), (4, 6, False), (6, 16, False)])
 def test_export_is_exact_at_a_power_of_two_scale(qwen, variant, r, alpha, exact, tmp_path):
-    """The export table's 0 for lora/eva/dora: the same fused add as on import. At s = 2 PEFT's
+    """The export table's 0 for the variants exported as PEFT LoRA: the same fused add as on import. At s = 2 PEFT's
     outputs equal ours bit for bit; at s = 1.5 or 8/3 within a rounding (measured 2.8e-7 to 4.5e-7)."""
     model = qwen.fresh()
     cfg = REGISTRY[variant].config(r=r, alpha=alpha, target_names=T)
-    ll.attach(model, cfg, calibration_data=qwen.calibration if variant == "eva" else None, progress=False)
+    data = qwen.calibration if REGISTRY[variant].calibration_needs(cfg)[0] else None
+    ll.attach(model, cfg, calibration_data=data, progress=False)
     perturb(model)
     y = qwen.out(model)
     ll.export_peft(model, tmp_path / "p")

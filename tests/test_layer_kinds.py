@@ -35,7 +35,7 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EMBEDDING = {"qwen": r"embed_tokens$", "gpt2": r"wte$"}
-EMBEDDING_VARIANTS = {"lora": ll.LoRAConfig, "dora": ll.DoRAConfig}
+EMBEDDING_VARIANTS = [n for n, v in REGISTRY.items() if "embedding" in v.kinds]  # (a LoRA pair there)
 
 
 @pytest.fixture(params=["qwen", "gpt2"])
@@ -44,7 +44,7 @@ def lm(request):
 
 
 def embedding_cfg(lm, variant):
-    return EMBEDDING_VARIANTS[variant](r=4, alpha=8, target_names=(EMBEDDING[lm.kind],))
+    return REGISTRY[variant].config(r=4, alpha=8, target_names=(EMBEDDING[lm.kind],))
 
 
 def assert_exports_load_in_peft(bench, model, y, tmp_path, tol):
@@ -61,24 +61,25 @@ def assert_exports_load_in_peft(bench, model, y, tmp_path, tol):
 # ---- Conv1D: PEFT adapters saved with fan_in_fan_out=True ---------------------------------------
 
 GPT2_T = ["c_attn", "c_fc", "mlp.c_proj"]
-GPT2_IMPORTS = {
-    "lora": (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=GPT2_T, fan_in_fan_out=True), "lora"),
-    "dora": (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=GPT2_T, fan_in_fan_out=True,
-                                     use_dora=True), "dora"),
-    "ia3": (lambda: peft.IA3Config(target_modules=["c_attn"], feedforward_modules=[], fan_in_fan_out=True), "ia3"),
-    # a PEFT IA3 adapter imports as `ia3`, its feedforward_modules as input gates
-    "ia3_ff": (lambda: peft.IA3Config(target_modules=["mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
-                                      fan_in_fan_out=True), "ia3"),
+GPT2_IMPORTS = {  # each imports as the variant whose PeftMap has its method and options
+    "peft_lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=GPT2_T, fan_in_fan_out=True),
+    "peft_dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=GPT2_T, fan_in_fan_out=True,
+                                         use_dora=True),
+    "peft_ia3": lambda: peft.IA3Config(target_modules=["c_attn"], feedforward_modules=[], fan_in_fan_out=True),
+    # a PEFT IA3 adapter imports as one variant, its feedforward_modules as input gates
+    "peft_ia3_ff": lambda: peft.IA3Config(target_modules=["mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                                          fan_in_fan_out=True),
 }
 
 
 @pytest.mark.parametrize("name", GPT2_IMPORTS)
 def test_import_of_peft_conv1d_adapters(gpt2, name, tmp_path):
-    make_cfg, variant = GPT2_IMPORTS[name]
-    y_peft = saved_peft(gpt2, make_cfg(), tmp_path / "peft")
+    pcfg = GPT2_IMPORTS[name]()
+    y_peft = saved_peft(gpt2, pcfg, tmp_path / "peft")
     assert rel_err(y_peft, gpt2.out(gpt2.model)) > 1e-3, "adapter is a no-op; the check is vacuous"
     model = gpt2.fresh()
-    assert ll.import_peft(model, tmp_path / "peft").variant == variant
+    cfg = ll.import_peft(model, tmp_path / "peft")
+    assert REGISTRY[cfg.variant].peft.method == str(pcfg.peft_type.value)
     assert rel_err(gpt2.out(model), y_peft) <= 1e-5
     ll.export_peft(model, tmp_path / "back")  # and back, the same tensors
     pm = peft.PeftModel.from_pretrained(gpt2.fresh(), tmp_path / "back").eval()

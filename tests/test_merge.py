@@ -20,7 +20,7 @@ from lora_lite.kinds import dims, is_transposed
 from lora_lite.runtime import STATE_ATTR, state_of
 from lora_lite.variant import REGISTRY
 
-from cases import CASE_PARAMS
+from cases import CASE_PARAMS, HOOK_KINDS
 from conftest import Bench, assert_untouched, rel_err, snapshot
 from test_variants import attach_case, perturb
 
@@ -120,7 +120,7 @@ def test_merge_is_the_same_function(base, case):
 
 @pytest.mark.parametrize("c", [0.5, -1.0])
 def test_merge_bakes_in_the_current_strength(toy, c):
-    for case in ("ia3", "hra", "lora"):
+    for case in HOOK_KINDS:
         model = toy.fresh()
         attach_case(toy, case, model)
         perturb(model)

@@ -15,7 +15,7 @@ from torch import nn
 import lora_lite as ll
 from lora_lite.runtime import state_of
 
-from cases import CASES, QWEN_ONLY
+from cases import CASES, HOOK_KINDS, IDENTITY_TOL, PRIMARY, QWEN_ONLY, variant
 from conftest import rel_err
 from test_variants import attach_case, neutralize, perturb
 
@@ -206,18 +206,20 @@ def test_rotation_angle_cap_holds_for_every_block_size(block_size):
         assert angles.max() >= 0.49
 
 
-@pytest.mark.parametrize("case", ["antipasto", "antipasto_ablate", "antipasto_rot", "antipasto_dplr", "pissa"])
-def test_svd_family_attach_keeps_the_base_bf16_model_bit_exact(qwen_bf16, case):
+@pytest.mark.parametrize("case", [c for c in PRIMARY if variant(c).needs_dense_weight])
+def test_weight_reading_attach_keeps_the_base_bf16_model(qwen_bf16, case):
     """The weight-reading variants on a bf16 base: no W_res is rounded, so the attached model at
-    init (with the deliberate offsets zeroed) is the base bit for bit."""
+    init (with the deliberate offsets zeroed) is the base, bit for bit unless the variant
+    declares an identity tolerance on bf16 (its init math itself rounds)."""
     model = qwen_bf16.fresh()
     y0 = qwen_bf16.out(model)
     attach_case(qwen_bf16, case, model)
     neutralize(model)
-    assert torch.equal(qwen_bf16.out(model), y0)
+    tol = IDENTITY_TOL.get(variant(case).name, {}).get(torch.bfloat16, 0.0)
+    assert rel_err(qwen_bf16.out(model), y0) <= tol
 
 
-@pytest.mark.parametrize("case", ["pissa", "antipasto_corda", "lora"])
+@pytest.mark.parametrize("case", HOOK_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hf_save_pretrained_of_an_attached_model_reloads_the_pristine_base(qwen, case, dtype, tmp_path):
     """transformers' own save of an attached model writes the untouched base weights (plus the

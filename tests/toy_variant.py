@@ -43,4 +43,4 @@ class GatedLoRA(Variant):
 
     params_per_layer = staticmethod(lambda d_in, d_out, cfg: lora_params(d_in, d_out, cfg) + 1)
     examples = {"gated_lora": Example({"r": 4, "alpha": 8.0})}
-    bench = BenchSetting("lora", lambda r, g: {"r": r, "alpha": 2.0 * r}, lora_macs)
+    bench = BenchSetting(knobs=lambda r, g: {"r": r, "alpha": 2.0 * r}, macs=lora_macs)

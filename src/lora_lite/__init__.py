@@ -1,28 +1,17 @@
-"""lora-lite: parameter-efficient adapters attached to linear layers with forward hooks."""
+"""lora-lite: parameter-efficient adapters attached to linear layers with forward hooks.
+
+Every built-in variant's config is exported by its class name (`ll.LoRAConfig`,
+`ll.PiSSAConfig`, ...), read from the registry: a variant file added to `variants/` is exported
+with no line here.
+"""
 
 from ._version import __version__
 from .checkpoint import Adapter, CheckpointError, load, read, save
-from .config import AdapterConfig, RankConfig, ScaledConfig
+from .config import CONFIGS, AdapterConfig, RankConfig, ScaledConfig
 from .merge import disabled, merge, scaled
 from .runtime import attach, describe, detach, reconfigure
 from .variant import REGISTRY, ParamSpec, Variant, register
 from . import variants as _variants  # noqa: F401  (registers the built-in variants)
-from .variants.antipasto import AntiPaSTOConfig
-from .variants.antipasto_ablate import AntiPaSTOAblateConfig
-from .variants.antipasto_asvd import AntiPaSTOASVDConfig
-from .variants.antipasto_corda import AntiPaSTOCorDAConfig
-from .variants.antipasto_dplr import AntiPaSTODPLRConfig
-from .variants.antipasto_rot import AntiPaSTORotConfig
-from .variants.delora import DeLoRAConfig
-from .variants.dora import DoRAConfig
-from .variants.eva import EVAConfig
-from .variants.hra import HRAConfig
-from .variants.ia3 import IA3Config
-from .variants.ia3_ff import IA3FFConfig
-from .variants.lora import LoRAConfig
-from .variants.lora_xs import LoRAXSConfig
-from .variants.pissa import PiSSAConfig
-from .variants.road import RoadConfig
 from .interop.peft import export_peft, import_peft
 
 __all__ = [
@@ -30,8 +19,9 @@ __all__ = [
     "CheckpointError",
     "merge", "disabled", "scaled", "export_peft", "import_peft",
     "AdapterConfig", "RankConfig", "ScaledConfig", "REGISTRY", "ParamSpec", "Variant", "register",
-    "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "HRAConfig",
-    "IA3Config", "IA3FFConfig", "RoadConfig", "LoRAXSConfig", "EVAConfig",
-    "AntiPaSTOConfig", "AntiPaSTORotConfig", "AntiPaSTOCorDAConfig", "AntiPaSTOASVDConfig",
-    "AntiPaSTOAblateConfig", "AntiPaSTODPLRConfig",
 ]
+for _cfg in CONFIGS.values():  # the built-in variants' configs, by class name
+    if _cfg.__module__.startswith(f"{__name__}.variants."):
+        globals()[_cfg.__name__] = _cfg
+        __all__.append(_cfg.__name__)
+del _cfg

@@ -6,7 +6,8 @@ targets (JSON list), fingerprints (JSON {target: sketch of the pristine base lay
 fingerprint.py}), sha256 (JSON {tensor: sha256 of its raw bytes}) and metadata_sha256 (sha256
 of the canonical JSON of every other metadata entry). With `trainable_modules`, their
 parameters are stored as "base.<parameter name>" and listed in the metadata "trainable" (JSON
-list; absent = none).
+list; absent = none). A tensor shared by all targets (ParamSpec shared=True) is stored once, as
+"shared.<lora_name>", and listed in the metadata "shared" (JSON list; absent = none).
 
 An adapter is data: `read(path)` returns an `Adapter` (config, targets, tensors per target,
 trained base parameters, fingerprints, format version) after reading the file once, into
@@ -18,7 +19,7 @@ Adapter)` then checks the fit (targets, tensor names, shapes, dtypes, trained ba
 base fingerprints) before the model is touched, and fills it from those same in-memory tensors:
 no calibration data, no data-dependent init (frozen SVD factors and initial factors are in
 the file). Metadata is parsed as data (JSON, dtype names through an allow-list), nothing is
-executed or unpickled. Format 1 files (no hashes) still read, with a warning.
+executed or unpickled.
 
 Every file the library writes goes through `write_atomic`: a new file in the same folder
 (permissions from the umask, as a plain `open()` gives), fsync, then a rename over the target.
@@ -46,8 +47,10 @@ from ._version import __version__
 from .config import AdapterConfig
 from .fingerprint import fingerprint, same_base
 from .kinds import KINDS, kind_of
-from .runtime import ensure_free, install, layer_specs, state_of, trainable_params, unwrap, validate, variant_of
-from .targets import named_linear_layers
+from .runtime import (
+    ensure_free, install, layer_specs, shared_specs, state_of, trainable_params, unwrap, validate, variant_of,
+)
+from .targets import targets_by_name
 
 try:
     from torch.distributed.tensor import DTensor
@@ -56,10 +59,11 @@ except ImportError:  # torch built without distributed support: nothing can be s
 
 FORMAT = "lora-lite"
 FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", FORMAT_VERSION)  # 1: no content hashes (loads with a warning)
+READABLE_VERSIONS = (FORMAT_VERSION,)
 # safetensors names of the config dtype allow-list
 _DTYPE_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 BASE = "base."  # key prefix of trained base parameters; adapter keys end in ".lora_*"
+SHARED = "shared."  # key prefix of the tensors shared by all targets
 
 
 class CheckpointError(ValueError):
@@ -71,6 +75,7 @@ class Adapter:
     """An adapter as data: what a checkpoint holds, verified; what `load` and the exporters take.
 
     tensors: {target module name: {"lora_*": tensor}}, targets in model order.
+    shared: {"lora_*": tensor} shared by all targets (ParamSpec shared=True), stored once.
     trainable: {base parameter name: trained value} of `trainable_modules` (empty if none).
     fingerprints: {target: sketch of the base layer it was made on} (fingerprint.py); None when
     unknown (an imported PEFT adapter), which skips the different-base warning.
@@ -83,6 +88,7 @@ class Adapter:
     trainable: dict[str, torch.Tensor] = field(default_factory=dict)
     fingerprints: dict[str, dict] | None = None
     kinds: dict[str, str] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
     library_version: str = __version__
     source: str = "<memory>"                    # the file it was read from, for messages
@@ -118,9 +124,11 @@ def adapter_of(model: nn.Module) -> Adapter:
     state = state_of(model)
     state.cfg.to_dict()  # a coefficient tensor in the config raises here, before any collective
     tensors = _full_adapter_tensors(state)
+    shared = {p: _on_cpu(t) for p, t in state.shared.items()}
     return Adapter(
-        config=_stored_config(state, tensors),
+        config=_stored_config(state, {**tensors, SHARED: shared}),
         tensors=tensors,
+        shared=shared,
         trainable={n: model.get_parameter(n).detach().to("cpu").contiguous() for n in state.originals},
         fingerprints=state.fingerprints,
         kinds={n: k for n, m in state.targets.items() if (k := kind_of(m)) != "linear"},
@@ -130,6 +138,7 @@ def adapter_of(model: nn.Module) -> Adapter:
 def write(adapter: Adapter, path: str | os.PathLike) -> None:
     """Write `adapter` as a lora-lite checkpoint (safetensors + hashed metadata) at `path`."""
     tensors = {f"{name}.{p}": t for name, per in adapter.tensors.items() for p, t in per.items()}
+    tensors.update({SHARED + p: t for p, t in adapter.shared.items()})
     tensors.update({BASE + n: t for n, t in adapter.trainable.items()})
     for key, t in tensors.items():
         if not _finite(t):
@@ -149,6 +158,8 @@ def write(adapter: Adapter, path: str | os.PathLike) -> None:
     }
     if adapter.trainable:
         metadata["trainable"] = json.dumps(list(adapter.trainable))
+    if adapter.shared:
+        metadata["shared"] = json.dumps(list(adapter.shared))
     if adapter.kinds:  # an exporter without the model needs them (PEFT's names differ per kind)
         metadata["kinds"] = json.dumps(adapter.kinds)
     metadata["metadata_sha256"] = _metadata_digest(metadata)
@@ -197,12 +208,18 @@ def _full_adapter_tensors(state) -> dict[str, dict[str, torch.Tensor]]:
     order)."""
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name, layer in state.targets.items():
-        for pname in state.specs[name]:
-            t = getattr(layer, pname).detach()
-            if isinstance(t, DTensor):
-                t = t.full_tensor()
-            tensors.setdefault(name, {})[pname] = t.to("cpu").contiguous()
+        for pname, spec in state.specs[name].items():
+            if not spec.shared:  # stored once, apart (adapter_of)
+                tensors.setdefault(name, {})[pname] = _on_cpu(getattr(layer, pname))
     return tensors
+
+
+def _on_cpu(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, detached, contiguous, on the CPU (a DTensor gathered: a collective)."""
+    t = t.detach()
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.to("cpu").contiguous()
 
 
 def _is_writer() -> bool:
@@ -226,11 +243,18 @@ def read(path: str | os.PathLike) -> Adapter:
     trained = _parse_json(path, meta, "trainable", list) if "trainable" in meta else []
     if not all(isinstance(n, str) for n in trained):
         raise CheckpointError(f"{path}: metadata 'trainable' must be a JSON list of strings")
+    shared_names = _parse_json(path, meta, "shared", list) if "shared" in meta else []
+    if not all(isinstance(n, str) and n.startswith("lora_") for n in shared_names):
+        raise CheckpointError(f"{path}: metadata 'shared' must be a JSON list of lora_* names")
     tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     trainable: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
     for key, t in stored.items():
         if key.startswith(BASE) and key[len(BASE):] in trained:
             trainable[key[len(BASE):]] = t
+            continue
+        if key.startswith(SHARED) and key[len(SHARED):] in shared_names:
+            shared[key[len(SHARED):]] = t
             continue
         name, _, pname = key.rpartition(".")
         if name not in tensors or not pname.startswith("lora_"):
@@ -239,21 +263,20 @@ def read(path: str | os.PathLike) -> Adapter:
                 f"base parameter; the file was not written by lora-lite or was edited"
             )
         tensors[name][pname] = t
-    for per in tensors.values():
-        for old, new in variant_of(cfg).renamed_tensors.items():
-            if old in per and new not in per:
-                per[new] = per.pop(old)
     empty = [n for n, per in tensors.items() if not per]
     if empty:
         raise CheckpointError(f"{path}: target(s) {empty[:3]} have no adapter tensors")
     missing = [n for n in trained if n not in trainable]
     if missing:
         raise CheckpointError(f"{path}: the trained base parameter {BASE + missing[0]} is missing")
+    missing = [n for n in shared_names if n not in shared]
+    if missing:
+        raise CheckpointError(f"{path}: the shared tensor {SHARED + missing[0]} is missing")
     trainable = {n: trainable[n] for n in trained}  # the saved (model) order
     kinds = _parse_json(path, meta, "kinds", dict) if "kinds" in meta else {}
     if not set(kinds) <= set(names) or not set(kinds.values()) <= set(KINDS):
         raise CheckpointError(f"{path}: metadata 'kinds' must map listed targets to one of {KINDS}")
-    return Adapter(config=cfg, tensors=tensors, trainable=trainable, fingerprints=fps, kinds=kinds,
+    return Adapter(config=cfg, tensors=tensors, trainable=trainable, fingerprints=fps, kinds=kinds, shared=shared,
                    format_version=meta["format_version"],
                    library_version=str(meta.get("library_version", "?")), source=path)
 
@@ -267,7 +290,7 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
     where, cfg = adapter.source, adapter.config
     variant = variant_of(cfg)
     names = adapter.targets
-    found, absent = named_linear_layers(model, names)
+    found, absent = targets_by_name(model, names)
     if absent:
         raise CheckpointError(
             f"{where}: {len(absent)} target(s) are not adaptable layers of this model, e.g. "
@@ -285,8 +308,9 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: the saved {cfg.variant!r} adapter does not fit this model: {e}") from None
 
+    all_specs = {name: layer_specs(variant.at_target(name, cfg), layer, cfg) for name, layer in targets}
     for name, layer in targets:
-        specs = layer_specs(variant.at_target(name, cfg), layer, cfg)
+        specs = {p: s for p, s in all_specs[name].items() if not s.shared}
         have = adapter.tensors[name]
         missing, unexpected = sorted(set(specs) - set(have)), sorted(set(have) - set(specs))
         if missing or unexpected:
@@ -302,6 +326,15 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
                 )
             if t.dtype != cfg.dtype:
                 raise CheckpointError(f"{where}: {name}.{pname} is {t.dtype}, the config says {cfg.dtype}")
+    group = shared_specs(all_specs)
+    if set(group) != set(adapter.shared):
+        raise CheckpointError(f"{where}: a {cfg.variant!r} adapter on these targets shares {sorted(group)}, "
+                              f"the file holds {sorted(adapter.shared)}")
+    for pname, spec in group.items():
+        t = adapter.shared[pname]
+        if tuple(t.shape) != tuple(spec.shape) or t.dtype != cfg.dtype:
+            raise CheckpointError(f"{where}: {SHARED + pname} is {t.dtype} {tuple(t.shape)}, these targets need "
+                                  f"{cfg.dtype} {tuple(spec.shape)}")
     _check_trainable(where, model, adapter, cfg, targets)
 
     now = {n: fingerprint(m) for n, m in targets}
@@ -319,7 +352,12 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
         for pname in specs:
             getattr(layer, pname).copy_(adapter.tensors[name][pname])
 
-    install(model, cfg, variant, targets, fill, fingerprints=now, trainable_values=adapter.trainable)
+    def fill_shared(shared, specs):
+        for pname, t in shared.items():
+            t.copy_(adapter.shared[pname])
+
+    install(model, cfg, variant, targets, fill, fingerprints=now, trainable_values=adapter.trainable,
+            fill_shared=fill_shared)
 
 
 def _check_trainable(where, model, adapter: Adapter, cfg, targets) -> None:
@@ -344,15 +382,6 @@ def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Metadata and every tensor, read once into memory; CheckpointError if the file is
     unreadable, not a lora-lite checkpoint, of an unknown version, or holds a dtype we never write."""
     return _open(path, lambda f: {key: f.get_tensor(key) for key in f.keys()})
-
-
-def _read_header(path: str) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
-    """Metadata and {key: (shape, dtype)} without reading tensor data (`lora-lite inspect`); the
-    same checks as `_read` but no integrity check, which needs the data."""
-    def shapes(f):
-        return {key: (tuple(f.get_slice(key).get_shape()), _DTYPE_CODES[f.get_slice(key).get_dtype()]) for key in f.keys()}
-
-    return _open(path, shapes)
 
 
 def _open(path: str, read):
@@ -395,28 +424,21 @@ _PEFT_HINT = ("an HF PEFT adapter folder (adapter_config.json), not a lora-lite 
 
 def _verify(path: str, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
     """Integrity (metadata and per-tensor sha256) and finiteness, before anything else is read."""
-    if meta["format_version"] == "1" and "sha256" not in meta and "metadata_sha256" not in meta:
-        warnings.warn(
-            f"{path}: a format-1 checkpoint records no content hashes, so its integrity cannot be "
-            f"verified; save it again with lora-lite {__version__} to add them",
-            stacklevel=3,
+    if meta.get("metadata_sha256") != _metadata_digest(meta):
+        raise CheckpointError(
+            f"{path}: the metadata does not match its recorded sha256 (metadata_sha256); the "
+            f"file is corrupted or was edited"
         )
-    else:
-        if meta.get("metadata_sha256") != _metadata_digest(meta):
+    hashes = _parse_json(path, meta, "sha256", dict)
+    if set(hashes) != set(tensors):
+        odd = sorted(set(hashes) ^ set(tensors))
+        raise CheckpointError(f"{path}: tensors and recorded hashes disagree on {odd[:3]}")
+    for key, t in tensors.items():
+        if hashes[key] != _digest(t):
             raise CheckpointError(
-                f"{path}: the metadata does not match its recorded sha256 (metadata_sha256); the "
-                f"file is corrupted or was edited"
+                f"{path}: tensor {key} does not match its recorded sha256; the file is "
+                f"corrupted or was edited"
             )
-        hashes = _parse_json(path, meta, "sha256", dict)
-        if set(hashes) != set(tensors):
-            odd = sorted(set(hashes) ^ set(tensors))
-            raise CheckpointError(f"{path}: tensors and recorded hashes disagree on {odd[:3]}")
-        for key, t in tensors.items():
-            if hashes[key] != _digest(t):
-                raise CheckpointError(
-                    f"{path}: tensor {key} does not match its recorded sha256; the file is "
-                    f"corrupted or was edited"
-                )
     for key, t in tensors.items():
         if not _finite(t):
             raise CheckpointError(f"{path}: tensor {key} holds non-finite values (NaN/Inf)")

@@ -22,7 +22,7 @@ from lora_lite_cli import MODEL_CLASSES, main  # noqa: F401  (main: `python -m l
 def describe(path: str) -> dict:
     """A lora-lite checkpoint's contents (`ll.read`: hashes verified), no model loaded.
     Raises CheckpointError for anything that is not a valid lora-lite checkpoint."""
-    from .checkpoint import BASE, read
+    from .checkpoint import BASE, SHARED, read
     from .runtime import variant_of
 
     adapter = read(path)
@@ -30,9 +30,11 @@ def describe(path: str) -> dict:
     variant = variant_of(cfg)
     fingerprints = adapter.fingerprints or {}
     trainable, groups = 0, {}
-    items = [(name, pname, t) for name, per in adapter.tensors.items() for pname, t in per.items()]
-    items += [(None, BASE + n, t) for n, t in adapter.trainable.items()]
-    for name, pname, t in items:
+    items = [(name, pname, pname, t) for name, per in adapter.tensors.items() for pname, t in per.items()]
+    first = adapter.targets[0]  # a shared tensor's spec: as any target declares it
+    items += [(first, p, SHARED + p, t) for p, t in adapter.shared.items()]
+    items += [(None, None, BASE + n, t) for n, t in adapter.trainable.items()]
+    for name, pname, key, t in items:
         shape, dtype = tuple(t.shape), t.dtype
         spec = None
         if name is not None:
@@ -40,7 +42,7 @@ def describe(path: str) -> dict:
             spec = variant.at_target(name, cfg).param_specs(d_in, d_out, cfg).get(pname) if d_in else None
         if spec is not None and spec.trainable:
             trainable += t.numel()
-        key = pname  # "lora_*" grouped over targets; "base.<parameter>" one each
+        # key: "lora_*" grouped over targets; "shared.lora_*" and "base.<parameter>" one each
         g = groups.setdefault(key, {"shapes": Counter(), "dtype": set(), "trainable": None, "count": 0})
         g["shapes"][shape] += 1
         g["dtype"].add(str(dtype).removeprefix("torch."))
@@ -61,16 +63,9 @@ def describe(path: str) -> dict:
                 "dtype": "/".join(sorted(g["dtype"])), "trainable": g["trainable"]}
             for p, g in groups.items()
         },
-        "stored_parameters": sum(t.numel() for _, _, t in items),
+        "stored_parameters": sum(t.numel() for *_, t in items),
         "trainable_parameters": trainable,
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _patterns(names: list[str]) -> list[str]:
@@ -108,7 +103,7 @@ def _print_description(d: dict) -> None:
     for p, t in d["tensors"].items():
         kind = {True: "trainable", False: "frozen", None: "?"}[t["trainable"]]
         shapes = ", ".join(f"{tuple(int(n) for n in s.split('x'))} x{c}" for s, c in t["shapes"].items())
-        label = p if p.startswith("base.") else f"<target>.{p}"
+        label = p if p.startswith(("base.", "shared.")) else f"<target>.{p}"
         print(f"  {label:27s} {shapes}  {t['dtype']}  {kind}")
     print(f"parameters  {d['trainable_parameters']:,} trainable of {d['stored_parameters']:,} stored")
 

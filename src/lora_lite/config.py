@@ -12,10 +12,7 @@ meaning, default and valid values, and the docs cannot drift from the fields.
 Configs travel through checkpoints as JSON, so `to_dict`/`from_dict` are exact inverses and
 `from_dict` treats its input as untrusted data: unknown fields, wrong types and dtype strings
 outside the allow-list raise `ValueError` naming the field, and so does the constructor
-(`LoRAConfig(lora_alpha=16)`). Two declared exceptions keep old saved configs loading exactly:
-`renamed_fields` ({old name: name}) are read under their new name, and `retired_fields` (shared
-fields this variant never read, e.g. `alpha` of the AntiPaSTO family) are dropped whatever
-their value, since no value of them ever changed the function. The constructor refuses both.
+(`LoRAConfig(lora_alpha=16)`).
 """
 
 from __future__ import annotations
@@ -122,10 +119,6 @@ class AdapterConfig:
         "regexes naming base modules (a classifier head, an embedding) whose parameters train "
         "with the adapter (PEFT's modules_to_save): save stores them, load restores them, "
         "detach puts the attach-time values back"))
-    # {old name: name} of fields renamed since a release; `from_dict` (saved configs) maps them
-    renamed_fields: ClassVar[dict[str, str]] = {}
-    # shared fields this variant never reads: not offered, dropped from saved configs (any value)
-    retired_fields: ClassVar[tuple[str, ...]] = ()
 
     def __new__(cls, *args, **kwargs):
         # Runs before the dataclass __init__, which would raise TypeError for an unknown keyword:
@@ -135,9 +128,7 @@ class AdapterConfig:
         settable = sorted(f.name for f in dataclasses.fields(cls) if f.init)
         for key in kwargs:
             if key not in settable:
-                why = (f" ({cls._variant_name()} does not read {key}; saved configs that hold it still load)"
-                       if key in cls.retired_fields else "")
-                raise ValueError(f"{cls.__name__}: unknown field {key!r}; valid fields: {settable}{why}")
+                raise ValueError(f"{cls.__name__}: unknown field {key!r}; valid fields: {settable}")
         return super().__new__(cls)
 
     @classmethod
@@ -218,9 +209,7 @@ class AdapterConfig:
         if name not in CONFIGS:
             raise KeyError(f"unknown variant {name!r}; registered: {sorted(CONFIGS)}")
         cls = CONFIGS[name]
-        kwargs = {cls.renamed_fields.get(k, k): v for k, v in d.items()
-                  if k != "variant" and k not in cls.retired_fields}
-        return cls(**kwargs)  # the constructor validates every field (dtype names included)
+        return cls(**{k: v for k, v in d.items() if k != "variant"})  # the constructor validates every field (dtype names included)
 
 
 # r and alpha live in two small mixins listed after AdapterConfig: dataclasses order fields along
@@ -289,9 +278,6 @@ def document(cls: type[AdapterConfig]) -> None:
     variant = cls._variant_name()
     if variant:
         lines += ["", f"variant = {variant!r}: {field_doc(cls, 'variant')}."]
-    if cls.retired_fields:
-        lines += [f"Not offered: {', '.join(cls.retired_fields)} ({variant} does not read "
-                  f"{'them' if len(cls.retired_fields) > 1 else 'it'}; a saved config's value is dropped on load)."]
     cls.__doc__ = "\n".join(lines)
 
 

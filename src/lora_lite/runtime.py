@@ -42,7 +42,7 @@ from .targets import find_targets
 from .variant import REGISTRY, ParamSpec, Variant, init_tensor, like, per_row
 
 STATE_ATTR = "_lora_lite"
-PREFIX = "lora_"
+TENSOR_PREFIX = "lora_"  # every adapter tensor name starts with it
 
 
 @dataclass
@@ -52,6 +52,7 @@ class AttachState:
     targets: dict[str, nn.Module]                # name -> layer, in model order
     specs: dict[str, dict[str, ParamSpec]]      # name -> tensor specs
     requires_grad: dict[str, bool]              # base parameter -> flag before attach
+    shared: dict[str, nn.Parameter] = field(default_factory=dict)  # ParamSpec shared=True: one each
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable base params at attach
     fingerprints: dict[str, dict] = field(default_factory=dict)  # base sketches at attach/load
     scale: float | torch.Tensor = 1.0           # ll.scaled: y + scale·Δy at every target
@@ -141,7 +142,12 @@ def attach(
             init_tensor(getattr(layer, pname), spec.init)
         variant.at_target(name, cfg).init(layer, cfg, None if stats is None else stats[name])
 
-    install(model, cfg, variant, targets, fill)
+    def fill_shared(shared: dict[str, torch.Tensor], specs: dict[str, ParamSpec]) -> None:
+        for pname, t in shared.items():
+            init_tensor(t, specs[pname].init)
+        variant.init_shared(shared, cfg)
+
+    install(model, cfg, variant, targets, fill, fill_shared=fill_shared)
 
 
 def detach(model: nn.Module) -> None:
@@ -257,8 +263,8 @@ def describe(model: nn.Module) -> Description | str:
     if state is None:
         return "no lora-lite adapter is attached to this model"
     tensors = [getattr(layer, p) for n, layer in state.targets.items() for p in state.specs[n]]
-    trainable = [t for n, layer in state.targets.items() for p, spec in state.specs[n].items()
-                 if spec.trainable for t in (getattr(layer, p),)]
+    trainable = list({id(t): t for n, layer in state.targets.items() for p, spec in state.specs[n].items()
+                      if spec.trainable for t in (getattr(layer, p),)}.values())  # a shared one once
     return Description(
         variant=state.cfg.variant,
         config=state.cfg,
@@ -333,8 +339,8 @@ def validate(
     ensure_free(model)
     for name, layer in targets:
         placed = variant.at_target(name, cfg)
-        leftover = [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(PREFIX)]
-        leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(PREFIX)]
+        leftover = [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(TENSOR_PREFIX)]
+        leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(TENSOR_PREFIX)]
         if leftover:
             raise RuntimeError(f"{name} already holds adapter tensors {leftover}; use a pristine model")
         check_kind(name, layer, variant)
@@ -443,10 +449,11 @@ def install(
     fill: Callable[[str, nn.Module, dict[str, ParamSpec]], None],
     fingerprints: dict[str, dict] | None = None,
     trainable_values: dict[str, torch.Tensor] | None = None,
+    fill_shared: Callable[[dict[str, torch.Tensor], dict[str, ParamSpec]], None] | None = None,
 ) -> None:
-    """Create tensors, fill them, freeze the base, unfreeze `trainable_modules` (keeping their
-    values for detach; `trainable_values` sets them, as load does), add hooks; roll back on
-    any error."""
+    """Create tensors, fill them (`fill_shared` the shared ones, once, then `fill` each target's
+    own), freeze the base, unfreeze `trainable_modules` (keeping their values for detach;
+    `trainable_values` sets them, as load does), add hooks; roll back on any error."""
     state = AttachState(
         cfg=cfg,
         variant=variant,
@@ -459,15 +466,22 @@ def install(
     created: list[tuple[nn.Module, str]] = []
     placed: list[FusedParameter] = []
     try:
+        group = shared_specs(state.specs)
+        for pname, spec in group.items():  # one tensor each, on the first target's device
+            state.shared[pname] = nn.Parameter(torch.empty(spec.shape, dtype=cfg.dtype, device=_device(targets[0][1])),
+                                               requires_grad=False)
+        if group:
+            with torch.no_grad():
+                fill_shared(state.shared, group)
         for name, layer in targets:
             if isinstance(layer, FusedParameter):  # registered beside its parameter: .to(), copies, state_dict
                 layer.owner.add_module(layer.slot, layer)
                 placed.append(layer)
             for pname, spec in state.specs[name].items():
-                _create(layer, pname, spec, cfg.dtype)
+                _create(layer, pname, spec, cfg.dtype, state.shared.get(pname))
                 created.append((layer, pname))
             with torch.no_grad():
-                fill(name, layer, state.specs[name])
+                fill(name, layer, {p: s for p, s in state.specs[name].items() if not s.shared})
         for p in model.parameters():
             p.requires_grad_(False)
         for name, layer in targets:
@@ -482,6 +496,8 @@ def install(
             p.requires_grad_(True)
         for name, layer in targets:
             _add_hook(layer, variant.at_target(name, cfg), state, next(iter(state.specs[name])))
+        state.specs = {n: {p: dataclasses.replace(s, init=None) for p, s in specs.items()}
+                       for n, specs in state.specs.items()}  # inits ran; closures would not pickle
         setattr(model, STATE_ATTR, state)
     except BaseException:
         _remove_hooks(state)
@@ -496,12 +512,33 @@ def install(
 
 def layer_specs(variant: type[Variant], layer: nn.Module, cfg: AdapterConfig) -> dict[str, ParamSpec]:
     """The variant's tensors for this layer; for a fused parameter one per expert: a leading
-    expert dimension, each slice initialised as the variant's own tensor."""
+    expert dimension, each slice initialised as the variant's own tensor (shared tensors excepted)."""
     specs = variant.param_specs(*dims(layer), cfg)
     if not isinstance(layer, FusedParameter):
         return specs
     E = layer.num_experts
-    return {n: dataclasses.replace(s, shape=(E, *s.shape), init=_per_expert(s.init)) for n, s in specs.items()}
+    return {n: s if s.shared else dataclasses.replace(s, shape=(E, *s.shape), init=_per_expert(s.init))
+            for n, s in specs.items()}
+
+
+def shared_specs(specs: dict[str, dict[str, ParamSpec]]) -> dict[str, ParamSpec]:
+    """{name: spec} of the shared tensors (ParamSpec shared=True) over all targets' specs, each
+    shaped to the elementwise largest shape a target declares: every target reads its leading
+    block. The first target's spec gives the init."""
+    group: dict[str, ParamSpec] = {}
+    for per in specs.values():
+        for pname, spec in per.items():
+            if not spec.shared:
+                continue
+            have = group.setdefault(pname, spec)
+            if len(have.shape) != len(spec.shape):
+                raise ValueError(f"shared tensor {pname}: targets declare shapes {have.shape} and {spec.shape}")
+            group[pname] = dataclasses.replace(have, shape=tuple(map(max, have.shape, spec.shape)))
+    return group
+
+
+def _device(layer: nn.Module) -> torch.device:
+    return layer.weight.device
 
 
 def _per_expert(init):
@@ -682,12 +719,17 @@ def _remove_hooks(state: AttachState) -> None:
                     getattr(layer, name, {}).pop(key, None)
 
 
-def _create(layer: nn.Module, pname: str, spec: ParamSpec, dtype: torch.dtype) -> None:
-    if not pname.startswith(PREFIX):
-        raise ValueError(f"adapter tensor names must start with {PREFIX!r}, got {pname!r}")
+def _create(layer: nn.Module, pname: str, spec: ParamSpec, dtype: torch.dtype,
+            shared: nn.Parameter | None = None) -> None:
+    """Register tensor `pname` on `layer`: a new one per `spec`, or the adapter's `shared` one."""
+    if not pname.startswith(TENSOR_PREFIX):
+        raise ValueError(f"adapter tensor names must start with {TENSOR_PREFIX!r}, got {pname!r}")
     if hasattr(layer, pname):
         raise RuntimeError(f"{type(layer).__name__} already has an attribute {pname!r}")
-    t = torch.empty(spec.shape, dtype=dtype, device=layer.weight.device)
+    if shared is not None:
+        layer.register_parameter(pname, shared)
+        return
+    t = torch.empty(spec.shape, dtype=dtype, device=_device(layer))
     if spec.is_buffer:
         layer.register_buffer(pname, t, persistent=True)
     else:

@@ -60,7 +60,7 @@ def is_adaptable(module: nn.Module) -> bool:
     return kind_of(module) is not None
 
 
-def named_linear_layers(model: nn.Module, names) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+def targets_by_name(model: nn.Module, names) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     """([(name, layer)] for the `names` that are adaptable layers of `model`, in model order;
     the names that are not) — how a saved or imported adapter finds its targets."""
     wanted = set(names)

@@ -8,7 +8,10 @@ A variant is a class of static functions (math only; no hooks, no model walking,
     advise(layers, cfg)                                  optional; once per attach, all targets:
                                                          warn about a config known to train badly
     init(layer, cfg, stats)                              optional; fill tensors from W / stats
-    delta(layer, cfg, x, y) -> Δy                        output hook: the layer returns y + Δy, or
+    init_shared(shared, cfg)                             optional; fill the tensors shared by all
+                                                         targets (ParamSpec shared=True), once
+    delta(layer, cfg, x, y) -> Δy                        output hook: the layer returns y + Δy
+                                                         (Δy / s with scale_outside, below), or
     delta_input(layer, cfg, x) -> Δx                     input pre-hook: the layer runs on x + Δx
     gate(layer, cfg) -> g                                optional, for a delta (delta_input) that is
                                                          y ⊙ (g − 1) (x ⊙ (g − 1)): the hook applies
@@ -73,15 +76,20 @@ Class attributes say what the runtime must check or provide:
 What the rest of the code would otherwise list by variant name is declared here too, and read
 from the registry (interop, the generic test suites, the benchmark):
 
-    params_per_layer(d_in, d_out, cfg)  trainable parameters per target, as the paper counts them
-                        (tests compare it with what attach creates)
     identity_tol        {base dtype: max |y − y_base| / max |y_base| at init}; absent = bit for bit
     neutral             tensors to zero for an exact identity when identity_at_init is False
-    renamed_tensors     {old name: name} of tensors renamed since a release: `ll.read` maps them
-    examples            {case name: Example}: small configs every generic suite runs
     peft                PeftMap: the same function as an HF PEFT method (tensor map, config
                         fields, import); None = no counterpart (export goes through low_rank_delta)
-    bench               BenchSetting: the benchmark's lr family, knobs and analytic MACs
+
+Optional declarations for the test suites and the benchmark (`register` fills the defaults, so
+a new variant needs none of them to attach, save, merge and export):
+
+    params_per_layer(d_in, d_out, cfg)  trainable parameters per target, as the paper counts them
+                        (tests compare it with what attach creates); default: None = not stated
+    examples            {case name: Example}: small configs every generic suite runs; default:
+                        one case named after the variant with the config's defaults
+    bench               BenchSetting: the benchmark's lr grid, knobs and analytic MACs; default:
+                        BenchSetting() (see its fields' defaults)
 """
 
 from __future__ import annotations
@@ -104,31 +112,47 @@ INITS = ("zeros", "ones", "near_zero", "near_one", "kaiming")
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One adapter tensor. `init` is a name from INITS or a callable filling the tensor in place.
+    """One adapter tensor. `init` is a name from INITS or a callable filling the tensor in place;
+    None leaves the values to whoever fills them (the attach state keeps its specs so, once the
+    tensors exist: a callable may be a closure, which a whole-model `torch.save` cannot pickle).
 
     Trainable specs become `nn.Parameter`s; frozen ones become persistent buffers when
     `as_buffer` (the default for frozen tensors) or frozen parameters otherwise.
+
+    `shared`: one tensor for the whole adapter instead of one per target (VeRA's random
+    projections). Every target declares the shape it reads; the runtime creates one tensor of
+    the elementwise largest shape, initialised once (`init`, then the variant's `init_shared`),
+    and registers that same `nn.Parameter` on every target (as tied weights are), so the math
+    reads it as `layer.<name>`, sliced to its own leading block, and `.to()`, `copy.deepcopy`
+    and `torch.save` keep one tensor. A checkpoint stores it once.
     """
 
     shape: tuple[int, ...]
-    init: str | Callable[[torch.Tensor], object] = "zeros"
+    init: str | Callable[[torch.Tensor], object] | None = "zeros"
     trainable: bool = True
     as_buffer: bool | None = None
+    shared: bool = False
 
     def __post_init__(self) -> None:
-        if not callable(self.init) and self.init not in INITS:
+        if self.init is not None and not callable(self.init) and self.init not in INITS:
             raise ValueError(f"ParamSpec.init: unknown init {self.init!r}; use one of {INITS}")
         if self.trainable and self.as_buffer:
             raise ValueError("ParamSpec: a trainable tensor cannot be a buffer")
+        if self.shared and self.as_buffer:
+            raise ValueError("ParamSpec: a shared tensor is one Parameter tied across targets, not a buffer")
 
     @property
     def is_buffer(self) -> bool:
+        if self.shared:  # module buffers are converted per module by .to(); a tied Parameter stays one
+            return False
         return (not self.trainable) if self.as_buffer is None else self.as_buffer
 
 
 @torch.no_grad()
-def init_tensor(t: torch.Tensor, init: str | Callable[[torch.Tensor], object]) -> None:
+def init_tensor(t: torch.Tensor, init: str | Callable[[torch.Tensor], object] | None) -> None:
     """Fill `t` in place according to a ParamSpec init."""
+    if init is None:
+        return
     if callable(init):
         init(t)
     elif init == "zeros":
@@ -160,14 +184,10 @@ class Variant:
     scale_outside: ClassVar[bool] = False
     identity_tol: ClassVar[dict] = {}
     neutral: ClassVar[tuple[str, ...]] = ()
-    renamed_tensors: ClassVar[dict[str, str]] = {}
     examples: ClassVar[dict]
     peft: ClassVar[PeftMap | None] = None
     bench: ClassVar[BenchSetting]
-
-    @staticmethod
-    def params_per_layer(d_in: int, d_out: int, cfg: AdapterConfig) -> int:
-        raise NotImplementedError
+    params_per_layer: ClassVar[Callable[[int, int, AdapterConfig], int] | None] = None
     kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
 
     delta: ClassVar[Callable | None] = None
@@ -197,6 +217,11 @@ class Variant:
     @staticmethod
     def init(layer: nn.Module, cfg: AdapterConfig, stats: dict | None) -> None:
         """Fill tensors that depend on W or on calibration statistics (ParamSpec inits ran)."""
+
+    @staticmethod
+    def init_shared(shared: dict[str, torch.Tensor], cfg: AdapterConfig) -> None:
+        """Fill the shared tensors {name: tensor} (ParamSpec shared=True) once per attach, after
+        their ParamSpec inits ran and before any per-target `init`."""
 
     @classmethod
     def change(cls, layer: nn.Module, cfg: AdapterConfig, x: torch.Tensor, y: torch.Tensor | None = None
@@ -304,6 +329,10 @@ class PeftMap:
     base      (target layer, cfg) -> the weight (d_out, d_in), fp32, that PEFT's base layer holds
               under this adapter when PEFT's init rewrites it (PiSSA: W − s·B0 A0); `copy_to_peft`
               writes it. None = PEFT leaves the pristine W
+    shared    ((our shared tensor, PEFT's model-level name), ...): tensors PEFT keeps once on its
+              tuner (VeRA's vera_A / vera_B, `base_model.<name>` in the saved file), same layout
+    kinds     the layer kinds PEFT's method adapts; None = interop's table for the method
+              (`PEFT_KINDS`: nn.Linear only unless listed)
     """
 
     method: str
@@ -314,23 +343,55 @@ class PeftMap:
     reads: tuple[str, ...] = ()
     combine: Callable[[dict[str, dict]], dict] | None = None
     base: Callable[[Any, AdapterConfig], Any] | None = None
+    shared: tuple[tuple[str, str], ...] = ()
+    kinds: tuple[str, ...] | None = None
+
+
+# The quality benchmark's learning-rate grid for a variant that states none: LoRA's range.
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 
 
 @dataclass(frozen=True)
 class BenchSetting:
-    """The benchmark's default setting of a variant (lora_bench reads it).
+    """The benchmark's default setting of a variant (lora_bench reads it; the library never does).
 
-    family  learning-rate family (the quality benchmark sweeps one lr grid per family)
+    lrs     the learning rates the quality benchmark sweeps for this variant
     knobs   (rank, geometry) -> config fields; geometry has min_dim (the smallest target side)
-            and out_gcd (gcd of the targets' d_out)
-    macs    (d_in, d_out, cfg) -> (added MACs per token, added MACs per forward call)
+            and out_gcd (gcd of the targets' d_out). Default: {"r": rank} when the config has r,
+            else {}
+    macs    (d_in, d_out, cfg) -> (added MACs per token, added MACs per forward call). Default:
+            one MAC per adapter tensor value per token (`param_specs`), nothing per call
     peft    the benchmark's PEFT row for the same method (a PEFT_ROWS key of lora_bench), or None
+    family  rows with the same family share one lr choice in the sweep (a row and its PEFT
+            twin, or methods with the same update geometry); default: the variant's own name
     """
 
-    family: str
-    knobs: Callable[[int, object], dict]
-    macs: Callable[[int, int, AdapterConfig], tuple[int, int]]
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    knobs: Callable[[int, object], dict] | None = None
+    macs: Callable[[int, int, AdapterConfig], tuple[int, int]] | None = None
     peft: str | None = None
+    family: str | None = None
+
+    def __post_init__(self) -> None:
+        lrs = self.lrs
+        if not (isinstance(lrs, (tuple, list)) and lrs and all(isinstance(v, (int, float)) and v > 0 for v in lrs)
+                and list(lrs) == sorted(set(lrs))):
+            raise ValueError(f"BenchSetting.lrs must be ascending distinct positive learning rates, got {lrs!r}")
+
+
+def _bench_defaults(cls: type[Variant]) -> BenchSetting:
+    """`cls.bench` (or BenchSetting()) with every unstated field derived from the variant."""
+    s = getattr(cls, "bench", None) or BenchSetting()
+    has_r = "r" in cls.config.__dataclass_fields__
+
+    def knobs(rank, geom):
+        return {"r": rank} if has_r else {}
+
+    def macs(d_in, d_out, cfg):
+        return sum(math.prod(p.shape) for p in cls.param_specs(d_in, d_out, cfg).values()), 0
+
+    return dataclasses.replace(s, lrs=tuple(s.lrs), knobs=s.knobs or knobs, macs=s.macs or macs,
+                               family=s.family or cls.name)
 
 
 REGISTRY: dict[str, type[Variant]] = {}
@@ -368,13 +429,13 @@ def register(cls: type[Variant]) -> type[Variant]:
     unknown = set(cls.runtime_fields) - set(cfg_cls.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{cls.__name__}.runtime_fields names unknown config fields {sorted(unknown)}")
-    missing = [a for a in ("examples", "bench") if not hasattr(cls, a)]
-    if cls.params_per_layer is Variant.params_per_layer:
-        missing.append("params_per_layer")
-    if missing:
-        raise TypeError(f"{cls.__name__}: a variant declares {missing} (see lora_lite.variant)")
+    if not hasattr(cls, "examples"):
+        cls.examples = {name: Example({})}
     if not cls.examples or not all(isinstance(e, Example) for e in cls.examples.values()):
         raise TypeError(f"{cls.__name__}.examples must be a non-empty {{name: Example}}")
+    if getattr(cls, "bench", None) is not None and not isinstance(cls.bench, BenchSetting):
+        raise TypeError(f"{cls.__name__}.bench must be a BenchSetting")
+    cls.bench = _bench_defaults(cls)
     if cls.identity_at_init == bool(cls.neutral):
         raise ValueError(f"{cls.__name__}: `neutral` names the tensors to zero exactly when identity_at_init is False")
     if cls.uses_rank and "r" not in cfg_cls.__dataclass_fields__:
@@ -382,8 +443,6 @@ def register(cls: type[Variant]) -> type[Variant]:
     if cls.scale_outside and not hasattr(cfg_cls, "scale"):
         raise TypeError(f"{cls.__name__}: scale_outside needs a config with alpha (subclass ScaledConfig)")
     fields = {f.name for f in dataclasses.fields(cfg_cls)}
-    if set(cfg_cls.retired_fields) & fields:
-        raise ValueError(f"{cfg_cls.__name__}.retired_fields names current fields {sorted(set(cfg_cls.retired_fields) & fields)}")
     undocumented = sorted(n for n in fields if not field_doc(cfg_cls, n))
     if undocumented:
         raise TypeError(f"{cfg_cls.__name__}: fields {undocumented} have no doc; declare them with "

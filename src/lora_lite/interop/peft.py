@@ -3,7 +3,8 @@
 What is PEFT-specific about a variant is declared in its own file, as `Variant.peft` (a
 `PeftMap`: PEFT's method, where each of our tensors lives in PEFT's layer and how it is laid
 out, the PEFT config fields of the same method, and how a saved PEFT adapter's config maps to
-ours). This module is the machinery over those declarations; it names no variant.
+ours). This module is the machinery over those declarations and PEFT's own LoRA layout (the
+form every other low-rank change exports as); it names and imports no variant.
 
 A saved PEFT adapter (`adapter_model.safetensors`) keys tensors `base_model.model.<module>.<path>`
 with ".default" dropped (and DoRA's magnitude as `lora_magnitude_vector`, no ".weight"), next to
@@ -50,11 +51,14 @@ from ..config import AdapterConfig
 from ..kinds import fused_parameters, is_transposed, kind_of
 from ..runtime import ensure_free, state_of, unwrap, variant_of
 from ..variant import REGISTRY, PeftMap
-from ..variants.lora import PEFT_LORA_TENSORS  # the plain-LoRA form every low-rank change exports as
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+MODEL_LEVEL = "base_model."  # a tensor PEFT's tuner holds once for the model (VeRA's vera_A): base_model.<name>
+# PEFT's LoRA layer: lora_A / lora_B Linear weights, our (r, d_in) / (d_out, r) layout; the plain
+# LoRA every low-rank change W_eff − W = B A exports as.
+LORA_LAYOUT = (("lora_A", "lora_A.default.weight", None), ("lora_B", "lora_B.default.weight", None))
 # Layer kinds each PEFT method adapts (the others PEFT has for nn.Linear only).
 PEFT_KINDS = {"LORA": ("linear", "conv1d", "embedding", "fused"), "IA3": ("linear", "conv1d")}
 # An embedding's LoRA pair: PEFT's in-layer paths for our lora_A / lora_B there.
@@ -64,6 +68,11 @@ _EMBEDDING_KEYS = {"lora_embedding_A": "lora_A.weight", "lora_embedding_B": "lor
 _BASE_KEY = ".base_layer.weight"  # the base embedding PEFT saves beside an embedding adapter
 # A fused parameter's LoRA pair in PEFT's 2-D layout.
 _EXPERT_LAYOUTS = {"lora_A": "experts_A", "lora_B": "experts_B"}
+
+
+def peft_kinds(m: PeftMap) -> tuple[str, ...]:
+    """The layer kinds PEFT's method of map `m` adapts (its declaration, else `PEFT_KINDS`)."""
+    return m.kinds or PEFT_KINDS.get(m.method, ("linear",))
 
 
 def peft_methods() -> list[str]:
@@ -143,12 +152,10 @@ def _file_key(path: str) -> str:
 def peft_config(cfg: AdapterConfig, targets: list[str], kinds: dict[str, str] | None = None):
     """The PEFT config object of the same method, rank and scale on the given targets (of the
     given kinds, kinds.py; default nn.Linear)."""
-    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     m = _map(cfg.variant)
-    cls = {"LORA": peft.LoraConfig, "DELORA": peft.DeloraConfig, "HRA": peft.HRAConfig,
-           "IA3": peft.IA3Config, "ROAD": peft.RoadConfig}[m.method]
-    return cls(**_kind_fields(m.config(cfg, targets), targets, kinds or {}))
+    return PEFT_TYPE_TO_CONFIG_MAPPING[m.method](**_kind_fields(m.config(cfg, targets), targets, kinds or {}))
 
 
 def peft_tensors(name: str, layer, cfg: AdapterConfig, kind: str = "linear") -> dict[str, torch.Tensor]:
@@ -183,10 +190,15 @@ def copy_to_peft(model: nn.Module, peft_model: nn.Module) -> None:
             copies["base_layer.weight"] = W.T if is_transposed(target.base_layer) else W  # (Conv1D stores Wᵀ)
         for path, tensor in copies.items():
             owner, _, leaf = path.rpartition(".")
-            slot = getattr(target.get_submodule(owner), leaf)
-            if slot.shape != tensor.shape:
-                raise ValueError(f"{name}.{path}: PEFT holds {tuple(slot.shape)}, ours is {tuple(tensor.shape)}")
-            slot.copy_(tensor)
+            _copy(getattr(target.get_submodule(owner), leaf), tensor, f"{name}.{path}")
+    for ours, theirs in variant_of(state.cfg).peft.shared:  # PEFT's tuner holds them once, per adapter
+        _copy(getattr(peft_model.base_model, theirs)["default"], state.shared[ours], theirs)
+
+
+def _copy(slot: torch.Tensor, tensor: torch.Tensor, where: str) -> None:
+    if slot.shape != tensor.shape:
+        raise ValueError(f"{where}: PEFT holds {tuple(slot.shape)}, ours is {tuple(tensor.shape)}")
+    slot.copy_(tensor)
 
 
 # ---- export -------------------------------------------------------------------------------------
@@ -229,11 +241,11 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike) -> dict:
     m = REGISTRY[cfg.variant].peft
     native = m is not None and m.export
     if native:
-        unsupported = sorted({k for k in kinds.values() if k not in PEFT_KINDS.get(m.method, ("linear",))})
+        unsupported = sorted({k for k in kinds.values() if k not in peft_kinds(m)})
         if unsupported and variant_of(cfg).low_rank_delta(next(iter(layers.values())), cfg) is None:
             raise ValueError(
                 f"variant {cfg.variant!r} cannot be exported to PEFT on {', '.join(unsupported)} layers: "
-                f"PEFT's {m.method} adapts only {', '.join(PEFT_KINDS.get(m.method, ('linear',)))} layers "
+                f"PEFT's {m.method} adapts only {', '.join(peft_kinds(m))} layers "
                 f"and the change is not a low-rank W_eff − W; merge it with ll.merge instead"
             )
         native = not unsupported  # else: a plain LoRA of its low-rank change
@@ -244,6 +256,7 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike) -> dict:
             for name, layer in layers.items()
             for path, t in peft_tensors(name, layer, cfg, kinds[name]).items()
         }
+        tensors.update({f"{MODEL_LEVEL}{theirs}": adapter.shared[ours] for ours, theirs in m.shared})
     else:
         fields, tensors = _low_rank_lora(cfg, layers, kinds)
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
@@ -272,7 +285,7 @@ def _low_rank_lora(cfg: AdapterConfig, layers: dict, kinds: dict[str, str]) -> t
     tensors = {}
     for name, (B, A) in factors.items():  # fp32, as low_rank_delta computes them
         lora = {"lora_A": A, "lora_B": B}
-        for path, t in _in_peft_layout(PEFT_LORA_TENSORS, SimpleNamespace(**lora), kinds[name]).items():
+        for path, t in _in_peft_layout(LORA_LAYOUT, SimpleNamespace(**lora), kinds[name]).items():
             tensors[f"{PREFIX}{_peft_module(name, kinds)}.{_file_key(path)}"] = t
     fields = dict(
         peft_type="LORA", r=k, lora_alpha=k, lora_dropout=0.0, target_modules=list(layers),
@@ -339,6 +352,8 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
             _check_saved_bases(peft_dir, model, {k: f.get_tensor(k) for k in bases})
         shapes = {k: v for k, v in shapes.items() if k not in bases}
         dtypes = {_DTYPE_CODES.get(f.get_slice(k).get_dtype()) for k in shapes}
+        model_level = [k for k in shapes if not k.startswith(PREFIX) and k.startswith(MODEL_LEVEL)]
+        shapes = {k: v for k, v in shapes.items() if k not in model_level}
         # every key under the name a linear layer's LoRA would have: stored key -> that name
         alias = _unnest_parameters(peft_dir, model, conf, shapes)
         kinds = {}
@@ -363,12 +378,27 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
                                            _EXPERT_LAYOUTS[ours] if key in experts else layout, experts.get(key, 1))
                           for ours, (key, layout) in per.items()}
                    for name, per in plan.items()}
+        shared = _read_shared(peft_dir, REGISTRY[cfg.variant].peft, model_level, f)
     fused = [n for n, k in kinds.items() if k == "fused"]
     if fused:  # parameters are named by target_parameters
         patterns = {n: f"^{re.escape(n)}$" for n in fused}
         cfg = dataclasses.replace(cfg, target_names=tuple(p for p in cfg.target_names if p not in patterns.values()),
                                   target_parameters=tuple(patterns.values()))
-    return Adapter(config=cfg, tensors=tensors, fingerprints=None, kinds=kinds, source=peft_dir)
+    return Adapter(config=cfg, tensors=tensors, fingerprints=None, kinds=kinds, shared=shared, source=peft_dir)
+
+
+def _read_shared(where: str, m: PeftMap, keys: list[str], f) -> dict[str, torch.Tensor]:
+    """{our shared tensor: PEFT's model-level tensor} (`PeftMap.shared`); refuses a model-level
+    key the map does not name, and a map's tensor that is missing."""
+    names = {MODEL_LEVEL + theirs: ours for ours, theirs in m.shared}
+    unknown = sorted(set(keys) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: model-level tensors {unknown} are not part of a {m.method} adapter lora-lite reads")
+    missing = sorted(set(names) - set(keys))
+    if missing:
+        raise ValueError(f"{where}: {missing} are missing: the adapter was saved without its shared tensors "
+                         f"(PEFT's save_projection=False); save it again with save_projection=True")
+    return {ours: f.get_tensor(key) for key, ours in names.items()}
 
 
 def _check_saved_bases(where: str, model: nn.Module, bases: dict[str, torch.Tensor]) -> None:

@@ -107,6 +107,10 @@ def steering_coeff(what: str = "the learned change"):
                      f"token (not saved: set a float before save)", per_row=True)
 
 
+# The benchmark's lr grid of r scalar gains per layer: large steps.
+SVD_LRS = (1e-3, 5e-3, 2e-2, 5e-2)
+
+
 def big_rank(r: int, geometry) -> dict:
     """The benchmark's rank for the family: it trains O(r) scalars per layer, so a large basis
     (the seed benchmark's r = 256), capped at the smallest target side and kept a multiple of

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from ..config import RankConfig, knob, least
 from ..variant import BenchSetting, Example, ParamSpec, Variant, register
 from ._antipasto import (
-    TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, frozen_rank, gain_core, gain_delta, init_top_r,
+    SVD_LRS, TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, frozen_rank, gain_core, gain_delta, init_top_r,
     steering_coeff, svd_specs,
 )
 
@@ -42,7 +42,6 @@ class AntiPaSTOConfig(RankConfig):
     coeff: float = steering_coeff("the gain exponent, z = coeff·g (< 0 swaps suppress and amplify)")
     suppress_only: bool = knob(False, "hold g <= 0 (a straight-through clamp), so every gain stays in "
                                       "(0, 1]: directions are only suppressed; needs coeff >= 0")
-    retired_fields = ("alpha",)
 
     def check(self):
         if self.suppress_only and least(self.coeff) < 0:
@@ -74,4 +73,4 @@ class AntiPaSTO(Variant):
         "antipasto": Example({"r": 4, **TWO_BLOCKS}),
         "antipasto_suppress": Example({"r": 4, "suppress_only": True, "coeff": 0.5, **TWO_BLOCKS}, calibrate=False),
     }
-    bench = BenchSetting("svd", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0))
+    bench = BenchSetting(SVD_LRS, big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0), family="svd")

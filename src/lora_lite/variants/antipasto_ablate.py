@@ -52,7 +52,6 @@ class AntiPaSTOAblateConfig(RankConfig):
     cov_orient: bool = knob(False, "orient the frozen part by the input covariance as antipasto_corda; "
                                    "needs calibration data (data without it is refused)")
     cov_eps: float = knob(1e-3, "with cov_orient: ε added to the eigenvalues of C = E[x xᵀ]; absolute, > 0")
-    retired_fields = ("alpha",)
 
     def check(self):
         name = type(self).__name__
@@ -115,7 +114,6 @@ class AntiPaSTOAblate(Variant):
     effective_weight, low_rank_delta = closed_forms(_core)
 
     params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r * cfg.k + cfg.k)
-    renamed_tensors = {"lora_alpha": "lora_strength"}  # its name in checkpoints of lora-lite <= 0.1
     neutral = ("lora_strength",)  # α = 0 is the exact identity (the init_alpha contraction is deliberate)
     examples = {
         "antipasto_ablate": Example({"r": 4, "k": 2, **TWO_BLOCKS}, calibrate=False),
@@ -123,4 +121,6 @@ class AntiPaSTOAblate(Variant):
     }
     # its own, smaller lr family: the strength α is clamped to [0, 1], and the family's large
     # gain steps push it past the bounds (straight-through, but it lingers there)
-    bench = BenchSetting("ablate", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.k, 0))
+    # a strength clamped at 0 has zero gradient below it: moderate steps
+    bench = BenchSetting((5e-4, 1e-3, 2e-3, 5e-3), big_rank,
+                         lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.k, 0), family="ablate")

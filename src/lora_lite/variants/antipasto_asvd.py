@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ..config import knob
 from ..variant import BenchSetting, Example, register
-from ._antipasto import TWO_BLOCKS, big_rank, frozen_part_macs
+from ._antipasto import SVD_LRS, TWO_BLOCKS, big_rank, frozen_part_macs
 from .antipasto_corda import AntiPaSTOCorDA, AntiPaSTOCorDAConfig
 
 
@@ -37,4 +37,4 @@ class AntiPaSTOASVD(AntiPaSTOCorDA):
     config = AntiPaSTOASVDConfig
     calibration = "diag"
     examples = {"antipasto_asvd": Example({"r": 4, **TWO_BLOCKS})}
-    bench = BenchSetting("svd", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0))
+    bench = BenchSetting(SVD_LRS, big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0), family="svd")

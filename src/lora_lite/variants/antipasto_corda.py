@@ -26,7 +26,7 @@ from ..config import knob
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, Variant, register
 from ._antipasto import (
-    TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, gain_core, gain_delta, store_svd, svd_specs,
+    SVD_LRS, TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, gain_core, gain_delta, store_svd, svd_specs,
 )
 from ._svd import oriented_top_r, second_moment
 from .antipasto import AntiPaSTOConfig
@@ -69,4 +69,5 @@ class AntiPaSTOCorDA(Variant):
     params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r)
     examples = {"antipasto_corda": Example({"r": 4, **TWO_BLOCKS})}
     # the benchmark's PEFT row is the nearest analogue, a CorDA-initialised LoRA at the same r
-    bench = BenchSetting("svd", big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0), peft="corda")
+    bench = BenchSetting(SVD_LRS, big_rank, lambda i, o, c: (frozen_part_macs(i, o, c), 0), peft="corda",
+                         family="svd")

@@ -38,7 +38,6 @@ class AntiPaSTODPLRConfig(AntiPaSTOConfig):
     variant: str = field(default="antipasto_dplr", init=False)
     core_rank: int = knob(8, "rank k of the core B A that mixes the r frozen directions; 1 <= k <= r "
                              "(no core is antipasto)")
-    renamed_fields = {"lora_rank": "core_rank"}  # its name in configs of lora-lite <= 0.1
 
     def check(self):
         super().check()
@@ -89,5 +88,5 @@ class AntiPaSTODPLR(Variant):
     examples = {"antipasto_dplr": Example({"r": 8, "core_rank": 2, **TWO_BLOCKS})}
     # the rank-k core trains like a LoRA: its own lr family (the gain-only members want 10-50x
     # larger steps, at which the core diverges)
-    bench = BenchSetting("dplr", big_rank,
-                         lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.core_rank, 0))
+    bench = BenchSetting((1e-4, 3e-4, 1e-3, 3e-3), big_rank,
+                         lambda i, o, c: (frozen_part_macs(i, o, c) + 2 * c.r * c.core_rank, 0), family="dplr")

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..config import RankConfig, knob
 from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register
 from ._antipasto import (
-    TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, frozen_rank, init_top_r, svd_specs,
+    SVD_LRS, TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, frozen_rank, init_top_r, svd_specs,
 )
 
 
@@ -58,7 +58,6 @@ class AntiPaSTORotConfig(RankConfig):
     rotate_basis: Literal["V", "U", "both", "none"] = knob("V", (
         "which singular basis rotates: 'V' (input side), 'U' (output side), 'both' (each its own "
         "rotations), 'none' (only the additive δ_s)"))
-    retired_fields = ("alpha",)
 
     def check(self):
         name = type(self).__name__
@@ -165,5 +164,6 @@ class AntiPaSTORot(Variant):
         "antipasto_rot_none": Example({"r": 4, "rotate_basis": "none", **TWO_BLOCKS}, calibrate=False, minilm=False),
     }
     # the Cayley solves of the block rotations run once per call: r·bs per rotated side
-    bench = BenchSetting("svd", big_rank, lambda i, o, c: (
-        frozen_part_macs(i, o, c), c.r * c.block_size * {"V": i, "U": o, "both": i + o, "none": 0}[c.rotate_basis]))
+    bench = BenchSetting(SVD_LRS, big_rank, lambda i, o, c: (
+        frozen_part_macs(i, o, c), c.r * c.block_size * {"V": i, "U": o, "both": i + o, "none": 0}[c.rotate_basis]),
+        family="svd")

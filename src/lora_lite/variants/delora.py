@@ -49,7 +49,6 @@ class DeLoRAConfig(RankConfig):
     lambda0: float = knob(15.0, "initial bound λ of each rank-1 term (PEFT's delora_lambda); > 0. After "
                                 "one step ‖ΔW‖/‖W‖ ≈ λ0/√(r·d_in): aim for 0.01-0.05 (attach warns from "
                                 "0.05); the default is PEFT's")
-    retired_fields = ("alpha",)
 
     def check(self):
         if not self.lambda0 > 0:
@@ -128,5 +127,5 @@ class DeLoRA(Variant):
     )
     # λ0 = 1 in the benchmark: ‖ΔW‖/‖W‖ ≈ λ0/√(r·d_in) from the first step (docstring), which is
     # 0.013 on MiniLM at r = 16 where the default 15 (0.19) collapsed to chance at every lr
-    bench = BenchSetting("delora", lambda r, g: {"r": r, "lambda0": 1.0},
+    bench = BenchSetting((1e-4, 3e-4, 1e-3, 3e-3, 1e-2), lambda r, g: {"r": r, "lambda0": 1.0},
                          lambda i, o, c: (c.r * (i + o) + i + c.r, 0), peft="delora")

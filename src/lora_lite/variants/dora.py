@@ -30,7 +30,7 @@ from ..kinds import bias
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 from .lora import (
-    PEFT_LORA_READS, PEFT_LORA_TENSORS, embedding_low_rank, lora_params, lora_specs, low_rank, peft_lora_fields,
+    LORA_LRS, PEFT_LORA_READS, PEFT_LORA_TENSORS, embedding_low_rank, lora_params, lora_specs, low_rank, peft_lora_fields,
     peft_lora_import,
 )
 
@@ -87,8 +87,9 @@ class DoRA(Variant):
                    lambda cfg, t: peft_lora_fields(cfg, t, use_dora=True),
                    imports=peft_lora_import(use_dora=True), reads=PEFT_LORA_READS)
     # the row norms of W + sBA every call: r·d_in·d_out + d_in·d_out MACs per call
-    bench = BenchSetting("lora", lambda r, g: {"r": r, "alpha": 2.0 * r},
-                         lambda i, o, c: (c.r * (i + o) + 2 * o, c.r * i * o + i * o), peft="dora")
+    bench = BenchSetting(LORA_LRS, lambda r, g: {"r": r, "alpha": 2.0 * r},
+                         lambda i, o, c: (c.r * (i + o) + 2 * o, c.r * i * o + i * o), peft="dora",
+                         family="lora")
 
 
 def _rescaled(layer, cfg, y, lora_out):

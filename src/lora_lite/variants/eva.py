@@ -26,7 +26,7 @@ from ..config import ScaledConfig
 from ..variant import BenchSetting, Example, PeftMap, Variant, register
 from ._svd import top_r_eigvecs
 from .lora import (
-    PEFT_LORA_TENSORS, lora_delta, lora_low_rank_delta, lora_macs, lora_params, lora_specs,
+    LORA_LRS, PEFT_LORA_TENSORS, lora_delta, lora_low_rank_delta, lora_macs, lora_params, lora_specs,
     peft_lora_fields,
 )
 
@@ -62,4 +62,4 @@ class EVA(Variant):
     # the forward is PEFT's LoRA; its data-driven init is not replayed (A is in the tensors), so
     # the export is a plain PEFT LoRA and a PEFT EVA adapter imports as `lora`
     peft = PeftMap("LORA", PEFT_LORA_TENSORS, peft_lora_fields)
-    bench = BenchSetting("lora", lambda r, g: {"r": r, "alpha": 2.0 * r}, lora_macs, peft="eva")
+    bench = BenchSetting(LORA_LRS, lambda r, g: {"r": r, "alpha": 2.0 * r}, lora_macs, peft="eva", family="lora")

@@ -35,7 +35,6 @@ class HRAConfig(RankConfig):
     variant: str = field(default="hra", init=False)
     r: int = knob(8, "number of Householder reflections: even (paired at init), at most d_in of "
                      "every target")
-    retired_fields = ("alpha",)
 
     def check(self):
         if self.r % 2:
@@ -91,7 +90,6 @@ class HRA(Variant):
     def params_per_layer(d_in, d_out, cfg):
         return cfg.r * d_in
 
-    renamed_tensors = {"lora_U": "lora_reflectors"}  # its name in checkpoints of lora-lite <= 0.1
     # paired reflections cancel in exact arithmetic only: Δx is the rounding of the (…, r) product
     identity_tol = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
     examples = {"hra": Example({"r": 4})}
@@ -102,5 +100,5 @@ class HRA(Variant):
         reads=("r",),
     )
     # compact WY: per token x Ûᵀ, · T⁻ᵀ, · Û (2r·d_in + r²); per call Û Ûᵀ and an r x r inverse
-    bench = BenchSetting("hra", lambda r, g: {"r": r - r % 2},
+    bench = BenchSetting((3e-5, 1e-4, 3e-4, 1e-3, 3e-3), lambda r, g: {"r": r - r % 2},
                          lambda i, o, c: (2 * c.r * i + c.r * c.r, c.r * c.r * i + c.r ** 3), peft="hra")

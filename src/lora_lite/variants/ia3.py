@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..config import AdapterConfig, knob
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
-from .ia3_ff import IA3FF
+from .ia3_ff import GAIN_LRS, IA3FF
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +33,6 @@ class IA3Config(AdapterConfig):
     feedforward_modules: tuple[str, ...] = knob((), (
         "regexes (re.search on each target's full name): targets whose input is gated instead of "
         "the output (the paper's FFN placement, PEFT's feedforward_modules); each must match a target"))
-    retired_fields = ("r", "alpha")
 
     def check(self) -> None:
         for pattern in self.feedforward_modules:
@@ -97,4 +96,4 @@ class IA3(Variant):
         combine=lambda per_target: {
             "feedforward_modules": tuple(p for f in per_target.values() for p in f["feedforward_modules"])},
     )
-    bench = BenchSetting("gain", lambda r, g: {}, lambda i, o, c: (o, 0), peft="ia3")
+    bench = BenchSetting(GAIN_LRS, lambda r, g: {}, lambda i, o, c: (o, 0), peft="ia3", family="gain")

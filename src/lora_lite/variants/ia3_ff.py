@@ -19,10 +19,12 @@ from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 
+GAIN_LRS = (1e-3, 5e-3, 2e-2, 5e-2)  # the benchmark's lr grid of elementwise gains
+
+
 @dataclass(frozen=True, kw_only=True)
 class IA3FFConfig(AdapterConfig):
     variant: str = field(default="ia3_ff", init=False)
-    retired_fields = ("r", "alpha")
 
 
 @register
@@ -54,4 +56,4 @@ class IA3FF(Variant):
         "IA3", (("lora_g", "ia3_l.default", "row"),),
         lambda cfg, t: dict(target_modules=t, fan_in_fan_out=False, feedforward_modules=t, init_ia3_weights=True),
     )  # not imported as ia3_ff: a PEFT IA3 adapter imports as `ia3` with its feedforward_modules
-    bench = BenchSetting("gain", lambda r, g: {}, lambda i, o, c: (i, 0), peft="ia3_ff")
+    bench = BenchSetting(GAIN_LRS, lambda r, g: {}, lambda i, o, c: (i, 0), peft="ia3_ff", family="gain")

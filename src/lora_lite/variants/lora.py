@@ -36,6 +36,9 @@ class LoRAConfig(ScaledConfig):
     variant: str = field(default="lora", init=False)
 
 
+LORA_LRS = (3e-4, 5e-4, 1e-3, 3e-3)  # the benchmark's lr grid of the LoRA family
+
+
 def lora_specs(d_in, d_out, r):
     """A kaiming (r, d_in), B zeros (d_out, r): the LoRA pair, zero delta at init."""
     return {
@@ -142,4 +145,4 @@ class LoRA(Variant):
     examples = {"lora": Example({"r": 4, "alpha": 8.0})}
     peft = PeftMap("LORA", PEFT_LORA_TENSORS, peft_lora_fields, imports=peft_lora_import(use_dora=False),
                    reads=PEFT_LORA_READS)
-    bench = BenchSetting("lora", lambda r, g: {"r": r, "alpha": 2.0 * r}, lora_macs, peft="lora")
+    bench = BenchSetting(LORA_LRS, lambda r, g: {"r": r, "alpha": 2.0 * r}, lora_macs, peft="lora")

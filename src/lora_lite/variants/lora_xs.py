@@ -71,5 +71,5 @@ class LoRAXS(Variant):
     params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r * cfg.r)
     neutral = ("lora_R",)  # R = 0 is the exact identity (the small random R is deliberate)
     examples = {"lora_xs": Example({"r": 4, "alpha": 4.0})}
-    bench = BenchSetting("lora_xs", lambda r, g: {"r": r, "alpha": float(r)},
+    bench = BenchSetting((1e-4, 3e-4, 1e-3, 4e-3, 1e-2), lambda r, g: {"r": r, "alpha": float(r)},
                          lambda i, o, c: (c.r * (i + o) + c.r * c.r, 0))

@@ -45,7 +45,6 @@ class RoadConfig(AdapterConfig):
         "for the cos and sin terms (2 per output)"))
     group_size: int = knob(64, "G: inside each group of G outputs, k pairs with k + G/2; even, >= 2, "
                                "and must divide every target's d_out")
-    retired_fields = ("r", "alpha")
 
     def check(self):
         if self.group_size < 2 or self.group_size % 2:
@@ -125,5 +124,7 @@ class Road(Variant):
                                             "group_size": int(conf.get("group_size", 64))},
         reads=("variant", "group_size"),
     )
-    bench = BenchSetting("road", lambda r, g: {"road_variant": "road_1", "group_size": math.gcd(64, g.out_gcd)},
+    # rotation angles: unstable at the lrs where IA3 gates train best
+    bench = BenchSetting((1e-3, 3e-3, 5e-3, 1e-2, 2e-2),
+                         lambda r, g: {"road_variant": "road_1", "group_size": math.gcd(64, g.out_gcd)},
                          lambda i, o, c: (2 * o, 0), peft="road")
