@@ -1,7 +1,7 @@
 """lora-lite: parameter-efficient adapters attached to linear layers with forward hooks."""
 
 from ._version import __version__
-from .checkpoint import Adapter, CheckpointError, adapter_of, load, read, save
+from .checkpoint import Adapter, CheckpointError, adapter_of, load, read, save, swap
 from .combine import combine
 from .config import AdapterConfig, RankConfig, ScaledConfig
 from .merge import disabled, merge, scaled
@@ -29,7 +29,7 @@ from .interop.peft import export_peft, import_peft
 __all__ = [
     "__version__", "attach", "detach", "describe", "reconfigure", "save", "load", "read", "Adapter",
     "CheckpointError",
-    "merge", "disabled", "scaled", "combine", "adapter_of", "export_peft", "import_peft",
+    "merge", "disabled", "scaled", "combine", "adapter_of", "swap", "export_peft", "import_peft",
     "AdapterConfig", "RankConfig", "ScaledConfig", "REGISTRY", "ParamSpec", "Variant", "register",
     "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "HRAConfig",
     "IA3Config", "IA3FFConfig", "RoadConfig", "LoRAXSConfig", "EVAConfig",
