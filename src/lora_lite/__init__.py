@@ -6,7 +6,8 @@ with no line here.
 """
 
 from ._version import __version__
-from .checkpoint import Adapter, CheckpointError, load, read, save
+from .checkpoint import Adapter, CheckpointError, adapter_of, load, read, save, swap
+from .combine import combine
 from .config import CONFIGS, AdapterConfig, RankConfig, ScaledConfig
 from .merge import disabled, merge, scaled
 from .runtime import attach, describe, detach, reconfigure
@@ -17,7 +18,7 @@ from .interop.peft import export_peft, import_peft
 __all__ = [
     "__version__", "attach", "detach", "describe", "reconfigure", "save", "load", "read", "Adapter",
     "CheckpointError",
-    "merge", "disabled", "scaled", "export_peft", "import_peft",
+    "merge", "disabled", "scaled", "combine", "adapter_of", "swap", "export_peft", "import_peft",
     "AdapterConfig", "RankConfig", "ScaledConfig", "REGISTRY", "ParamSpec", "Variant", "register",
 ]
 for _cfg in CONFIGS.values():  # the built-in variants' configs, by class name

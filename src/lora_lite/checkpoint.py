@@ -481,3 +481,71 @@ def _parse_config(path: str, meta: dict[str, str]) -> AdapterConfig:
         return AdapterConfig.from_dict(d)
     except Exception as e:  # untrusted data: whatever a field's check raises, the file is at fault
         raise CheckpointError(f"{path}: invalid adapter config in metadata: {e}") from None
+
+
+def swap(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
+    """Put the tensors saved at `source` (a file or an `Adapter`) into the adapter attached to
+    `model`, in place: the same variant, config, targets, tensor shapes and dtypes, new values.
+
+    No re-attach: hooks, parameter objects (and so a `torch.compile`d model's graphs, which
+    take the tensors as inputs) stay, so serving can change adapters without recompiling. The
+    values of `trainable_modules` parameters are swapped too. An optimizer's state still
+    refers to the previous values: make a new optimizer to train on.
+
+        ll.load(model, "a.safetensors"); compiled = torch.compile(model)
+        ll.swap(model, "b.safetensors")            # compiled now computes with b
+
+    Raises CheckpointError before any value changes when the file does not fit: another
+    variant, a config that differs in anything but the dtype and the fields that chose the
+    targets (naming the fields), other targets,
+    tensor names, shapes or dtypes, or other trainable base parameters. Warns, as `load`
+    does, when the file's recorded base differs from this model's."""
+    model = unwrap(model)
+    state = state_of(model)
+    adapter = source if isinstance(source, Adapter) else read(source)
+    where = adapter.source
+    have, want = state.cfg.to_dict(), adapter.config.to_dict()
+    chosen = ("dtype", "target_names", "target_roles", "exclude_names", "layers", "target_parameters")
+    differ = sorted(k for k in have.keys() | want.keys() if k not in chosen and have.get(k) != want.get(k))
+    if differ:
+        raise CheckpointError(
+            f"{where}: swap needs the attached adapter's config, but "
+            + ", ".join(f"{k} is {want.get(k)!r} in the file, {have.get(k)!r} here" for k in differ[:4])
+            + "; set run-time fields with lora_lite.reconfigure first, or detach and load"
+        )
+    if list(adapter.tensors) != list(state.targets):
+        missing = sorted(set(state.targets) - set(adapter.tensors))
+        extra = sorted(set(adapter.tensors) - set(state.targets))
+        raise CheckpointError(f"{where}: swap needs the same targets; the file lacks {missing[:3]} and adds {extra[:3]}")
+    for name, layer in state.targets.items():
+        for pname in state.specs[name]:
+            live, new = getattr(layer, pname), adapter.tensors[name].get(pname)
+            if new is None or set(adapter.tensors[name]) != set(state.specs[name]):
+                raise CheckpointError(f"{where}: {name} holds {sorted(adapter.tensors[name])}, the adapter {sorted(state.specs[name])}")
+            if new.shape != live.shape or new.dtype != live.dtype:
+                raise CheckpointError(
+                    f"{where}: {name}.{pname} is {tuple(new.shape)} {new.dtype} in the file, "
+                    f"{tuple(live.shape)} {live.dtype} here"
+                )
+            if isinstance(live, DTensor):
+                raise CheckpointError(f"{where}: {name}.{pname} is sharded (FSDP2); swap before sharding, or load")
+    params = {n: model.get_parameter(n) for n in state.originals}
+    if set(adapter.trainable) != set(params) or any(
+            adapter.trainable[n].shape != p.shape or adapter.trainable[n].dtype != p.dtype for n, p in params.items()):
+        raise CheckpointError(
+            f"{where}: swap needs the same trainable base parameters ({sorted(params)[:3]}), with the same "
+            f"shapes and dtypes; the file has {sorted(adapter.trainable)[:3]}"
+        )
+    if adapter.fingerprints is not None:
+        differ = [n for n in state.targets if not same_base(adapter.fingerprints.get(n), state.fingerprints.get(n))]
+        if differ:
+            warnings.warn(
+                f"{where}: the base weights of {len(differ)} target(s) (e.g. {differ[0]}) differ from the "
+                f"base the adapter was saved from; its change is applied as saved", stacklevel=2,
+            )
+    with torch.no_grad():
+        for name, layer in state.targets.items():
+            for pname in state.specs[name]:
+                getattr(layer, pname).copy_(adapter.tensors[name][pname])
+        for n, p in params.items():
+            p.copy_(adapter.trainable[n])

@@ -20,6 +20,10 @@ A variant is a class of static functions (math only; no hooks, no model walking,
     effective_weight(layer, cfg) -> (W_eff, b_eff)       closed form of the adapted layer
     low_rank_delta(layer, cfg) -> (B, A) | None          W_eff − W = B A when that is low-rank
                                                          and b_eff = b (exported as a plain LoRA)
+    hold(factors) -> (config fields, tensors)            optional, on the one variant that holds any
+                                                         change: {target: (B, A)} -> the fields and
+                                                         {target: {tensor: value}} with W_eff = W + B A
+                                                         (ll.combine writes its result this way)
     delta_embedding(layer, cfg, ids, y) -> Δy            output hook of an nn.Embedding target:
                                                          the input is token ids (see kinds below)
     at_target(name, cfg) -> variant class                optional placement per target (below)
@@ -194,6 +198,7 @@ class Variant:
     delta_input: ClassVar[Callable | None] = None
     gate: ClassVar[Callable | None] = None
     delta_embedding: ClassVar[Callable | None] = None
+    hold: ClassVar[Callable | None] = None
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: AdapterConfig) -> dict[str, ParamSpec]:

@@ -141,6 +141,16 @@ class LoRA(Variant):
     delta_embedding = staticmethod(lora_delta_embedding)
     low_rank_delta = staticmethod(lora_low_rank_delta)
 
+    @staticmethod
+    def hold(factors):
+        """Any change W + B A ({target: (B (…, d_out, k), A (…, k, d_in))}) as a LoRA at scale 1:
+        r = the largest k, the smaller pairs padded with zero columns of B and rows of A, and
+        alpha = r, so s·B A = B A exactly."""
+        r = max(B.shape[-1] for B, _ in factors.values())
+        tensors = {name: {"lora_A": F.pad(A, (0, 0, 0, r - A.shape[-2])), "lora_B": F.pad(B, (0, r - B.shape[-1]))}
+                   for name, (B, A) in factors.items()}
+        return {"r": r, "alpha": float(r)}, tensors
+
     params_per_layer = staticmethod(lora_params)
     examples = {"lora": Example({"r": 4, "alpha": 8.0})}
     peft = PeftMap("LORA", PEFT_LORA_TENSORS, peft_lora_fields, imports=peft_lora_import(use_dora=False),
