@@ -518,10 +518,11 @@ def swap(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
         extra = sorted(set(adapter.tensors) - set(state.targets))
         raise CheckpointError(f"{where}: swap needs the same targets; the file lacks {missing[:3]} and adds {extra[:3]}")
     for name, layer in state.targets.items():
-        for pname in state.specs[name]:
-            live, new = getattr(layer, pname), adapter.tensors[name].get(pname)
-            if new is None or set(adapter.tensors[name]) != set(state.specs[name]):
-                raise CheckpointError(f"{where}: {name} holds {sorted(adapter.tensors[name])}, the adapter {sorted(state.specs[name])}")
+        own = [p for p, spec in state.specs[name].items() if not spec.shared]
+        if set(adapter.tensors[name]) != set(own):
+            raise CheckpointError(f"{where}: {name} holds {sorted(adapter.tensors[name])}, the adapter {sorted(own)}")
+        for pname in own:
+            live, new = getattr(layer, pname), adapter.tensors[name][pname]
             if new.shape != live.shape or new.dtype != live.dtype:
                 raise CheckpointError(
                     f"{where}: {name}.{pname} is {tuple(new.shape)} {new.dtype} in the file, "
@@ -529,6 +530,9 @@ def swap(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
                 )
             if isinstance(live, DTensor):
                 raise CheckpointError(f"{where}: {name}.{pname} is sharded (FSDP2); swap before sharding, or load")
+    if set(adapter.shared) != set(state.shared) or any(
+            adapter.shared[p].shape != t.shape or adapter.shared[p].dtype != t.dtype for p, t in state.shared.items()):
+        raise CheckpointError(f"{where}: the shared tensors differ from the adapter's ({sorted(state.shared)})")
     params = {n: model.get_parameter(n) for n in state.originals}
     if set(adapter.trainable) != set(params) or any(
             adapter.trainable[n].shape != p.shape or adapter.trainable[n].dtype != p.dtype for n, p in params.items()):
@@ -545,7 +549,9 @@ def swap(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
             )
     with torch.no_grad():
         for name, layer in state.targets.items():
-            for pname in state.specs[name]:
+            for pname in adapter.tensors[name]:
                 getattr(layer, pname).copy_(adapter.tensors[name][pname])
+        for pname, t in state.shared.items():
+            t.copy_(adapter.shared[pname])
         for n, p in params.items():
             p.copy_(adapter.trainable[n])

@@ -8,8 +8,8 @@ W_eff − W = B A, the bias unchanged) enters as its factors, and the sum is the
     B_c = [w_1 B_1, …, w_n B_n],   A_c = [A_1; …; A_n],   B_c A_c = Σ_k w_k B_k A_k,
 
 with nothing refactorised: no SVD, no truncation. A change that is not low-rank (a gate, a
-rotation, a magnitude: only `effective_weight`) needs the base weight, so it is read on the
-model the adapters were made for (`model=`: the adapter is loaded, read and detached, which
+rotation, a magnitude: only `effective_weight`), or a closed form that reads the layer itself,
+needs the base model, so it is read on the model the adapters were made for (`model=`: the adapter is loaded, read and detached, which
 leaves the model bit for bit as it was) and enters as the pair (ΔW, I) or (I, ΔW), of rank
 min(d_in, d_out). A change that moves the bias has no (B, A) form and is refused.
 
@@ -129,18 +129,22 @@ def _same_model(adapters: list[tuple[Adapter, float]]) -> None:
 
 
 def _factors(adapter: Adapter, model: nn.Module | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{target: (B, A)} in fp32 with W_eff − W = B A at strength 1."""
+    """{target: (B, A)} in fp32 with W_eff − W = B A at strength 1: from the tensors alone
+    where the variant's `low_rank_delta` reads only them, else on the model (`_on_model`)."""
     cfg = adapter.config
     variant = variant_of(cfg)
-    out, dense = {}, []
+    out, rest = {}, []
     for name, tensors in adapter.tensors.items():
-        pair = variant.at_target(name, cfg).low_rank_delta(_View(tensors), cfg)
+        try:
+            pair = variant.at_target(name, cfg).low_rank_delta(_View({**adapter.shared, **tensors}), cfg)
+        except AttributeError:  # the closed form also reads the layer (its weight, its dims)
+            pair = None
         if pair is None:
-            dense.append(name)
+            rest.append(name)
         else:
             out[name] = (pair[0].float(), pair[1].float())
-    if dense:
-        out.update(_dense_factors(adapter, dense, model))
+    if rest:
+        out.update(_on_model(adapter, rest, model))
     return {n: out[n] for n in adapter.targets}
 
 
@@ -151,13 +155,13 @@ class _View:
         self.__dict__.update(tensors)
 
 
-def _dense_factors(adapter: Adapter, names: list[str], model: nn.Module | None):
-    """ΔW = W_eff − W of the targets whose change is not low-rank, read on `model` (the adapter
-    is loaded, read and detached), as (ΔW, I) or (I, ΔW)."""
+def _on_model(adapter: Adapter, names: list[str], model: nn.Module | None):
+    """The change at `names`, read on `model` with the adapter loaded (then detached): its
+    low-rank factors, or the dense ΔW = W_eff − W as (ΔW, I) or (I, ΔW)."""
     if model is None:
         raise ValueError(
-            f"combine: the change of {adapter.source} ({adapter.variant!r}) at {names[0]} is not low-rank, so "
-            f"it is read as a dense W_eff − W on the base model: pass model=<the pristine base>"
+            f"combine: the change of {adapter.source} ({adapter.variant!r}) at {names[0]} is not low-rank in "
+            f"its tensors alone, so it is read on the base model: pass model=<the pristine base>"
         )
     model = unwrap(model)
     load(model, adapter)
@@ -167,7 +171,12 @@ def _dense_factors(adapter: Adapter, names: list[str], model: nn.Module | None):
         with torch.no_grad():
             for name in names:
                 layer = state.targets[name]
-                W_eff, b_eff = state.variant.at_target(name, state.cfg).effective_weight(layer, state.cfg)
+                placed = state.variant.at_target(name, state.cfg)
+                pair = placed.low_rank_delta(layer, state.cfg)
+                if pair is not None:
+                    out[name] = (pair[0].float(), pair[1].float())
+                    continue
+                W_eff, b_eff = placed.effective_weight(layer, state.cfg)
                 b = bias(layer)
                 if b_eff is not None and b_eff is not b and not torch.equal(b_eff.float(), b.float()):
                     raise ValueError(
