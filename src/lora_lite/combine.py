@@ -178,7 +178,7 @@ def _on_model(adapter: Adapter, names: list[str], model: nn.Module | None):
                     continue
                 W_eff, b_eff = placed.effective_weight(layer, state.cfg)
                 b = bias(layer)
-                if b_eff is not None and b_eff is not b and not torch.equal(b_eff.float(), b.float()):
+                if b_eff is not None and b_eff is not b and (b is None or not torch.equal(b_eff.float(), b.float())):
                     raise ValueError(
                         f"combine: {adapter.source} ({adapter.variant!r}) changes the bias of {name}, which no "
                         f"low-rank pair B A holds; merge it instead (ll.merge)"
