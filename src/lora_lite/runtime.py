@@ -449,7 +449,8 @@ def install(
     fill: Callable[[str, nn.Module, dict[str, ParamSpec]], None],
     fingerprints: dict[str, dict] | None = None,
     trainable_values: dict[str, torch.Tensor] | None = None,
-    fill_shared: Callable[[dict[str, torch.Tensor], dict[str, ParamSpec]], None] | None = None,
+    *,
+    fill_shared: Callable[[dict[str, torch.Tensor], dict[str, ParamSpec]], None],
 ) -> None:
     """Create tensors, fill them (`fill_shared` the shared ones, once, then `fill` each target's
     own), freeze the base, unfreeze `trainable_modules` (keeping their values for detach;
