@@ -72,6 +72,7 @@ def row(batch: dict, i: int) -> dict:
 
 def attached(bench, case):
     model = bench.fresh()
+    torch.manual_seed(0)  # random inits (kaiming A, ...) the same whatever ran before
     attach_case(bench, case, model)
     perturb(model, scale=0.1)  # every trainable off its init: a change at every target
     return model
@@ -390,5 +391,8 @@ def test_training_gradients_are_the_sum_of_the_rows(qwen, case, knob):
     alone = [grads(c, row(batch, i)) for i, c in enumerate(cs)]
     assert any(g.abs().max() > 0 for g in together.values())
     for n, g in together.items():
-        want = sum(a[n] for a in alone)  # zero by design where a clamp holds (antipasto_ablate's α)
-        assert (rel_err(g, want) <= 1e-5) if want.abs().max() > 0 else not g.abs().max(), n
+        # a sum over the batch in another order: fp32 rounding of reductions over up to
+        # 4 x 10 x 128 terms (a scalar such as DeLoRA's λ sums all of them); zero by design
+        # where a clamp holds (antipasto_ablate's α)
+        want = sum(a[n] for a in alone)
+        assert (rel_err(g, want) <= 1e-4) if want.abs().max() > 0 else not g.abs().max(), n
