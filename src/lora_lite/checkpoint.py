@@ -116,6 +116,7 @@ def adapter_of(model: nn.Module) -> Adapter:
     FSDP2, see `save`)."""
     model = unwrap(model)
     state = state_of(model)
+    state.cfg.to_dict()  # a coefficient tensor in the config raises here, before any collective
     tensors = _full_adapter_tensors(state)
     return Adapter(
         config=_stored_config(state, tensors),

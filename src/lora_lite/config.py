@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import sys
 import textwrap
@@ -45,10 +46,40 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CONFIGS: dict[str, type[AdapterConfig]] = {}
 
 
-def knob(default: Any, doc: str, **kwargs: Any) -> Any:
+def knob(default: Any, doc: str, *, per_row: bool = False, **kwargs: Any) -> Any:
     """A config field with its documentation: `help()` of every config lists it (tests require
-    one on every field)."""
-    return field(default=default, metadata={"doc": doc}, **kwargs)
+    one on every field). `per_row` marks a float run-time coefficient that may also hold a
+    coefficient tensor (see `coefficient`) while attached; a config holding one is not saved."""
+    return field(default=default, metadata={"doc": doc, **({"per_row": True} if per_row else {})}, **kwargs)
+
+
+def coefficient(c: Any, what: str) -> float | torch.Tensor:
+    """`c` checked as a run-time coefficient: a finite float (an int is taken as one), or a
+    floating-point tensor of shape (batch,) (one value per example) or (batch, seq) (one per
+    token) with finite entries. Anything else raises ValueError naming `what`. The values are
+    checked here, once (one device sync for a tensor), so the hooks need not check them."""
+    if isinstance(c, torch.Tensor):
+        problem = None
+        if c.dtype == torch.bool or not c.dtype.is_floating_point:
+            problem = f"has dtype {c.dtype}; use a floating-point tensor (e.g. c.float())"
+        elif c.ndim not in (1, 2):
+            problem = (f"has shape {tuple(c.shape)}; use shape (batch,), one value per example, or "
+                       f"(batch, seq), one per token" + ("; for one value for all rows pass a float"
+                                                          if c.ndim == 0 else ""))
+        elif not bool(torch.isfinite(c.detach()).all()):
+            problem = "holds NaN or Inf"
+        if problem:
+            raise ValueError(f"{what}: the coefficient tensor {problem}")
+        return c
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+        raise ValueError(f"{what}: c must be a finite number or a floating-point tensor of shape (batch,) "
+                         f"or (batch, seq), got {c!r}")
+    return float(c)
+
+
+def least(c: float | torch.Tensor) -> float:
+    """The smallest value of a coefficient (a float, or a tensor's smallest entry)."""
+    return float(c.min()) if isinstance(c, torch.Tensor) else c
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +150,9 @@ class AdapterConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and f.metadata.get("per_row"):
+                coefficient(value, f"{type(self).__name__}.{f.name}")
+                continue
             if isinstance(value, list):  # accept lists where tuples are expected
                 value = tuple(value)
                 object.__setattr__(self, f.name, value)
@@ -154,10 +188,17 @@ class AdapterConfig:
         """Variant-specific field checks; override in subclasses (raise ValueError)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: dtypes become their names, tuples become lists."""
+        """JSON-ready dict: dtypes become their names, tuples become lists. A field holding a
+        coefficient tensor (a run-time setting, `knob(per_row=True)`) raises ValueError."""
         out: dict[str, Any] = {"variant": self.variant}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"{type(self).__name__}.{f.name} holds a coefficient tensor of shape {tuple(value.shape)}, "
+                    f"a setting for the batch at hand that a saved config cannot hold; set a float first "
+                    f"(lora_lite.reconfigure(model, {f.name}=1.0))"
+                )
             if isinstance(value, torch.dtype):
                 value = _DTYPE_NAMES[value]
             elif isinstance(value, tuple):

@@ -8,23 +8,25 @@
 The hooks read `enabled` and `scale` from the attach state on every call (runtime.py), so the
 context managers only set and restore two attributes: no base-layer call is added. For an input
 pre-hook the layer runs on x + c·Δx; the base layer is affine, so its output is exactly
-y_base + c·(y_adapted − y_base). Nesting composes: the scale multiplies, `disabled` wins.
+y_base + c·(y_adapted − y_base). Nesting composes: the scale multiplies, `disabled` wins. c may
+be a coefficient tensor, one value per example or per token (see `scaled`).
 
 merge bakes in what the model computes at the moment of the call: inside `scaled(model, c)` it
 writes W + c·(W_eff − W) (and the same for the bias), inside `disabled(model)` it writes W back
 unchanged and drops the adapter. Every change of a variant is affine in the layer input, so this
-is the same function as the scaled hook.
+is the same function as the scaled hook. A coefficient tensor has no single weight: merge
+refuses it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from .config import coefficient
 from .kinds import bias, is_dense, to_storage
 from .quant import dense_weight
 from .runtime import detach, state_of, unwrap
@@ -44,18 +46,64 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def scaled(model: nn.Module, c: float) -> Iterator[nn.Module]:
-    """y_base + c·(y_adapted − y_base) at every target (c = 0 base, 1 adapted, −1 the opposite
-    edit). Inside another `scaled(model, b)` the strength is b·c. Restores on exit."""
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-        raise ValueError(f"scaled(model, c): c must be a finite number, got {c!r}")
+def scaled(model: nn.Module, c: float | torch.Tensor) -> Iterator[nn.Module]:
+    """Every target gives y_base + c·(y_adapted − y_base) inside the block: c = 0 is the base
+    model, 1 the adapter as trained, −1 the opposite edit, 0.5 half of it. Restores on exit.
+
+    c is a float, or a coefficient tensor that gives each row of the batch its own strength:
+    shape (batch,), one value per example, broadcast over every other dimension of each
+    activation; or (batch, seq), one per token, broadcast over the hidden dimension of
+    (batch, seq, ..., hidden) activations. A row with c = 0 is the base model's row bit for bit,
+    and each row is the row that running it with its own float c gives (bit for bit in an fp32
+    model; a tensor is used in the activation's dtype, so in bf16 bit for bit where its values
+    are exact in bf16, e.g. 0, ±0.5, ±1, ±2, and within one bf16 rounding of c·Δ otherwise).
+    Inside another `scaled(model, b)` the strength is b·c (two tensors multiply row by row:
+    (batch,) times (batch, seq) is (batch, seq)). A changing tensor of the same shape
+    does not recompile a `torch.compile`d model.
+
+    Raises ValueError before anything changes for: a bool, NaN/Inf, a tensor that is not
+    floating point, not 1-D or 2-D, on another device than the adapter, a nested tensor whose
+    shape does not match the outer one, or non-equal entries when a target is a fused
+    parameter (MoE experts: one weight serves the whole batch). Inside the block, a layer whose
+    activation does not start with c's shape raises ValueError naming the layer and both
+    shapes, before that layer's output is formed. `merge` and `export_peft` refuse a tensor.
+
+        with ll.scaled(model, 0.5):                          # half strength
+            ...
+        c = torch.tensor([1.0, -1.0, 0.0])                   # per example: up, down, base
+        with ll.scaled(model, c):
+            out = model(input_ids)                           # input_ids: (3, seq)
+        c = (attention_mask * is_prompt).float()             # per token: steer the prompt only
+        with ll.scaled(model, c):
+            out = model(input_ids, attention_mask=attention_mask)
+    """
+    c = coefficient(c, "scaled(model, c)")
     state = state_of(unwrap(model))
     before = state.scale
-    state.scale = before * float(c)
+    strength = _product(before, c)
+    state.check_coefficient(strength, "scaled(model, c)")
+    state.set_coefficients(strength, state.cfg)
     try:
         yield model
     finally:
-        state.scale = before
+        state.set_coefficients(before, state.cfg)
+
+
+def _product(b: float | torch.Tensor, c: float | torch.Tensor) -> float | torch.Tensor:
+    """b·c for nested `scaled` blocks; two tensors multiply row by row (the shorter shape must
+    be the leading part of the longer one)."""
+    if not isinstance(b, torch.Tensor) and b == 1.0:
+        return c
+    if not (isinstance(b, torch.Tensor) and isinstance(c, torch.Tensor)):
+        return b * c
+    short, long = sorted((b, c), key=lambda t: t.ndim)
+    if long.shape[:short.ndim] != short.shape or short.device != long.device:
+        raise ValueError(
+            f"scaled(model, c): nested coefficient tensors of shapes {tuple(b.shape)} (outer) and "
+            f"{tuple(c.shape)} (inner) on {b.device} / {c.device} do not multiply row by row; "
+            f"give both the batch's shape ((batch,) or (batch, seq)) and one device"
+        )
+    return long * short.view(*short.shape, *(1,) * (long.ndim - short.ndim))
 
 
 def merge(model: nn.Module) -> None:
@@ -69,6 +117,7 @@ def merge(model: nn.Module) -> None:
     """
     model = unwrap(model)
     state = state_of(model)
+    state.refuse_per_row("merge")
     for name, layer in state.targets.items():
         W = layer.weight
         if not is_dense(layer):

@@ -12,7 +12,11 @@ state and the hooks together, so the copy is an independent attached model.
 
 Hooks: an output hook returns y + scale·Δy, a pre-hook hands the layer x + scale·Δx, with Δ
 from the variant's `delta` / `delta_input` (a gate variant, Δ = t ⊙ (g − 1), declares `gate`
-and gets the same change as one product, t ⊙ (1 + scale·(g − 1)): `gated`). With
+and gets the same change as one product, t ⊙ (1 + scale·(g − 1)): `gated`). `scale` (and a
+variant's run-time `coeff`) is a float or a coefficient tensor of shape (batch,) or (batch,
+seq), one value per example or per token, broadcast over the other dimensions (`per_row`); the
+float and the tensor path do the same arithmetic, so a row of a tensor-scaled batch is the
+row the float gives, bit for bit (for values exact in the activation's dtype). With
 cfg.compute == "input" (default, AMP-style) the variant computes Δ in the activation's dtype,
 casting its small tensors; with "adapter" the activation is cast to the adapter tensors' dtype
 first and Δ back.
@@ -30,12 +34,12 @@ import torch
 from torch import nn
 
 from .calibration import collect_stats
-from .config import AdapterConfig
+from .config import AdapterConfig, coefficient
 from .fingerprint import fingerprint
 from .kinds import DESCRIBED, FusedParameter, dims, kind_of, label
 from .quant import weight_storage
 from .targets import find_targets
-from .variant import REGISTRY, ParamSpec, Variant, init_tensor, like
+from .variant import REGISTRY, ParamSpec, Variant, init_tensor, like, per_row
 
 STATE_ATTR = "_lora_lite"
 PREFIX = "lora_"
@@ -50,8 +54,47 @@ class AttachState:
     requires_grad: dict[str, bool]              # base parameter -> flag before attach
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable base params at attach
     fingerprints: dict[str, dict] = field(default_factory=dict)  # base sketches at attach/load
-    scale: float = 1.0                          # ll.scaled: y + scale·Δy at every target
+    scale: float | torch.Tensor = 1.0           # ll.scaled: y + scale·Δy at every target
     enabled: bool = True                        # ll.disabled: False skips every hook
+    per_row: tuple[torch.Tensor, ...] = ()      # the coefficient tensors in effect (scale, coeff)
+
+    def set_coefficients(self, scale: float | torch.Tensor, cfg: AdapterConfig) -> None:
+        """Set the strength and the config together, with the tensors the hooks match against
+        each activation's leading dimensions."""
+        self.scale, self.cfg = scale, cfg
+        values = (scale, *(getattr(cfg, f) for f in self.variant.runtime_fields))
+        self.per_row = tuple(v for v in values if isinstance(v, torch.Tensor))
+
+    def refuse_per_row(self, what: str) -> None:
+        """Raise for an operation that needs one strength for the whole model (merge, export, save)."""
+        for name, value in (("ll.scaled", self.scale),
+                            *((f"{f}", getattr(self.cfg, f)) for f in self.variant.runtime_fields)):
+            if isinstance(value, torch.Tensor):
+                raise RuntimeError(
+                    f"{what}: {name} is a coefficient tensor of shape {tuple(value.shape)}, one value per "
+                    f"example or token, while {what} needs one value for every input; "
+                    + ("leave the ll.scaled block first" if name == "ll.scaled" else
+                       f"set a float first (lora_lite.reconfigure(model, {name}=1.0))")
+                )
+
+    def check_coefficient(self, c: float | torch.Tensor, what: str) -> None:
+        """A coefficient tensor must be on the adapter's device, and one value throughout where
+        a target is a fused parameter (its forward adds c·B A to the one weight all rows share)."""
+        if not isinstance(c, torch.Tensor):
+            return
+        name, layer = next(iter(self.targets.items()))
+        device = getattr(layer, next(iter(self.specs[name]))).device
+        if c.device != device:
+            raise ValueError(f"{what}: the coefficient tensor is on {c.device}, the adapter on {device}; "
+                             f"move it there (c.to({str(device)!r}))")
+        fused = [n for n, m in self.targets.items() if isinstance(m, FusedParameter)]
+        if fused and not bool((c == c.reshape(-1)[0]).all()):
+            raise ValueError(
+                f"{what}: {fused[0]} is a fused parameter (kinds.py): its forward runs on W + c·B A, one "
+                f"weight for every row of the batch, so its coefficient must be one value; this tensor's "
+                f"entries differ (min {float(c.min()):g}, max {float(c.max()):g}). Use a float, or run the "
+                f"rows that need different coefficients in separate forwards"
+            )
 
 
 def attach(
@@ -118,7 +161,13 @@ def detach(model: nn.Module) -> None:
 def reconfigure(model: nn.Module, **changes) -> AdapterConfig:
     """Change config fields of an attached adapter in place, e.g. a steering coefficient:
     `reconfigure(model, coeff=-1.0)`. Only the variant's `runtime_fields` may change; the
-    next forward uses the new values, and save() records them. Returns the new config."""
+    next forward uses the new values, and save() records them. Returns the new config.
+
+    A steering `coeff` may also be a coefficient tensor, checked like `ll.scaled`'s: shape
+    (batch,) (one value per example) or (batch, seq) (one per token), floating point, finite,
+    on the adapter's device; `coeff=torch.tensor([1.0, -1.0])` steers the first example up and
+    the second down in one forward. A config holding a tensor is not saved (save, merge and
+    export_peft raise): set a float again first."""
     state = state_of(unwrap(model))
     changeable = list(state.variant.runtime_fields) or "none"
     fields = [f.name for f in dataclasses.fields(state.cfg) if f.name != "variant"]
@@ -134,7 +183,10 @@ def reconfigure(model: nn.Module, **changes) -> AdapterConfig:
             f"{sorted(frozen)} cannot change while attached to a {state.cfg.variant!r} adapter "
             f"(changeable: {changeable}); detach and attach again"
         )
-    state.cfg = dataclasses.replace(state.cfg, **changes)  # validates like a new config
+    cfg = dataclasses.replace(state.cfg, **changes)  # validates like a new config
+    for name in changes:
+        state.check_coefficient(getattr(cfg, name), f"reconfigure({name}=...)")
+    state.set_coefficients(state.scale, cfg)
     return state.cfg
 
 
@@ -149,15 +201,17 @@ class Description:
     base_params: dict[str, int]                 # trainable_modules parameter -> numel
     adapter_dtypes: list[str]                   # dtypes the adapter tensors are in now
     hook: str                                   # "output" or "input (pre-hook)"
-    scale: float
+    scale: float | torch.Tensor
     enabled: bool
 
     def __str__(self) -> str:
         cfg = self.config
         default = type(cfg)()
-        fields = [f"{k}={v!r}" for k, v in cfg.to_dict().items()
+        values = {f.name: _shown(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        defaults = {f.name: _shown(getattr(default, f.name)) for f in dataclasses.fields(cfg)}
+        fields = [f"{k}={v}" for k, v in values.items()
                   if k not in ("variant", "target_names", "target_roles", "target_parameters", "exclude_names",
-                               "layers", "trainable_modules") and (k in ("r", "alpha", "dtype") or v != default.to_dict()[k])]
+                               "layers", "trainable_modules") and (k in ("r", "alpha", "dtype") or v != defaults[k])]
         some = self.targets if len(self.targets) <= 3 else [*self.targets[:2], "...", self.targets[-1]]
         compute = ("in the activation's dtype (AMP-style)" if cfg.compute == "input"
                    else "in the adapter dtype (activations cast)")
@@ -171,11 +225,24 @@ class Description:
             + (f" + {sum(self.base_params.values()):,} in trainable_modules ({', '.join(self.base_params)})"
                if self.base_params else ""),
             f"  adapter tensors: {'/'.join(self.adapter_dtypes)}; compute {compute}",
-            f"  hooks: {self.hook}, {'enabled' if self.enabled else 'disabled'}, scale {self.scale:g}",
+            f"  hooks: {self.hook}, {'enabled' if self.enabled else 'disabled'}, scale {_strength(self.scale)}",
         ]
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _shown(value) -> str:
+    """A config value or strength as `describe` prints it; a coefficient tensor by its shape."""
+    if isinstance(value, torch.Tensor):
+        return f"<coefficient tensor {tuple(value.shape)}>"
+    if isinstance(value, torch.dtype):
+        return repr(str(value).removeprefix("torch."))
+    return repr(value)
+
+
+def _strength(scale) -> str:
+    return f"{scale:g}" if isinstance(scale, float) else _shown(scale)
 
 
 def describe(model: nn.Module) -> Description | str:
@@ -458,17 +525,31 @@ class AdapterHook:
         state = self.state
         if not state.enabled:
             return None
+        if state.per_row:
+            self.check_rows(module, y)
         x, cfg = args[0], state.cfg
         if self.gate is not None:
             return gated(y, self.gate(module, cfg), state.scale, self.adapter_dtype(module, cfg))
         dt = self.adapter_dtype(module, cfg) or x.dtype
-        d = self.delta(module, cfg, _as(x, dt), _as(y, dt))
-        c = state.scale * cfg.scale if self.scale_outside else state.scale
-        return y.add(_as(d, y.dtype), alpha=c)
+        d = _as(times(self.delta(module, cfg, _as(x, dt), _as(y, dt)), state.scale), y.dtype)
+        return y.add(d, alpha=cfg.scale) if self.scale_outside else y.add(d)
 
     def adapter_dtype(self, module: nn.Module, cfg: AdapterConfig) -> torch.dtype | None:
         """The adapter tensors' dtype with compute="adapter" (the math runs in it), else None."""
         return getattr(module, self.first).dtype if cfg.compute == "adapter" else None
+
+    def check_rows(self, module: nn.Module, t: torch.Tensor) -> None:
+        """Each coefficient tensor in effect must be t's leading dimensions, with a dimension of t
+        left over to broadcast along (shapes only: the values were checked when they were set)."""
+        for c in self.state.per_row:
+            if t.ndim <= c.ndim or t.shape[:c.ndim] != c.shape:
+                name = next((n for n, m in self.state.targets.items() if m is module), type(module).__name__)
+                raise ValueError(
+                    f"{name}: a coefficient tensor of shape {tuple(c.shape)} does not fit this layer's "
+                    f"activation of shape {tuple(t.shape)}: a (batch,) coefficient needs the batch size "
+                    f"first, a (batch, seq) one needs (batch, seq, ..., hidden) activations; pass the "
+                    f"shape of the batch this forward runs on"
+                )
 
 
 class AdapterPreHook(AdapterHook):
@@ -479,22 +560,40 @@ class AdapterPreHook(AdapterHook):
         if not state.enabled:
             return None
         x = args[0]
+        if state.per_row:
+            self.check_rows(module, x)
         if self.gate is not None:
             g = self.gate(module, state.cfg)
             return (gated(x, g, state.scale, self.adapter_dtype(module, state.cfg)),) + args[1:]
         dt = self.adapter_dtype(module, state.cfg) or x.dtype
         d = self.delta(module, state.cfg, _as(x, dt))
-        return (x.add(_as(d, x.dtype), alpha=state.scale),) + args[1:]
+        return (x.add(_as(times(d, state.scale), x.dtype)),) + args[1:]
 
 
-def gated(t: torch.Tensor, g: torch.Tensor, c: float, dt: torch.dtype | None = None) -> torch.Tensor:
+def times(d: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """c·d: d itself at c = 1, else one product with the float or with the coefficient tensor
+    viewed over d's rows (`per_row`, in d's dtype). Every hook scales its change this way, then
+    adds it: the product and the add round once each, whether c is a float or a tensor, so a
+    row of a tensor-scaled batch is the row the same float gives, bit for bit. (One fused
+    y.add(d, alpha=c) would round once, and differently from a tensor's product.)"""
+    if isinstance(c, torch.Tensor):
+        return d * per_row(c, d)
+    return d if c == 1.0 else d * c
+
+
+def gated(t: torch.Tensor, g: torch.Tensor, c: float | torch.Tensor, dt: torch.dtype | None = None) -> torch.Tensor:
     """t + c·t ⊙ (g − 1), the change of a gate variant at strength c, as one product: t ⊙ g at
     c = 1, t ⊙ (1 + c·(g − 1)) otherwise (formed on the small gate; exactly t at g = 1 or c = 0).
+    A coefficient tensor c is viewed over t's rows in g's dtype, so the factor is
+    (batch, [seq,] …, d) and each row's factor is the one its float gives, bit for bit.
     The product runs in the promoted dtype of t and g (a bf16 activation times an fp32 gate is
     rounded once, as PEFT's IA3 does; a gate cast to bf16 first moves in steps of 2⁻⁷), or in
     `dt` (compute="adapter": the adapter tensors' dtype); the result is in t's dtype. Against
     the additive form t + c·(t ⊙ (g − 1)) it saves an activation-sized kernel forward and backward."""
-    f = g if c == 1 else torch.add(g, -1.0).mul_(c).add_(1.0)
+    if isinstance(c, torch.Tensor):
+        f = torch.add(g, -1.0).mul(per_row(c, t, g.dtype)).add_(1.0)
+    else:
+        f = g if c == 1 else torch.add(g, -1.0).mul_(c).add_(1.0)
     return _as(t * f if dt is None else _as(t, dt) * _as(f, dt), t.dtype)
 
 
@@ -511,18 +610,19 @@ class EmbeddingHook(AdapterHook):
         state = self.state
         if not state.enabled:
             return None
+        if state.per_row:
+            self.check_rows(module, y)
         dt = self.adapter_dtype(module, state.cfg) or y.dtype
         d = self.delta(module, state.cfg, args[0], y.to(dt))
-        if state.scale != 1.0:
-            d = d * state.scale
-        return y + d.to(y.dtype)
+        return y + _as(times(d, state.scale), y.dtype)
 
 
 class FusedPreHook(AdapterHook):
     """Forward pre-hook on the module owning a fused parameter (kinds.FusedParameter): for its
     forward the parameter slot holds W + scale·B A per expert (one baddbmm in W's dtype, B A
     from the variant's `low_rank_delta`). The Parameter is kept aside on the FusedParameter
-    and never written."""
+    and never written. One weight serves every row of the batch, so a coefficient tensor must
+    hold one value throughout (`scaled` checks), which is used as that float."""
 
     def __init__(self, state: AttachState, delta: Callable, target: FusedParameter):
         super().__init__(state, delta, "")
@@ -534,7 +634,8 @@ class FusedPreHook(AdapterHook):
             return None
         W = module._parameters[target.parameter_name]
         B, A = self.delta(target, state.cfg)                        # (E, d_out, k), (E, k, d_in)
-        B, A = like(W, B * state.scale if state.scale != 1.0 else B, A)
+        c = state.scale
+        B, A = like(W, times(B, c.reshape(-1)[0] if isinstance(c, torch.Tensor) else c), A)
         W_eff = torch.baddbmm(W, A.mT, B.mT) if target.transposed else torch.baddbmm(W, B, A)
         target.__dict__["_parameter"] = W
         module._parameters[target.parameter_name] = W_eff          # what module.<name> reads now

@@ -241,6 +241,26 @@ def like(ref: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor | tuple[torc
     return out[0] if len(out) == 1 else out
 
 
+def per_row(c: float | torch.Tensor, t: torch.Tensor | None, dtype: torch.dtype | None = None
+            ) -> float | torch.Tensor:
+    """A run-time coefficient ready to multiply `t` (or a tensor that broadcasts with it): a
+    float as it is; a (batch,) or (batch, seq) coefficient tensor in `dtype` (default t's),
+    viewed as (batch, 1, …) or (batch, seq, 1, …) with t's number of dimensions, so it
+    broadcasts over every other dimension of t (hidden, or a variant's (…, r) coordinates).
+    The hook checked that t's leading dimensions are c's shape. t = None is a closed form (one
+    weight for every input: effective_weight, low_rank_delta, merge, export), which a tensor
+    cannot give: ValueError."""
+    if not isinstance(c, torch.Tensor):
+        return c
+    if t is None:
+        raise ValueError(
+            f"a coefficient tensor of shape {tuple(c.shape)} (one value per example or per token) has no "
+            f"single weight, which merge, export and the closed forms need; use a float coefficient there"
+        )
+    c = c if c.dtype == (dtype or t.dtype) else c.to(dtype or t.dtype)
+    return c.view(*c.shape, *(1,) * (t.ndim - c.ndim))
+
+
 def straight_through_clamp(t: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
     """clamp(t, lo, hi) in the forward (exactly), identity in the backward: a value pushed past
     a bound keeps its gradient and can come back, where a plain clamp would zero it for good."""

@@ -198,7 +198,7 @@ def export_peft(source: nn.Module | str | os.PathLike | Adapter, out_dir: str | 
     if isinstance(source, nn.Module):
         source = unwrap(source)
         state = state_of(source)
-        if not state.enabled or state.scale != 1.0:
+        if not state.enabled or isinstance(state.scale, torch.Tensor) or state.scale != 1.0:
             raise RuntimeError(
                 "export_peft inside ll.disabled / ll.scaled: the exported adapter is the trained one at "
                 "strength 1; call it outside the context (or ll.merge to bake in a strength)"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import knob
 from ..quant import dense_weight
-from ..variant import ParamSpec, like, straight_through_clamp
+from ..variant import ParamSpec, like, per_row, straight_through_clamp
 from ._svd import second_moment, top_r_svd, wanda_top_r
 
 
@@ -51,19 +51,21 @@ def init_top_r(layer, cfg, stats: dict | None) -> None:
         store_svd(layer, *wanda_top_r(dense_weight(layer), cfg.r, second_moment(stats)))
 
 
-def _gain_exponent(layer, cfg) -> torch.Tensor:
-    """z = coeff·g, fp32; suppress_only holds g ≤ 0 with a straight-through clamp, so a g pushed
-    above 0 keeps its gradient and can return (a plain clamp would freeze it)."""
+def _gain_exponent(layer, cfg, x=None) -> torch.Tensor:
+    """z = coeff·g, fp32: (r,) for a float coeff, (batch, 1, …, r) or (batch, seq, …, r) for a
+    coefficient tensor (x: the layer input the gains act on; None in the closed forms).
+    suppress_only holds g ≤ 0 with a straight-through clamp, so a g pushed above 0 keeps its
+    gradient and can return (a plain clamp would freeze it)."""
     g = layer.lora_g.float()
-    return cfg.coeff * (straight_through_clamp(g, hi=0.0) if cfg.suppress_only else g)
+    return per_row(cfg.coeff, x, torch.float32) * (straight_through_clamp(g, hi=0.0) if cfg.suppress_only else g)
 
 
-def gain_minus_one(layer, cfg) -> torch.Tensor:
+def gain_minus_one(layer, cfg, x=None) -> torch.Tensor:
     """gain − 1 = ELU(z), fp32: the change of each singular value's factor, 0 at init. The gain
     1 + ELU(z) is e^z below 0 and 1 + z above: C¹, 1 at z = 0 and > 0, so a direction is
     suppressed towards 0 or amplified, never flipped. The hook adds S ⊙ ELU(z) ≥ −S to the
     frozen part that W already holds, so a fully suppressed direction cancels to rounding."""
-    return F.elu(_gain_exponent(layer, cfg))
+    return F.elu(_gain_exponent(layer, cfg, x))
 
 
 def coordinates(layer, x) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +77,7 @@ def coordinates(layer, x) -> tuple[torch.Tensor, torch.Tensor]:
 def gain_delta(layer, cfg, x, y):
     """Δy = ((x Pᵀ) ⊙ S ⊙ (gain − 1)) Uᵀ."""
     p, U = coordinates(layer, x)
-    return F.linear(p * like(x, layer.lora_S.float() * gain_minus_one(layer, cfg)), U)
+    return F.linear(p * like(x, layer.lora_S.float() * gain_minus_one(layer, cfg, x)), U)
 
 
 def closed_forms(core):
@@ -100,7 +102,9 @@ def frozen_rank(default: int = 256, extra: str = ""):
 def steering_coeff(what: str = "the learned change"):
     """The family's coeff: a run-time steering knob."""
     return knob(1.0, f"steering coefficient on {what}: 1 = as trained, 0 = the base model, any float; "
-                     f"changeable while attached with lora_lite.reconfigure(model, coeff=c)")
+                     f"changeable while attached with lora_lite.reconfigure(model, coeff=c), where c may "
+                     f"also be a (batch,) or (batch, seq) tensor: one coefficient per example or per "
+                     f"token (not saved: set a float before save)", per_row=True)
 
 
 def big_rank(r: int, geometry) -> dict:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import RankConfig, knob
+from ..config import RankConfig, knob, least
 from ..variant import BenchSetting, Example, ParamSpec, Variant, register
 from ._antipasto import (
     TWO_BLOCKS, big_rank, closed_forms, frozen_part_macs, frozen_rank, gain_core, gain_delta, init_top_r,
@@ -44,7 +44,7 @@ class AntiPaSTOConfig(RankConfig):
     retired_fields = ("alpha",)
 
     def check(self):
-        if self.suppress_only and self.coeff < 0:
+        if self.suppress_only and least(self.coeff) < 0:
             raise ValueError(
                 f"{type(self).__name__}.coeff: suppress_only keeps every gain in (0, 1] only for "
                 f"coeff >= 0, got {self.coeff}; set suppress_only=False to amplify"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..config import RankConfig, knob
 from ..quant import dense_weight
-from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register, straight_through_clamp
+from ..variant import BenchSetting, Example, ParamSpec, Variant, like, per_row, register, straight_through_clamp
 from ._antipasto import (
     TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, frozen_rank, steering_coeff, store_svd,
     svd_specs,
@@ -73,7 +73,7 @@ def _ablation(layer):
 def _core(layer, cfg):
     """M = −coeff·Ĉ diag(α̂) Ĉᵀ diag(S) (r, r), fp32."""
     C_hat, a = _ablation(layer)
-    return -cfg.coeff * (C_hat * a) @ C_hat.T * layer.lora_S.float()
+    return -per_row(cfg.coeff, None) * (C_hat * a) @ C_hat.T * layer.lora_S.float()
 
 
 @register
@@ -110,7 +110,7 @@ class AntiPaSTOAblate(Variant):
         p, U = coordinates(layer, x)
         C_hat, a, S = like(x, *_ablation(layer), layer.lora_S)
         h = p * S
-        return -cfg.coeff * F.linear(F.linear((h @ C_hat) * a, C_hat), U)
+        return -per_row(cfg.coeff, x) * F.linear(F.linear((h @ C_hat) * a, C_hat), U)
 
     effective_weight, low_rank_delta = closed_forms(_core)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from ..config import knob
-from ..variant import BenchSetting, Example, ParamSpec, Variant, like, register
+from ..variant import BenchSetting, Example, ParamSpec, Variant, like, per_row, register
 from ._antipasto import (
     TWO_BLOCKS, big_rank, closed_forms, coordinates, frozen_part_macs, gain_core, gain_minus_one, init_top_r,
     svd_specs,
@@ -53,7 +53,7 @@ class AntiPaSTODPLRConfig(AntiPaSTOConfig):
 
 def _core(layer, cfg):
     """M = diag(S ⊙ (gain − 1)) + coeff·B A (r, r), fp32."""
-    return gain_core(layer, cfg) + cfg.coeff * (layer.lora_B.float() @ layer.lora_A.float())
+    return gain_core(layer, cfg) + per_row(cfg.coeff, None) * (layer.lora_B.float() @ layer.lora_A.float())
 
 
 @register
@@ -80,8 +80,8 @@ class AntiPaSTODPLR(Variant):
     @staticmethod
     def delta(layer, cfg, x, y):
         p, U = coordinates(layer, x)
-        A, B, S_change = like(x, layer.lora_A, layer.lora_B, layer.lora_S.float() * gain_minus_one(layer, cfg))
-        return F.linear(p * S_change + cfg.coeff * F.linear(F.linear(p, A), B), U)
+        A, B, S_change = like(x, layer.lora_A, layer.lora_B, layer.lora_S.float() * gain_minus_one(layer, cfg, x))
+        return F.linear(p * S_change + per_row(cfg.coeff, p) * F.linear(F.linear(p, A), B), U)
 
     effective_weight, low_rank_delta = closed_forms(_core)
 
