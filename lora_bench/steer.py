@@ -3,7 +3,7 @@ directions, against training-free steering vectors, on a readout the adapter nev
 
     python -m lora_bench steer                every arm, 3 seeds, resumable, into results/steer.json
     python -m lora_bench steer --jobs 2       runs in 2 worker processes
-    python -m lora_bench steer --quick        a smoke run: 2 trained arms and the peers, a few steps
+    python -m lora_bench steer --quick        a smoke run: 3 trained arms and the peers, a few steps
     python -m lora_bench report               results/steer.md, the plots, the docs tables
 
 Data (`sentences`): generated sentences "The <subject> was <adverb> <adjective> about the
@@ -49,7 +49,10 @@ rate at ±1 (of the sentences the probe calls negative at c = 0, the fraction it
 +1, and the reverse at −1); coherence: the number probe's accuracy and the relative drift outside
 d, ‖Δ − (Δ·d) d‖ / ‖h_0‖ averaged over sentences. Equal coherence cost (`bisect`): per sign,
 the c at which the reference sentences' drift outside d reaches DRIFT_BUDGET, and the flip rate
-there; an arm that stays under the budget up to C_MAX is scored at C_MAX. For scale, each run
+there ("equal_cost"); and, since the trained arms' loss penalises exactly that drift on other
+sentences, a cost no arm trains on: the c at which the number probe's logits on the reference
+sentences move by NUMBER_BUDGET of their mean magnitude (`readout_change`), and the flip rate
+there ("equal_number"). An arm that stays under a budget up to C_MAX is scored at C_MAX. For scale, each run
 also records the drift that swapping the concept word itself causes in its training pairs
 (`pair_drift`, about 0.4 here: each antonym pair moves the representation its own way besides
 along d). The budget, 0.1, is a fixed fraction well below that, chosen after a pilot run so that
@@ -72,7 +75,7 @@ from pathlib import Path
 import torch
 
 from . import adapters
-from .arms import arm_id, run_id
+from .arms import FAMILY_GRID, arm_id, run_id
 from .common import environment, parse_list, read_json, write_json
 
 # ---- data -------------------------------------------------------------------------------------
@@ -226,7 +229,12 @@ def drift(h0: torch.Tensor, h: torch.Tensor, d: torch.Tensor) -> float:
     return float((perp.norm(dim=1) / h0.norm(dim=1)).mean())
 
 
-def bisect(f, target: float, c_max: float, iters: int = 7) -> tuple[float, bool]:
+def readout_change(logit0: torch.Tensor, logit: torch.Tensor) -> float:
+    """mean |logit − logit0| / mean |logit0|: how far a readout moved, in units of its margins."""
+    return float((logit - logit0).abs().mean() / logit0.abs().mean())
+
+
+def bisect(f, target: float, c_max: float, iters: int = 5) -> tuple[float, bool]:
     """(c, reached): where f, increasing in c from f(0) < target, crosses target, to within the
     bracket / 2^iters; (c_max, False) when f(c_max) < target. The bracket comes from doubling or
     halving c = 1, where most arms cross."""
@@ -318,9 +326,10 @@ RANK = 8
 COEFFS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 COHERENCE_WEIGHT = 1.0
 DRIFT_BUDGET = 0.1
+NUMBER_BUDGET = 0.1  # about what swapping the sentiment word itself moves it (0.09 on seed 0)
 C_MAX = 16.0
-# one lr per lr family, for the pair loss at STEPS steps of batch 32 (a wider family grid than
-# the classification benchmarks: the target moves a whole representation, not a head's input)
+# one lr per lr family for the pair loss (40 steps of 16 rows), set in advance and not tuned:
+# a few times the classification benchmarks' lrs, as the budget is short
 LRS = {"lora": 2e-3, "pissa": 3e-4, "delora": 3e-3, "hra": 1e-3, "gain": 3e-2, "road": 1e-2,
        "lora_xs": 1e-2, "svd": 2e-2, "ablate": 1e-2, "dplr": 2e-3}
 
@@ -330,7 +339,9 @@ def arms(quick: bool = False) -> list[dict]:
     through "coeff"; PEFT LoRA ("peft"); the two steering-vector peers ("vector")."""
     from lora_lite.variant import REGISTRY
 
-    names = ["lora", "antipasto"] if quick else list(REGISTRY)
+    names = list(REGISTRY)
+    if quick:  # the first variant, and the first with a run-time coeff (both routes)
+        names = [names[0], next(n for n in names if "coeff" in REGISTRY[n].runtime_fields)]
     out = []
     for name in names:
         out.append({"row": name, "via": "scaled"})
@@ -347,7 +358,8 @@ def label(row: str, via: str) -> str:
 
 def spec(arm: dict, seed: int, steps: int) -> dict:
     trained = arm["via"] != "vector"
-    lr = LRS[adapters.settings()[arm["row"].removeprefix("peft:")].family] if trained else 0.0
+    family = adapters.settings()[arm["row"].removeprefix("peft:")].family if trained else None
+    lr = LRS.get(family) or FAMILY_GRID[family][len(FAMILY_GRID[family]) // 2] if trained else 0.0
     return {"row": arm["row"], "knobs": {"via": arm["via"]}, "seed": seed, "lr": lr,
             "steps": steps if trained else 0, "schedule": "constant", "warmup_steps": 0}
 
@@ -397,15 +409,8 @@ def steered(model, via: str, c, vectors=None):
 def signed_forward(model, tok, texts: list[str], signs: torch.Tensor, via: str) -> torch.Tensor:
     """Pooled features of `texts`, row i at coefficient signs[i], in one forward through a
     (batch,) coefficient tensor."""
-    try:
-        with steered(model, via, signs):
-            return pooled(model, tok, texts)
-    except (ValueError, TypeError):  # PROTOTYPE until coefficient tensors land: one forward per sign
-        out = []
-        for s in (1.0, -1.0):
-            with steered(model, via, s):
-                out.append(pooled(model, tok, [t for t, x in zip(texts, signs) if x == s]))
-        return torch.cat(out)
+    with steered(model, via, signs):
+        return pooled(model, tok, texts)
 
 
 def pair_loss(h: torch.Tensor, h0: torch.Tensor, h0_twin: torch.Tensor, d: torch.Tensor,
@@ -479,7 +484,8 @@ def evaluate_arm(encoder, tok, data: dict, probes: dict, d: torch.Tensor, via: s
             return features(encoder, tok, texts)
 
     logit0 = probes["concept"].logits(h0_test)
-    per_c = {"shift": [], "flip_c": [], "number_acc": [], "drift": []}
+    number0 = probes["number"].logits(h0_test)
+    per_c = {"shift": [], "flip_c": [], "number_acc": [], "number_change": [], "drift": []}
     logits = {}
     for c in COEFFS:
         h = h0_test if c == 0 else at(c, test_texts)
@@ -487,19 +493,31 @@ def evaluate_arm(encoder, tok, data: dict, probes: dict, d: torch.Tensor, via: s
         per_c["shift"].append(float((logits[c] - logit0).mean()))
         per_c["flip_c"].append(0.0 if c == 0 else flip_rate(logit0, logits[c], 1 if c > 0 else -1))
         per_c["number_acc"].append(probes["number"].accuracy(h, plural))
+        per_c["number_change"].append(readout_change(number0, probes["number"].logits(h)))
         per_c["drift"].append(drift(h0_test, h, d))
     out = {"coeffs": list(COEFFS), **per_c,
            "spearman": spearman(list(COEFFS), per_c["shift"]),
            "symmetry": symmetry(per_c["shift"][COEFFS.index(-1.0)], per_c["shift"][COEFFS.index(1.0)]),
            "flip": {"+1": flip_rate(logit0, logits[1.0], 1), "-1": flip_rate(logit0, logits[-1.0], -1)}}
-    equal = {}
-    for sign, key in ((1, "+"), (-1, "-")):
-        c, reached = bisect(lambda c: drift(h0_ref, at(sign * c, data["reference"]), d), DRIFT_BUDGET, C_MAX)
-        h = at(sign * c, test_texts)
-        equal[key] = {"c": round(sign * c, 4), "reached": reached,
-                      "flip": flip_rate(logit0, probes["concept"].logits(h), sign),
-                      "number_acc": probes["number"].accuracy(h, plural)}
-    out["equal_cost"] = {"budget": DRIFT_BUDGET, **equal}
+    ref: dict[float, torch.Tensor] = {}
+
+    def ref_at(c):  # the two costs' bisections share forwards where their c's meet
+        if c not in ref:
+            ref[c] = at(c, data["reference"])
+        return ref[c]
+
+    number_ref0 = probes["number"].logits(h0_ref)
+    costs = {"equal_cost": (lambda h: drift(h0_ref, h, d), DRIFT_BUDGET),
+             "equal_number": (lambda h: readout_change(number_ref0, probes["number"].logits(h)), NUMBER_BUDGET)}
+    for name, (cost, budget) in costs.items():
+        equal = {}
+        for sign, key in ((1, "+"), (-1, "-")):
+            c, reached = bisect(lambda c: cost(ref_at(sign * c)), budget, C_MAX)
+            h = at(sign * c, test_texts)
+            equal[key] = {"c": round(sign * c, 4), "reached": reached,
+                          "flip": flip_rate(logit0, probes["concept"].logits(h), sign),
+                          "number_acc": probes["number"].accuracy(h, plural)}
+        out[name] = {"budget": budget, **equal}
     return out
 
 
@@ -556,6 +574,7 @@ def _worker_run(s: dict, p: dict) -> dict:
 # ---- CLI ------------------------------------------------------------------------------------------
 
 PROTOCOL_KEYS = ("batch_size", "n_pairs", "n_probe", "n_test", "n_ref", "rank", "layers", "drift_budget",
+                 "number_budget",
                  "coherence_weight", "coeffs")
 
 
@@ -563,34 +582,36 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_bench steer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", help="comma-separated arms' rows (variant names, peft:lora, mean-diff, pca)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, help="optimizer steps (default 100; --quick: 3)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, help="optimizer steps (default 40; --quick: 3)")
+    ap.add_argument("--batch-size", type=int, default=16, help="rows per batch, half at +1, half at −1")
     ap.add_argument("--n-pairs", type=int, default=256)
     ap.add_argument("--n-probe", type=int, default=512)
-    ap.add_argument("--n-test", type=int, default=128)
-    ap.add_argument("--n-ref", type=int, default=64)
+    ap.add_argument("--n-test", type=int, default=64)
+    ap.add_argument("--n-ref", type=int, default=32)
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--name", help="JSON file stem under --out (default steer; --quick: steer_quick)")
     ap.add_argument("--out", default="results")
-    ap.add_argument("--quick", action="store_true", help="smoke run: lora and antipasto, the peers, 1 seed, 3 steps")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 variants (3 arms), the peers, 1 seed, 3 steps")
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in the JSON")
     a = ap.parse_args(argv)
     if a.quick:
         a.seeds = "0" if a.seeds == "0,1,2" else a.seeds
         a.steps, a.n_pairs, a.n_probe = a.steps or 3, min(a.n_pairs, 32), min(a.n_probe, 128)
         a.n_test, a.n_ref, a.batch_size = min(a.n_test, 32), min(a.n_ref, 16), min(a.batch_size, 8)
-    a.steps = a.steps or 100
+    a.steps = a.steps or 40
     seeds = [int(s) for s in parse_list(a.seeds) or []]
     p = {"batch_size": a.batch_size, "n_pairs": a.n_pairs, "n_probe": a.n_probe, "n_test": a.n_test,
          "n_ref": a.n_ref, "rank": RANK, "layers": list(LAYERS), "drift_budget": DRIFT_BUDGET,
+         "number_budget": NUMBER_BUDGET,
          "coherence_weight": COHERENCE_WEIGHT, "coeffs": list(COEFFS)}
     every = arms(a.quick)
     wanted = parse_list(a.rows)
     if wanted:
         unknown = sorted(set(wanted) - {x["row"] for x in every})
         if unknown:
-            ap.error(f"--rows {','.join(unknown)}: not an arm; arms: {', '.join(dict.fromkeys(x['row'] for x in every))}")
+            known = ", ".join(dict.fromkeys(x["row"] for x in every))
+            ap.error(f"--rows {','.join(unknown)}: not an arm; arms: {known}")
         every = [x for x in every if x["row"] in wanted]
 
     out = Path(a.out)

@@ -49,6 +49,7 @@ def steer_rows(data: dict) -> list[dict]:
         r0 = runs[0]
         i_plus, i_minus = r0["coeffs"].index(1.0), r0["coeffs"].index(-1.0)
         eq = [r["equal_cost"] for r in runs]
+        eqn = [r["equal_number"] for r in runs]
         out.append({
             "label": _label(r0["row"], r0["knobs"]["via"]), "row": r0["row"], "via": r0["knobs"]["via"],
             "seeds": len(runs), "params": r0["params"] or r0["vector_params"], "trained": bool(r0["params"]),
@@ -64,6 +65,11 @@ def steer_rows(data: dict) -> list[dict]:
             "reached": all(e["+"]["reached"] and e["-"]["reached"] for e in eq),
             "eq_flip": _mean((e["+"]["flip"] + e["-"]["flip"]) / 2 for e in eq),
             "eq_flip_sd": _sd((e["+"]["flip"] + e["-"]["flip"]) / 2 for e in eq),
+            "n_c_plus": _mean(e["+"]["c"] for e in eqn), "n_c_minus": _mean(e["-"]["c"] for e in eqn),
+            "n_reached": all(e["+"]["reached"] and e["-"]["reached"] for e in eqn),
+            "n_flip": _mean((e["+"]["flip"] + e["-"]["flip"]) / 2 for e in eqn),
+            "n_flip_sd": _sd((e["+"]["flip"] + e["-"]["flip"]) / 2 for e in eqn),
+            "number_change": _mean((r["number_change"][i_plus] + r["number_change"][i_minus]) / 2 for r in runs),
             "coeffs": r0["coeffs"],
             "shift": [_mean(r["shift"][i] for r in runs) for i in range(len(r0["coeffs"]))],
             "drift_c": [_mean(r["drift"][i] for r in runs) for i in range(len(r0["coeffs"]))],
@@ -84,25 +90,33 @@ def steer_markdown(data: dict) -> str:
         f"Concept: sentiment of generated sentences, read by a frozen probe on the base MiniLM's pooled "
         f"output; adapters on every linear of encoder blocks {', '.join(map(str, p['layers']))} (r = {p['rank']} "
         f"where the variant has a rank), peers added at those blocks' outputs; {p['n_pairs']} training pairs per "
-        f"seed, {p['n_test']} held-out sentences. Mean over seeds ({data['env']['date']}, "
+        f"seed, {max(s['steps'] for s in rows)} steps of {p['batch_size']} rows (half at +1, half at −1), "
+        f"{p['n_test']} held-out sentences. Mean over seeds ({data['env']['date']}, "
         f"commit {data['env']['commit']}).",
         "",
-        "| arm | steered through | params | seeds | final loss | Spearman(c, shift) | symmetry | flip +1 / −1 "
-        "| number probe at ±1 | drift at ±1 | c at equal cost (+ / −) | flip at equal cost |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| arm | steered through | params | final loss | Spearman(c, shift) | symmetry | flip +1 / −1 "
+        "| number probe acc / change at ±1 | drift at ±1 | equal drift: c (+ / −) | flip there "
+        "| equal number-probe change: c (+ / −) | flip there |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in rows:
-        reached = "" if s["reached"] else " (cap)"
         lines.append(
             f"| {s['label']} | {VIA_LABELS[s['via']]} | {_count(s['params'])}{'' if s['trained'] else ' (vectors)'} "
-            f"| {s['seeds']} | {_f(s['loss'], 3)} | {_f(s['spearman'])} | {_f(s['symmetry'])} ± {_f(s['symmetry_sd'])} "
-            f"| {_f(s['flip_plus'])} / {_f(s['flip_minus'])} | {_f(s['number_acc'])} | {_f(s['drift'], 3)} "
-            f"| {_f(s['c_plus'])} / {_f(s['c_minus'])}{reached} | {_f(s['eq_flip'])} ± {_f(s['eq_flip_sd'])} |")
+            f"| {_f(s['loss'], 3)} | {_f(s['spearman'])} | {_f(s['symmetry'])} ± {_f(s['symmetry_sd'])} "
+            f"| {_f(s['flip_plus'])} / {_f(s['flip_minus'])} | {_f(s['number_acc'])} / {_f(s['number_change'])} "
+            f"| {_f(s['drift'], 3)} | {_f(s['c_plus'])} / {_f(s['c_minus'])}{'' if s['reached'] else ' (cap)'} "
+            f"| {_f(s['eq_flip'])} ± {_f(s['eq_flip_sd'])} "
+            f"| {_f(s['n_c_plus'])} / {_f(s['n_c_minus'])}{'' if s['n_reached'] else ' (cap)'} "
+            f"| {_f(s['n_flip'])} ± {_f(s['n_flip_sd'])} |")
     natural = _mean(r["pair_drift"] for r in data["runs"])
-    lines += ["", f"Equal cost: each sign's c where the reference sentences' drift outside the concept direction "
-                  f"reaches {p['drift_budget']:g} of the representation's norm (swapping the sentiment word itself "
-                  f"drifts {natural:.2f}); \"(cap)\": an arm that stays under it up to c = ±16 is scored there. "
-                  f"Drift at ±1 is on the held-out sentences. Symmetry: shift(−1) / −shift(+1); ± is the seeds' std."]
+    lines += ["", f"{rows[0]['seeds'] if rows else 0} seeds per arm; ± is the seeds' std. Symmetry: shift(−1) / "
+                  f"−shift(+1). At ±1 (held-out sentences): the number probe's worst accuracy of the two signs, "
+                  f"and its logits' mean change over their mean magnitude; the drift outside the concept direction "
+                  f"over the representation's norm. Equal drift: each sign's c where the reference sentences' drift "
+                  f"reaches {p['drift_budget']:g} (swapping the sentiment word itself drifts {natural:.2f}). Equal "
+                  f"number-probe change: each sign's c where the number probe's logits on the reference sentences "
+                  f"move by {p['number_budget']:g} of their mean magnitude. \"(cap)\": under the budget up to "
+                  f"c = ±16, scored there."]
     return "\n".join(lines) + "\n"
 
 
@@ -144,22 +158,23 @@ def plot_steer(data: dict, out: Path, name: str) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for s in rows:
-        runs = [r for r in data["runs"] if r["row"] == s["row"] and r["knobs"]["via"] == s["via"]]
-        cs = [c for c in s["coeffs"] if c > 0]
-        xs, ys = [], []
-        for c in cs:
-            i, j = s["coeffs"].index(c), s["coeffs"].index(-c)
-            xs.append(_mean((r["drift"][i] + r["drift"][j]) / 2 for r in runs))
-            ys.append(_mean((r["flip_c"][i] + r["flip_c"][j]) / 2 for r in runs))
-        style = "--" if not s["trained"] else "-"
-        ax.plot(xs, ys, style, marker="o", ms=3, label=s["label"].replace("`", ""))
-    ax.axvline(_mean(s["budget"] for s in rows), color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set(xlabel="drift outside the concept direction (held-out, c = ±0.5, ±1, ±2)",
-           ylabel="flip rate toward the steered side", title="Flip rate against coherence cost (dotted: budget)")
-    ax.legend(fontsize=6, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    panels = (("drift", "equal_cost", "drift outside the concept direction"),
+              ("number_change", "equal_number", "number probe's logit change / its mean magnitude"))
+    for ax, (key, budget_key, what) in zip(axes, panels):
+        for s in rows:
+            runs = [r for r in data["runs"] if r["row"] == s["row"] and r["knobs"]["via"] == s["via"]]
+            xs, ys = [], []
+            for c in (c for c in s["coeffs"] if c > 0):
+                i, j = s["coeffs"].index(c), s["coeffs"].index(-c)
+                xs.append(_mean((r[key][i] + r[key][j]) / 2 for r in runs))
+                ys.append(_mean((r["flip_c"][i] + r["flip_c"][j]) / 2 for r in runs))
+            ax.plot(xs, ys, "--" if not s["trained"] else "-", marker="o", ms=3, label=s["label"].replace("`", ""))
+        ax.axvline(data["runs"][0][budget_key]["budget"], color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set(xlabel=f"{what} (held-out, c = ±0.5, ±1, ±2)", title=f"flip rate against {key.replace('_', ' ')}")
+    axes[0].set_ylabel("flip rate toward the steered side (mean of both signs)")
+    axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     paths.append(out / f"{name}_cost.png")
     fig.savefig(paths[-1], dpi=120)
