@@ -140,15 +140,17 @@ def plot_steer(data: dict, out: Path, name: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rows = steer_rows(data)
     if not rows:
         return []
     paths = []
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for s in rows:
+    colors = [plt.cm.turbo(i / max(1, len(rows) - 1)) for i in range(len(rows))]  # 24 arms: tab10 repeats
+    for s, color in zip(rows, colors):
         style = "--" if not s["trained"] else "-"
-        ax.plot(s["coeffs"], s["shift"], style, marker="o", ms=3, label=s["label"].replace("`", ""))
+        ax.plot(s["coeffs"], s["shift"], style, marker="o", ms=3, color=color, label=s["label"].replace("`", ""))
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(xlabel="coefficient c", ylabel="concept probe logit shift vs c = 0 (held-out mean)",
            title="Steering both ways: concept shift against c")
@@ -162,16 +164,18 @@ def plot_steer(data: dict, out: Path, name: str) -> list[Path]:
     panels = (("drift", "equal_cost", "drift outside the concept direction"),
               ("number_change", "equal_number", "number probe's logit change / its mean magnitude"))
     for ax, (key, budget_key, what) in zip(axes, panels):
-        for s in rows:
+        for s, color in zip(rows, colors):
             runs = [r for r in data["runs"] if r["row"] == s["row"] and r["knobs"]["via"] == s["via"]]
             xs, ys = [], []
             for c in (c for c in s["coeffs"] if c > 0):
                 i, j = s["coeffs"].index(c), s["coeffs"].index(-c)
                 xs.append(_mean((r[key][i] + r[key][j]) / 2 for r in runs))
                 ys.append(_mean((r["flip_c"][i] + r["flip_c"][j]) / 2 for r in runs))
-            ax.plot(xs, ys, "--" if not s["trained"] else "-", marker="o", ms=3, label=s["label"].replace("`", ""))
+            ax.plot(xs, ys, "--" if not s["trained"] else "-", marker="o", ms=3, color=color,
+                    label=s["label"].replace("`", ""))
         ax.axvline(data["runs"][0][budget_key]["budget"], color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=f"{what} (held-out, c = ±0.5, ±1, ±2)", title=f"flip rate against {key.replace('_', ' ')}")
     axes[0].set_ylabel("flip rate toward the steered side (mean of both signs)")
     axes[1].legend(fontsize=6, ncol=2)
