@@ -9,6 +9,7 @@ COMMANDS = {
     "cost": "C1: step time, params, memory, checkpoints; ours vs HF PEFT",
     "quality": "C2: offline accuracy of every variant on a generated task",
     "frontier": "C2 against trainable params: a LoRA rank frontier, lr chosen on validation",
+    "steer": "steering both ways: adapters against steering vectors on a frozen probe",
     "gsm8k": "C3: MetaMathQA -> GSM8K (needs a GPU and the HF hub)",
     "report": "regenerate results/*.md, the plots and the generated docs tables",
 }

@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from .common import read_json
+from .steer_report import steer_markdown, write_steer_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONTIER = read_json(ROOT / "results" / "frontier_grid.json")["frontier"]  # the frontier's row
@@ -1083,6 +1084,9 @@ def blocks(results: Path) -> dict[str, str]:
     abl = ablations(results)
     if abl:
         out["ablations"] = abl
+    steering = read_json(results / "steer.json")
+    if steering and steering["runs"]:
+        out["steer"] = steer_markdown(steering)
     front = read_json(results / "frontier.json")
     if front and front["runs"]:
         out["frontier"] = frontier_markdown({**front, "name": "frontier"})
@@ -1133,6 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
         data = read_json(f)
         if f.stem.startswith("cost"):
             write_cost_file(results, f.stem)
+        elif data.get("bench") == "steer":
+            write_steer_file(results, f.stem)
         elif data.get("bench") == "frontier":
             write_frontier_file(results, f.stem)
         elif f.stem in ("quality", "quality_sweep") or data.get("bench") == "quality":
