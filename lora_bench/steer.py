@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 
 from . import adapters
-from .arms import FAMILY_GRID, arm_id, run_id
+from .arms import arm_id, run_id
 from .common import environment, parse_list, read_json, write_json
 
 # ---- data -------------------------------------------------------------------------------------
@@ -328,10 +328,10 @@ COHERENCE_WEIGHT = 1.0
 DRIFT_BUDGET = 0.1
 NUMBER_BUDGET = 0.1  # about what swapping the sentiment word itself moves it (0.09 on seed 0)
 C_MAX = 16.0
-# one lr per lr family for the pair loss (30 steps of 12 rows), set in advance and not tuned:
-# a few times the classification benchmarks' lrs, as the budget is short
-LRS = {"lora": 2e-3, "pissa": 3e-4, "delora": 3e-3, "hra": 1e-3, "gain": 3e-2, "road": 1e-2,
-       "lora_xs": 1e-2, "svd": 2e-2, "ablate": 1e-2, "dplr": 2e-3}
+# one lr per lr family for the pair loss (30 steps of 12 rows), set in advance and not tuned: a
+# few times the classification benchmarks' lrs, as the budget is short; a family without one
+# takes the middle of its variant's declared grid (BenchSetting.lrs)
+LRS = read_json(Path(__file__).resolve().parents[1] / "results" / "steer_lrs.json")
 
 
 def arms(quick: bool = False) -> list[dict]:
@@ -358,8 +358,8 @@ def label(row: str, via: str) -> str:
 
 def spec(arm: dict, seed: int, steps: int) -> dict:
     trained = arm["via"] != "vector"
-    family = adapters.settings()[arm["row"].removeprefix("peft:")].family if trained else None
-    lr = LRS.get(family) or FAMILY_GRID[family][len(FAMILY_GRID[family]) // 2] if trained else 0.0
+    setting = adapters.settings()[arm["row"].removeprefix("peft:")] if trained else None
+    lr = LRS.get(setting.family, setting.lrs[len(setting.lrs) // 2]) if trained else 0.0
     return {"row": arm["row"], "knobs": {"via": arm["via"]}, "seed": seed, "lr": lr,
             "steps": steps if trained else 0, "schedule": "constant", "warmup_steps": 0}
 
