@@ -5,6 +5,10 @@
     python -m lora_bench cost --models tiny64 --no-memory
                                            per-target overhead: 56 64-wide targets, 2 x 32 tokens,
                                            where a step's overhead over the base is the hooks' cost
+    python -m lora_bench cost --models tiny64 --coefficients
+                                           the same steps under ll.scaled with a float c and with
+                                           coefficient tensors (and the gain family's coeff), one
+                                           process, interleaved: the tensor path's cost over the float's
 
 For each model the rows are grouped by method: a group holds the frozen base, our adapter and
 PEFT's adapter for the same method (same targets, same rank, same batch), each on its own copy
@@ -58,6 +62,7 @@ import torch
 from torch import nn
 
 import lora_lite as ll
+from lora_lite.variant import REGISTRY
 
 from . import adapters, models
 from .common import environment, parse_list, read_json, write_json
@@ -220,6 +225,66 @@ def _per_target_us(times: list[float], base: list[float], n: int) -> float:
     """Median over repeats of (time − paired base time) / targets, in µs: what each hooked
     layer adds to one step (on `tiny64`, where layer compute is negligible, the hooks' own cost)."""
     return 1e6 * statistics.median((t - b) / n for t, b in zip(times, base))
+
+
+# ---- coefficient tensors -----------------------------------------------------------------------
+
+def coefficient_members(setup: Setup, name: str, c: float = 0.5) -> dict[str, nn.Module]:
+    """One variant's copies of the base, each held at one strength for good: ll.scaled entered
+    and never left (each copy is its own model): c = 1 (the default), the float c, the same
+    value as a (batch,) and a (batch, seq) tensor; for a variant with a run-time coeff also
+    coeff = c as a float and as a (batch,) tensor."""
+    batch, seq = setup.batch["input_ids"].shape
+    device = setup.batch["input_ids"].device
+    settings = {"c=1": 1.0, f"c={c:g}": c, "c (batch,)": torch.full((batch,), c, device=device),
+                "c (batch, seq)": torch.full((batch, seq), c, device=device)}
+    members = {"base": setup.build("base", None)}
+    for key, value in settings.items():
+        model = setup.build("ours", name)
+        ll.scaled(model, value).__enter__()
+        members[key] = model
+    if "coeff" in REGISTRY[name].runtime_fields:
+        for key, value in {f"coeff={c:g}": c, "coeff (batch,)": torch.full((batch,), c, device=device)}.items():
+            model = setup.build("ours", name)
+            ll.reconfigure(model, coeff=value)
+            members[key] = model
+    return members
+
+
+def run_coefficients(kind: str, shape: dict, p: dict, log=print) -> dict:
+    """Per variant: step and forward time per member of `coefficient_members`, interleaved; the
+    tensor members' paired ratios over the float member of the same value and over c = 1."""
+    torch.manual_seed(0)
+    setup = Setup(kind, shape["layers"], shape["batch_size"], shape["seq_len"], p["n_calib"], p["rank"],
+                  p.get("device", "cpu"), p.get("dtype", "float32"))
+    rows = []
+    for name in adapters.available(p["variants"], log=log):
+        members = coefficient_members(setup, name)
+        times = time_group(members, setup.batch, p["repeats"], p["warmup"])
+        n = len(setup.target_layers(setup.config(name)))
+        base = [s for _, s in times["base"]]
+        row = {"variant": name, "targets": n, "members": {}}
+        for key, t in times.items():
+            if key == "base":
+                continue
+            fwd, stp = [f for f, _ in t], [s for _, s in t]
+            entry = {"step_ms": 1e3 * statistics.median(stp), "fwd_ms": 1e3 * statistics.median(fwd),
+                     "step_us_per_target": _per_target_us(stp, base, n)}
+            same_value = ("coeff=0.5" if key.startswith("coeff") else "c=0.5") if "(" in key else None
+            for ref in filter(None, (same_value, "c=1" if key != "c=1" else None)):
+                r = times[ref]
+                entry[f"step_ratio_vs_{ref}"] = _median_ratio(stp, [s for _, s in r])[0]
+                entry[f"fwd_ratio_vs_{ref}"] = _median_ratio(fwd, [f for f, _ in r])[0]
+            row["members"][key] = entry
+        rows.append(row)
+        m = row["members"]
+        log(f"{kind} {name:18s} step ms: c=1 {m['c=1']['step_ms']:.2f}, c=0.5 {m['c=0.5']['step_ms']:.2f}; "
+            f"(batch,) / float step {m['c (batch,)']['step_ratio_vs_c=0.5']:.3f}, "
+            f"(batch, seq) / float {m['c (batch, seq)']['step_ratio_vs_c=0.5']:.3f}"
+            + (f", coeff (batch,) / float {m['coeff (batch,)']['step_ratio_vs_coeff=0.5']:.3f}"
+               if "coeff (batch,)" in m else ""))
+        del members
+    return {"kind": kind, **shape, "rows": rows}
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -470,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results")
     ap.add_argument("--update", action="store_true",
                     help="keep the other models already in the JSON; re-measure only --models")
+    ap.add_argument("--coefficients", action="store_true",
+                    help="time ll.scaled with a float c against coefficient tensors (and the gain "
+                         "family's coeff) instead of the C1 rows; writes <out>/<name or cost_coefficients>.json")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.memory_child:
@@ -496,9 +564,20 @@ def main(argv: list[str] | None = None) -> int:
                            "fresh process per row: resident high-water mark (reset after loading the "
                            "base) over attach + one training step with AdamW; +MB = peak minus the "
                            "resident size with the base loaded")}
-    name = a.name or ("cost_quick" if a.quick else "cost")
+    name = a.name or ("cost_quick" if a.quick else "cost_coefficients" if a.coefficients else "cost")
     path = Path(a.out) / f"{name}.json"
     kinds = parse_list(a.models)
+    if a.coefficients:
+        models_out = []
+        for kind in kinds:
+            shape = dict(shapes.get(kind) or DEFAULTS[kind])
+            for k in ("batch_size", "seq_len") + (("layers",) if kind != "minilm" else ()):
+                if getattr(a, k):
+                    shape[k] = getattr(a, k)
+            models_out.append(run_coefficients(kind, shape, p))
+            write_json(path, {"env": environment(), "protocol": p, "models": models_out})
+        print(f"wrote {path}")
+        return 0
     kept = [m for m in (read_json(path) or {}).get("models", []) if m["kind"] not in kinds] if a.update else []
     results = {"env": environment(), "protocol": p, "models": kept}
     for kind in kinds:

@@ -326,6 +326,20 @@ def test_rerun_report_puts_each_arm_beside_its_rows_c2_result():
     assert lines["| head-only"].split(" | ")[1:4] == ["0.510 ± 0.014 (lr 1e-3)", "1e-3", "0.510 ± 0.014 (2)"]
 
 
+def test_cost_coefficients_times_float_and_tensor_strengths(tmp_path):
+    """`cost --coefficients`: per variant, c = 1, a float c and the same value as (batch,) and
+    (batch, seq) tensors (and coeff for the gain family), with paired ratios to the float."""
+    assert cost.main(["--coefficients", "--models", "tiny", "--variants", "lora,antipasto", "--repeats", "2",
+                      "--warmup", "0", "--out", str(tmp_path)]) == 0
+    (m,) = json.loads((tmp_path / "cost_coefficients.json").read_text())["models"]
+    lora, anti = m["rows"]
+    assert list(lora["members"]) == ["c=1", "c=0.5", "c (batch,)", "c (batch, seq)"]
+    assert list(anti["members"])[4:] == ["coeff=0.5", "coeff (batch,)"]
+    for key in ("c (batch,)", "c (batch, seq)"):
+        assert math.isfinite(lora["members"][key]["step_ratio_vs_c=0.5"])
+    assert math.isfinite(anti["members"]["coeff (batch,)"]["step_ratio_vs_coeff=0.5"])
+
+
 def test_cost_summary_reads_each_shared_method_per_model():
     def row(group, lib, ratio=None, us=None):
         r = {"group": group, "lib": lib, "method": {"lora": "LoRA", "lora_xs": "—"}[group]}

@@ -184,7 +184,7 @@ def test_deploy_doc_examples_run(tmp_path, monkeypatch):
     pytest.importorskip("peft")
     text = (Path(SRC).parent / "docs" / "deploy.md").read_text()
     blocks = [b.split("\n```", 1)[0] for b in text.split("```python\n")[1:]]
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile("\n".join(blocks), "docs/deploy.md", "exec"), namespace)
@@ -202,3 +202,7 @@ def test_deploy_doc_examples_run(tmp_path, monkeypatch):
         with ll.scaled(fresh, -1.0):
             assert torch.allclose(target(x), 2 * y_base - y_adapted, atol=1e-6)
     assert not torch.equal(namespace["y_opposite"], namespace["y_base"])
+    # the coefficient tensors' block: the example at c = 0 is the pristine base's
+    with torch.no_grad():
+        assert torch.equal(namespace["rows"][1], namespace["tiny"]()(namespace["ids3"]).logits[1])
+    assert not torch.equal(namespace["steered"], namespace["rows"])

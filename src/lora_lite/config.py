@@ -53,20 +53,23 @@ def knob(default: Any, doc: str, *, per_row: bool = False, **kwargs: Any) -> Any
     return field(default=default, metadata={"doc": doc, **({"per_row": True} if per_row else {})}, **kwargs)
 
 
-def coefficient(c: Any, what: str) -> float | torch.Tensor:
+def coefficient(c: Any, what: str, device: torch.device | None = None) -> float | torch.Tensor:
     """`c` checked as a run-time coefficient: a finite float (an int is taken as one), or a
     floating-point tensor of shape (batch,) (one value per example) or (batch, seq) (one per
-    token) with finite entries. Anything else raises ValueError naming `what`. The values are
-    checked here, once (one device sync for a tensor), so the hooks need not check them."""
+    token) with finite entries, on `device` when one is given. Anything else raises ValueError
+    naming `what`. The values are checked here, once (one device sync for a tensor), so the
+    hooks need not check them."""
     if isinstance(c, torch.Tensor):
         problem = None
-        if c.dtype == torch.bool or not c.dtype.is_floating_point:
+        if device is not None and c.device != device:
+            problem = f"is on {c.device}, the adapter on {device}; move it there (c.to({str(device)!r}))"
+        elif c.dtype == torch.bool or not c.dtype.is_floating_point:
             problem = f"has dtype {c.dtype}; use a floating-point tensor (e.g. c.float())"
         elif c.ndim not in (1, 2):
             problem = (f"has shape {tuple(c.shape)}; use shape (batch,), one value per example, or "
                        f"(batch, seq), one per token" + ("; for one value for all rows pass a float"
                                                           if c.ndim == 0 else ""))
-        elif not bool(torch.isfinite(c.detach()).all()):
+        elif not c.is_meta and not bool(torch.isfinite(c.detach()).all()):
             problem = "holds NaN or Inf"
         if problem:
             raise ValueError(f"{what}: the coefficient tensor {problem}")
@@ -150,8 +153,8 @@ class AdapterConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor) and f.metadata.get("per_row"):
-                coefficient(value, f"{type(self).__name__}.{f.name}")
+            if f.metadata.get("per_row"):  # a finite float, or a coefficient tensor
+                object.__setattr__(self, f.name, coefficient(value, f"{type(self).__name__}.{f.name}"))
                 continue
             if isinstance(value, list):  # accept lists where tuples are expected
                 value = tuple(value)

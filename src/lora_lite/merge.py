@@ -54,9 +54,10 @@ def scaled(model: nn.Module, c: float | torch.Tensor) -> Iterator[nn.Module]:
     shape (batch,), one value per example, broadcast over every other dimension of each
     activation; or (batch, seq), one per token, broadcast over the hidden dimension of
     (batch, seq, ..., hidden) activations. A row with c = 0 is the base model's row bit for bit,
-    and each row is the row that running it with its own float c gives (bit for bit in an fp32
-    model; a tensor is used in the activation's dtype, so in bf16 bit for bit where its values
-    are exact in bf16, e.g. 0, ±0.5, ±1, ±2, and within one bf16 rounding of c·Δ otherwise).
+    and each row is the row its own float c gives in the same batch (and alone, where the model
+    and adapter give a row the same bits at any batch size): bit for bit in an fp32 model; a
+    tensor is used in the activation's dtype, so in bf16 bit for bit where its values are exact
+    in bf16, e.g. 0, ±0.5, ±1, ±2, and within one bf16 rounding of c·Δ otherwise.
     Inside another `scaled(model, b)` the strength is b·c (two tensors multiply row by row:
     (batch,) times (batch, seq) is (batch, seq)). A changing tensor of the same shape
     does not recompile a `torch.compile`d model.
@@ -77,8 +78,8 @@ def scaled(model: nn.Module, c: float | torch.Tensor) -> Iterator[nn.Module]:
         with ll.scaled(model, c):
             out = model(input_ids, attention_mask=attention_mask)
     """
-    c = coefficient(c, "scaled(model, c)")
     state = state_of(unwrap(model))
+    c = coefficient(c, "scaled(model, c)", state.device)
     before = state.scale
     strength = _product(before, c)
     state.check_coefficient(strength, "scaled(model, c)")

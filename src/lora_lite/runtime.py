@@ -66,7 +66,8 @@ class AttachState:
         self.per_row = tuple(v for v in values if isinstance(v, torch.Tensor))
 
     def refuse_per_row(self, what: str) -> None:
-        """Raise for an operation that needs one strength for the whole model (merge, export, save)."""
+        """Raise for an operation that needs one strength for the whole model (merge; save and
+        export refuse a coefficient tensor in the config through `to_dict`)."""
         for name, value in (("ll.scaled", self.scale),
                             *((f"{f}", getattr(self.cfg, f)) for f in self.variant.runtime_fields)):
             if isinstance(value, torch.Tensor):
@@ -77,16 +78,18 @@ class AttachState:
                        f"set a float first (lora_lite.reconfigure(model, {name}=1.0))")
                 )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the adapter tensors are (those of the first target)."""
+        name, layer = next(iter(self.targets.items()))
+        return getattr(layer, next(iter(self.specs[name]))).device
+
     def check_coefficient(self, c: float | torch.Tensor, what: str) -> None:
-        """A coefficient tensor must be on the adapter's device, and one value throughout where
-        a target is a fused parameter (its forward adds c·B A to the one weight all rows share)."""
+        """`config.coefficient` on the adapter's device, and one value throughout where a target
+        is a fused parameter (its forward adds c·B A to the one weight all rows share)."""
+        coefficient(c, what, self.device)
         if not isinstance(c, torch.Tensor):
             return
-        name, layer = next(iter(self.targets.items()))
-        device = getattr(layer, next(iter(self.specs[name]))).device
-        if c.device != device:
-            raise ValueError(f"{what}: the coefficient tensor is on {c.device}, the adapter on {device}; "
-                             f"move it there (c.to({str(device)!r}))")
         fused = [n for n, m in self.targets.items() if isinstance(m, FusedParameter)]
         if fused and not bool((c == c.reshape(-1)[0]).all()):
             raise ValueError(
@@ -184,8 +187,9 @@ def reconfigure(model: nn.Module, **changes) -> AdapterConfig:
             f"(changeable: {changeable}); detach and attach again"
         )
     cfg = dataclasses.replace(state.cfg, **changes)  # validates like a new config
-    for name in changes:
-        state.check_coefficient(getattr(cfg, name), f"reconfigure({name}=...)")
+    for f in dataclasses.fields(cfg):
+        if f.name in changes and f.metadata.get("per_row"):
+            state.check_coefficient(getattr(cfg, f.name), f"reconfigure({f.name}=...)")
     state.set_coefficients(state.scale, cfg)
     return state.cfg
 

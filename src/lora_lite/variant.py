@@ -62,7 +62,9 @@ Class attributes say what the runtime must check or provide:
     identity_at_init    the adapted model equals the base at init (Δ = 0)
     zero_grad_at_init   trainable tensors whose gradient is zero at step 0 by design
                         (LoRA's A while B = 0); every other trainable gets a gradient
-    runtime_fields      config fields that `lora_lite.reconfigure` may change while attached
+    runtime_fields      config fields that `lora_lite.reconfigure` may change while attached;
+                        one declared `knob(..., per_row=True)` may hold a coefficient tensor
+                        ((batch,) or (batch, seq)), which the math reads as `per_row(value, x)`
     scale_outside       delta returns Δy / s (s = cfg.scale, LoRA's alpha / r) and the output
                         hook applies s inside its one add, y.add(Δ, alpha=s·scale): a kernel and
                         an autograd node fewer per call; `change(layer, cfg, x, y)` is Δy either way

@@ -7,7 +7,8 @@
 
 1 + ELU(z) is e^z below 0 and 1 + z above: positive, C¹, 1 at z = 0, so a direction can be
 suppressed towards 0 or amplified, never flipped. `coeff` steers at run time (0 = base model,
-< 0 swaps suppress and amplify): `lora_lite.reconfigure(model, coeff=c)`. `suppress_only`
+< 0 swaps suppress and amplify): `lora_lite.reconfigure(model, coeff=c)`, with c a float or a
+(batch,) / (batch, seq) tensor (z then has a row per example / token). `suppress_only`
 holds g ≤ 0 (a straight-through clamp: the forward is clamped, the gradient passes, so a g
 that crossed 0 can come back), keeping every factor in (0, 1]; that needs coeff ≥ 0, which
 the config enforces. No alpha. Trainable: r per layer.
