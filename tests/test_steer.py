@@ -4,13 +4,11 @@ uses against one float per row, and the quick mode end to end (JSON, resume, rep
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
 import pytest
 import torch
-from torch import nn
 
 import lora_lite as ll
 from lora_bench import steer, steer_report
