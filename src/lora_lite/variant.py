@@ -19,6 +19,8 @@ A variant is a class of static functions (math only; no hooks, no model walking,
                                                          and b_eff = b (exported as a plain LoRA)
     delta_embedding(layer, cfg, ids, y) -> Δy            output hook of an nn.Embedding target:
                                                          the input is token ids (see kinds below)
+    delta_conv(layer, cfg, x, y) -> Δy                   output hook of a conv target: x an image
+                                                         (N, C_in, *spatial), Δy (N, C_out, *spatial)
     at_target(name, cfg) -> variant class                optional placement per target (below)
 
 Layer kinds (kinds.py). W is always the dense (d_out, d_in) matrix `dense_weight(layer)`, so
@@ -31,8 +33,10 @@ x = onehot(ids) and x Aᵀ = embed(ids, Aᵀ). A variant lists the kinds it adap
                         batched matmuls: on a fused target every tensor gets a leading expert
                         dimension (ParamSpec shape (E, ...), each slice initialised as one
                         tensor) and the runtime adds scale·B A to the parameter for the owner's
-                        forward. Attach refuses any other kind, naming the variant, the module
-                        and the kinds the variant adapts.
+                        forward; "conv" (nn.Conv1d/2d/3d, W the dense view (C_out,
+                        C_in/groups·kernel)) together with `delta_conv`, or a `gate` (broadcast
+                        over the channel dimension). Attach refuses any other kind, naming the
+                        variant, the module and the kinds the variant adapts.
 
 Placement. A method may act differently on different targets: IA3 gates the *outputs* of k/v
 and the *input* of the FFN down-projection, in one adapter. `at_target(name, cfg)` returns the
@@ -172,6 +176,7 @@ class Variant:
     delta_input: ClassVar[Callable | None] = None
     gate: ClassVar[Callable | None] = None
     delta_embedding: ClassVar[Callable | None] = None
+    delta_conv: ClassVar[Callable | None] = None
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: AdapterConfig) -> dict[str, ParamSpec]:

@@ -56,7 +56,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # Layer kinds each PEFT method adapts (the others PEFT has for nn.Linear only).
-PEFT_KINDS = {"LORA": ("linear", "conv1d", "embedding", "fused"), "IA3": ("linear", "conv1d")}
+PEFT_KINDS = {"LORA": ("linear", "conv1d", "embedding", "fused", "conv"), "IA3": ("linear", "conv1d", "conv")}
 # An embedding's LoRA pair: PEFT's in-layer paths for our lora_A / lora_B there.
 _EMBEDDING_PATHS = {"lora_A.default.weight": "lora_embedding_A.default",
                     "lora_B.default.weight": "lora_embedding_B.default"}
@@ -184,9 +184,24 @@ def copy_to_peft(model: nn.Module, peft_model: nn.Module) -> None:
         for path, tensor in copies.items():
             owner, _, leaf = path.rpartition(".")
             slot = getattr(target.get_submodule(owner), leaf)
+            if kinds[name] == "conv":
+                _check_peft_conv(name, layer, state.cfg)
+                tensor = tensor.reshape(slot.shape) if tensor.numel() == slot.numel() else tensor  # PEFT's conv kernels
             if slot.shape != tensor.shape:
                 raise ValueError(f"{name}.{path}: PEFT holds {tuple(slot.shape)}, ours is {tuple(tensor.shape)}")
             slot.copy_(tensor)
+
+
+def _check_peft_conv(name: str, layer: nn.Module, cfg: AdapterConfig) -> None:
+    """PEFT's conv LoRA runs lora_A as a dense convolution without the layer's groups and
+    dilation (a grouped layer's ΔW then crosses its groups): only groups = dilation = 1 is the
+    same function; IA3's per-channel gate is the same on any conv."""
+    if REGISTRY[cfg.variant].peft.method == "LORA" and (layer.groups != 1 or set(layer.dilation) != {1}):
+        raise ValueError(
+            f"{name}: PEFT's conv LoRA applies lora_A without the layer's groups={layer.groups} and "
+            f"dilation={layer.dilation}, so it computes another function than this adapter; merge it "
+            f"with ll.merge instead"
+        )
 
 
 # ---- export -------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ g ⊙ (y − b) would round y − b and g in bf16).
 
 On an nn.Embedding (W = weightᵀ, (dim, V)) the norms are over the vocabulary for each embedding
 dimension, the base has no bias, and s·(x Aᵀ) Bᵀ is the lookup s·embed(ids, Aᵀ) Bᵀ (lora.py).
+On a convolution W is the dense view (C_out, C_in/groups·kernel): one norm and one magnitude
+per output channel, s·(x Aᵀ) Bᵀ is LoRA's s·B ⋆ (A ⋆ x), and g broadcasts over the channels.
 
 Reads W on every call: a quantized base (bitsandbytes, torchao) is dequantized per call, never
 written. Matches HF PEFT `LoraConfig(use_dora=True, lora_dropout=0)` with
@@ -26,11 +28,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ScaledConfig
-from ..kinds import bias
+from ..kinds import bias, per_channel
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 from .lora import (
-    PEFT_LORA_READS, PEFT_LORA_TENSORS, embedding_low_rank, lora_params, lora_specs, low_rank, peft_lora_fields,
+    PEFT_LORA_READS, PEFT_LORA_TENSORS, conv_low_rank, embedding_low_rank, lora_params, lora_specs, low_rank, peft_lora_fields,
     peft_lora_import,
 )
 
@@ -63,7 +65,7 @@ class DoRA(Variant):
     def init(layer, cfg, stats):
         layer.lora_m.copy_(torch.linalg.vector_norm(dense_weight(layer), dim=1))
 
-    kinds = ("linear", "conv1d", "embedding")
+    kinds = ("linear", "conv1d", "embedding", "conv")
 
     @staticmethod
     def delta(layer, cfg, x, y):
@@ -72,6 +74,10 @@ class DoRA(Variant):
     @staticmethod
     def delta_embedding(layer, cfg, ids, y):
         return _rescaled(layer, cfg, y, embedding_low_rank(layer, ids, layer.lora_A, layer.lora_B, cfg.scale, y))
+
+    @staticmethod
+    def delta_conv(layer, cfg, x, y):
+        return _rescaled(layer, cfg, y, conv_low_rank(layer, x, layer.lora_A, layer.lora_B, cfg.scale))
 
     @staticmethod
     def effective_weight(layer, cfg):
@@ -94,8 +100,8 @@ class DoRA(Variant):
 def _rescaled(layer, cfg, y, lora_out):
     """Δy = (g − 1) ⊙ (y − b) + g ⊙ lora_out with g = m / n, lora_out = s·(x Aᵀ) Bᵀ."""
     _, n = _direction(layer, cfg)
-    g = layer.lora_m.float() / n                                  # (d_out,), fp32
+    g = per_channel(layer, layer.lora_m.float() / n)              # (d_out,), fp32
     b = bias(layer)
-    y_lin = y if b is None else y - like(y, b)                    # x Wᵀ
+    y_lin = y if b is None else y - like(y, per_channel(layer, b))  # x Wᵀ
     g_minus_1, g = like(y, g - 1.0, g)
     return g_minus_1 * y_lin + g * lora_out

@@ -12,8 +12,11 @@ down-projection (its input is the FFN intermediate), e.g. on a Llama-style model
 PEFT's default there. `feedforward_modules` are regexes searched in each target's full name, like
 `target_names`; each must match at least one target. No r or alpha. Keep g in fp32 (the
 default dtype): bf16 spacing above 1.0 is 2⁻⁷ and swallows small updates.
+On a convolution the output gate is one g per output channel (y ⊙ g over dimension 1); a
+feed-forward (input) gate is per input channel there, which is not the dense view's d_in =
+C_in/groups·kernel, so `feedforward_modules` may not name a conv.
 Matches HF PEFT `IA3Config(target_modules, feedforward_modules)`: ia3_l = g as (d_out, 1) on
-output-gated targets, (1, d_in) on feed-forward ones.
+output-gated targets, (1, d_in) on feed-forward ones ((1, C_out, 1, …) on a conv).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class IA3(Variant):
     name = "ia3"
     config = IA3Config
     uses_rank = False
+    kinds = ("linear", "conv1d", "conv")
 
     @classmethod
     def at_target(cls, name, cfg):

@@ -7,10 +7,14 @@
 
 On an nn.Embedding (d_in = vocabulary size V, d_out = embedding dim, W = weightᵀ) x is a
 one-hot token, so x Aᵀ is the row lookup embed(ids, Aᵀ):  Δy = s · embed(ids, Aᵀ) Bᵀ.
+On a convolution (W (C_out, C_in/groups·kernel), kinds.py) x Aᵀ is a convolution with A as its
+kernel (the layer's stride, padding, dilation) and B a 1×1 convolution:  Δy = s · B ⋆ (A ⋆ x);
+with groups g each group's input gets A and its outputs read their own r channels through B.
 
 Matches HF PEFT `LoraConfig(r, lora_alpha=alpha, lora_dropout=0, use_rslora=False)` with
 lora_A.weight = A, lora_B.weight = B (on an embedding lora_embedding_A = A (r, V),
-lora_embedding_B = B (dim, r)).
+lora_embedding_B = B (dim, r); on a conv with groups = 1 and dilation = 1 A and B reshaped to
+PEFT's conv kernels (r, C_in, *kernel) and (C_out, r, 1, …)).
 
 On a fused parameter of E experts (MoE, kinds.py) each expert e has its own pair:
 W_e' = W_e + s·B_e A_e with A (E, r, d_in), B (E, d_out, r) — PEFT's `target_parameters` LoRA
@@ -61,6 +65,22 @@ def embedding_low_rank(layer, ids, A, B, scale, y):
     return F.linear(after_A * scale, B)
 
 
+def conv_low_rank(layer, x, A, B, scale=1.0):
+    """scale·B ⋆ (A ⋆ x) on a conv target, in x's dtype. A (r, C_in/g·kernel) runs as the
+    layer's own convolution (stride, padding, padding mode, dilation) with its kernel repeated
+    for each of the g groups: h (N, g·r, *spatial); B (C_out, r) is a 1×1 convolution with g
+    groups, so output channel o reads the r channels of its own group. Then
+    Δy[o] = Σ_j B[o, j] (A[j] ⋆ x_group(o)), i.e. conv(x, (B A) in the layer's shape)."""
+    A, B = like(x, A, B)
+    g, spatial = layer.groups, layer.weight.dim() - 2
+    kernel = A.reshape(A.shape[0], -1, *layer.kernel_size)
+    h = layer._conv_forward(x, kernel.repeat(g, *(1,) * (spatial + 1)) if g > 1 else kernel, None)
+    return _CONV[spatial](h if scale == 1.0 else h * scale, B.reshape(*B.shape, *(1,) * spatial), groups=g)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 def lora_delta(layer, cfg, x, y):
     """Δy / s = (x Aᵀ) Bᵀ (scale_outside: the hook applies s in its add)."""
     return low_rank(x, layer.lora_A, layer.lora_B)
@@ -69,6 +89,11 @@ def lora_delta(layer, cfg, x, y):
 def lora_delta_embedding(layer, cfg, ids, y):
     """Δy = s·embed(ids, Aᵀ) Bᵀ."""
     return embedding_low_rank(layer, ids, layer.lora_A, layer.lora_B, cfg.scale, y)
+
+
+def lora_delta_conv(layer, cfg, x, y):
+    """Δy = s·B ⋆ (A ⋆ x)."""
+    return conv_low_rank(layer, x, layer.lora_A, layer.lora_B, cfg.scale)
 
 
 def lora_low_rank_delta(layer, cfg):
@@ -127,7 +152,7 @@ class LoRA(Variant):
     name = "lora"
     config = LoRAConfig
     zero_grad_at_init = ("lora_A",)  # grad A = s·Bᵀ(...) = 0 while B = 0
-    kinds = ("linear", "conv1d", "embedding", "fused")
+    kinds = ("linear", "conv1d", "embedding", "fused", "conv")
     scale_outside = True
 
     @staticmethod
@@ -136,6 +161,7 @@ class LoRA(Variant):
 
     delta = staticmethod(lora_delta)
     delta_embedding = staticmethod(lora_delta_embedding)
+    delta_conv = staticmethod(lora_delta_conv)
     low_rank_delta = staticmethod(lora_low_rank_delta)
 
     params_per_layer = staticmethod(lora_params)
