@@ -164,3 +164,30 @@ def test_f_conv_reference_on_depthwise():
     _trained(model)
     W = conv.weight + (conv.lora_B @ conv.lora_A).reshape(conv.weight.shape)
     assert torch.allclose(model(x), F.conv2d(x, W, None, 1, 1, 1, 6), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,conv_name", PEFT_CASES)
+def test_peft_files_round_trip(variant, conv_name, tmp_path):
+    """export_peft writes PEFT's conv kernels: PEFT loads them into the pristine model and
+    computes our outputs; import_peft reads them back into the same function."""
+    import peft
+
+    model, x = _case(conv_name)
+    pristine = copy.deepcopy(model)
+    ll.attach(model, _config(variant))
+    _trained(model)
+    y = model(x)
+    ll.export_peft(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path)
+    assert (loaded(x) - y).abs().max() <= 1e-5 * max(1.0, y.abs().max().item())
+    back = copy.deepcopy(pristine)
+    ll.import_peft(back, tmp_path)
+    assert torch.allclose(back(x), y, atol=1e-6, rtol=1e-6)
+
+
+def test_conv_export_from_a_file_needs_the_model(tmp_path):
+    model, _ = _case("conv2d_stride")
+    ll.attach(model, ll.LoRAConfig(r=2, target_names=(r"^conv$",)))
+    ll.save(model, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="conv is a convolution, whose PEFT kernels need the layer's kernel shape"):
+        ll.export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
