@@ -56,7 +56,11 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # Layer kinds each PEFT method adapts (the others PEFT has for nn.Linear only).
-PEFT_KINDS = {"LORA": ("linear", "conv1d", "embedding", "fused", "conv"), "IA3": ("linear", "conv1d", "conv")}
+PEFT_KINDS = {"LORA": ("linear", "conv1d", "embedding", "fused", "conv"), "IA3": ("linear", "conv1d", "conv"),
+              "HRA": ("linear", "conv")}
+# Methods whose PEFT conv layers hold kernels (lora_A a conv, gates (1, C, 1, …)); PEFT's HRA
+# keeps the dense view (C_in·kernel, r) as we do.
+_CONV_KERNELS = ("LORA", "IA3")
 # An embedding's LoRA pair: PEFT's in-layer paths for our lora_A / lora_B there.
 _EMBEDDING_PATHS = {"lora_A.default.weight": "lora_embedding_A.default",
                     "lora_B.default.weight": "lora_embedding_B.default"}
@@ -161,7 +165,8 @@ def peft_tensors(name: str, layer, cfg: AdapterConfig, kind: str = "linear",
     if kind == "conv":
         conv = layer if conv is None else conv
         _check_peft_conv(name, conv, cfg)
-        tensors = {path: _conv_layout(path, t, conv.weight.shape) for path, t in tensors.items()}
+        if _map(cfg.variant).method in _CONV_KERNELS:
+            tensors = {path: _conv_layout(path, t, conv.weight.shape) for path, t in tensors.items()}
     return tensors
 
 
@@ -201,6 +206,14 @@ def _check_peft_conv(name: str, layer: nn.Module, cfg: AdapterConfig) -> None:
     dilation (a grouped layer's ΔW then crosses its groups): only groups = dilation = 1 is the
     same function. PEFT's IA3 has Conv2d and Conv3d layers, not Conv1d."""
     method = REGISTRY[cfg.variant].peft.method
+    if method == "HRA" and not (isinstance(layer, nn.Conv2d) and layer.groups == 1 and set(layer.dilation) == {1}
+                                and len({*layer.kernel_size}) == len({*layer.stride}) == len({*layer.padding}) == 1
+                                and layer.padding_mode == "zeros"):
+        raise ValueError(
+            f"{name}: PEFT's HRA adapts nn.Conv2d with groups=1, dilation 1, zero padding and square kernel, "
+            f"stride and padding only (it convolves with kernel_size[0], stride[0], padding[0]); merge it "
+            f"with ll.merge instead"
+        )
     if method == "LORA" and (layer.groups != 1 or set(layer.dilation) != {1}):
         raise ValueError(
             f"{name}: PEFT's conv LoRA applies lora_A without the layer's groups={layer.groups} and "
@@ -406,8 +419,10 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
                                            _EXPERT_LAYOUTS[ours] if key in experts else layout, experts.get(key, 1))
                           for ours, (key, layout) in per.items()}
                    for name, per in plan.items()}
+        modules = dict(model.named_modules()) if model is not None else {}
         for name, per in tensors.items():  # PEFT's conv kernels (kernel dims after the first two) as the dense view
-            if any(len(shapes[original[key]]) > 2 for key, _ in plan[name].values()):
+            if (kind_of(modules[name]) == "conv" if name in modules
+                    else any(len(shapes[original[key]]) > 2 for key, _ in plan[name].values())):
                 kinds[name] = "conv"
                 tensors[name] = {ours: _from_conv_layout(t, plan[name][ours][0]) for ours, t in per.items()}
     fused = [n for n, k in kinds.items() if k == "fused"]
