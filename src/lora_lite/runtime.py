@@ -277,10 +277,11 @@ def validate(
                 f"any linear-like layer"
             )
         d_in, d_out = dims(layer)
-        if placed.uses_rank and cfg.r > min(d_in, d_out):
+        if placed.uses_rank and not placed.wide_ranks and cfg.r > min(d_in, d_out):
+            wide = ", ".join(n for n, v in REGISTRY.items() if v.wide_ranks)
             raise ValueError(
-                f"{name}: r={cfg.r} exceeds min(d_in, d_out)=min({d_in}, {d_out}); use a smaller r "
-                f"or exclude this layer"
+                f"{name}: r={cfg.r} exceeds min(d_in, d_out)=min({d_in}, {d_out}), which variant "
+                f"{cfg.variant!r} needs; use a smaller r or exclude this layer (variants that take any r: {wide})"
             )
         try:
             placed.validate(layer, cfg)

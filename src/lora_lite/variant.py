@@ -58,6 +58,8 @@ near 1 written as g − 1) in fp32 before that cast.
 Class attributes say what the runtime must check or provide:
 
     uses_rank           r is a rank: runtime requires 1 <= r <= min(d_in, d_out) (config: RankConfig)
+    wide_ranks          r may exceed min(d_in, d_out) too: the math holds for any r (B A is then
+                        a full-rank-capable product; PEFT's default r = 8 on a 2-wide head)
     needs_dense_weight  reads W through quant.dense_weight (SVD, norms): nn.Linear or a
                         quantized linear that dense_weight dequantizes
     calibration         None | "gram" | "diag": input statistics the runtime collects
@@ -153,6 +155,7 @@ class Variant:
     name: ClassVar[str]
     config: ClassVar[type[AdapterConfig]]
     uses_rank: ClassVar[bool] = True
+    wide_ranks: ClassVar[bool] = False
     needs_dense_weight: ClassVar[bool] = False
     calibration: ClassVar[str | None] = None
     requires_calibration: ClassVar[bool] = False

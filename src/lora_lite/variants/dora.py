@@ -56,6 +56,7 @@ class DoRA(Variant):
     config = DoRAConfig
     zero_grad_at_init = ("lora_A",)  # B = 0
     needs_dense_weight = True
+    wide_ranks = True  # V = W + sBA and its norms hold for any r
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -154,6 +154,7 @@ class LoRA(Variant):
     zero_grad_at_init = ("lora_A",)  # grad A = s·Bᵀ(...) = 0 while B = 0
     kinds = ("linear", "conv1d", "embedding", "fused", "conv")
     scale_outside = True
+    wide_ranks = True  # B A needs no r <= min(d_in, d_out); PEFT allows any r
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
