@@ -16,6 +16,9 @@ dimension, the base has no bias, and s·(x Aᵀ) Bᵀ is the lookup s·embed(ids
 On a convolution W is the dense view (C_out, C_in/groups·kernel): one norm and one magnitude
 per output channel, s·(x Aᵀ) Bᵀ is LoRA's s·B ⋆ (A ⋆ x), and g broadcasts over the channels.
 
+With dropout in training mode both terms read x̃ = dropout(x), as PEFT's DoRA does:
+Δy = (g − 1) ⊙ x̃ Wᵀ + g ⊙ s·(x̃ Aᵀ) Bᵀ (one more product with W per call); eval reads x.
+
 Reads W on every call: a quantized base (bitsandbytes, torchao) is dequantized per call, never
 written. Matches HF PEFT `LoraConfig(use_dora=True, lora_dropout=0)` with
 lora_magnitude_vector = m (PEFT's DoRA on embeddings: the same tensors and formula).
@@ -27,18 +30,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ScaledConfig
 from ..kinds import bias, per_channel
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 from .lora import (
-    PEFT_LORA_READS, PEFT_LORA_TENSORS, conv_low_rank, embedding_low_rank, lora_params, lora_specs, low_rank, peft_lora_fields,
+    PEFT_LORA_READS, PEFT_LORA_TENSORS, DropoutConfig, conv_low_rank, dropped, embedding_low_rank, lora_params, lora_specs, low_rank, peft_lora_fields,
     peft_lora_import,
 )
 
 
 @dataclass(frozen=True, kw_only=True)
-class DoRAConfig(ScaledConfig):
+class DoRAConfig(DropoutConfig):
     variant: str = field(default="dora", init=False)
 
 
@@ -70,7 +72,8 @@ class DoRA(Variant):
 
     @staticmethod
     def delta(layer, cfg, x, y):
-        return _rescaled(layer, cfg, y, low_rank(x, layer.lora_A, layer.lora_B, cfg.scale))
+        x_d = dropped(layer, cfg, x)
+        return _rescaled(layer, cfg, _base(layer, x, x_d, y), low_rank(x_d, layer.lora_A, layer.lora_B, cfg.scale))
 
     @staticmethod
     def delta_embedding(layer, cfg, ids, y):
@@ -78,7 +81,8 @@ class DoRA(Variant):
 
     @staticmethod
     def delta_conv(layer, cfg, x, y):
-        return _rescaled(layer, cfg, y, conv_low_rank(layer, x, layer.lora_A, layer.lora_B, cfg.scale))
+        x_d = dropped(layer, cfg, x)
+        return _rescaled(layer, cfg, _base(layer, x, x_d, y), conv_low_rank(layer, x_d, layer.lora_A, layer.lora_B, cfg.scale))
 
     @staticmethod
     def effective_weight(layer, cfg):
@@ -96,6 +100,12 @@ class DoRA(Variant):
     # the row norms of W + sBA every call: r·d_in·d_out + d_in·d_out MACs per call
     bench = BenchSetting("lora", lambda r, g: {"r": r, "alpha": 2.0 * r},
                          lambda i, o, c: (c.r * (i + o) + 2 * o, c.r * i * o + i * o), peft="dora")
+
+
+def _base(layer, x, x_d, y):
+    """The base output for the input the branch read: y itself, or (dropout in training) the
+    layer's own forward on x̃, called past its hooks."""
+    return y if x_d is x else type(layer).forward(layer, x_d)
 
 
 def _rescaled(layer, cfg, y, lora_out):

@@ -19,8 +19,14 @@ PEFT's conv kernels (r, C_in, *kernel) and (C_out, r, 1, …)).
 On a fused parameter of E experts (MoE, kinds.py) each expert e has its own pair:
 W_e' = W_e + s·B_e A_e with A (E, r, d_in), B (E, d_out, r) — PEFT's `target_parameters` LoRA
 (its lora_A.weight (E·r, d_in) = A reshaped, lora_B.weight (d_out, r·E) with column j·E + e =
-B_e[:, j]). No dropout and no rsLoRA here: rsLoRA's α/√r is
-alpha = α_peft·√r.
+B_e[:, j]). No rsLoRA here: rsLoRA's α/√r is alpha = α_peft·√r.
+
+Dropout (PEFT's lora_dropout): in training mode the low-rank branch reads dropout(x), zeroing
+each input element with probability p and scaling the rest by 1/(1 − p) —
+Δy = s·(dropout(x) Aᵀ) Bᵀ — while the base y = x Wᵀ + b keeps x; in eval mode Δy reads x. It
+draws the same mask as PEFT's nn.Dropout from the same random state (one draw per target,
+after the base forward). An embedding's input is token ids, which are not dropped (as in
+PEFT); a fused parameter's change is added to its weight, which has no input to drop.
 """
 
 from __future__ import annotations
@@ -31,12 +37,25 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from ..config import ScaledConfig
+from ..config import ScaledConfig, knob
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoRAConfig(ScaledConfig):
+class DropoutConfig(ScaledConfig):
+    """r, alpha and the dropout of the low-rank branch's input (LoRA, DoRA, EVA)."""
+
+    dropout: float = knob(0.0, "probability of zeroing an element of the input the low-rank branch "
+                               "reads, in training mode only (PEFT's lora_dropout); 0 <= dropout < 1; "
+                               "eval is unaffected")
+
+    def check(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(DropoutConfig):
     variant: str = field(default="lora", init=False)
 
 
@@ -81,9 +100,21 @@ def conv_low_rank(layer, x, A, B, scale=1.0):
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def dropped(layer, cfg, x):
+    """The input the low-rank branch reads: dropout(x) while `layer` trains and cfg.dropout > 0."""
+    return F.dropout(x, cfg.dropout) if cfg.dropout and layer.training else x
+
+
+def refuse_dropout_on_fused(layer, cfg):
+    """`validate` of a DropoutConfig variant: a fused parameter's change has no input to drop."""
+    if cfg.dropout and getattr(layer, "num_experts", None) is not None:
+        raise ValueError(f"dropout={cfg.dropout} has no input to act on at a fused parameter "
+                         f"(its change is added to the weight); use dropout=0 there")
+
+
 def lora_delta(layer, cfg, x, y):
     """Δy / s = (x Aᵀ) Bᵀ (scale_outside: the hook applies s in its add)."""
-    return low_rank(x, layer.lora_A, layer.lora_B)
+    return low_rank(dropped(layer, cfg, x), layer.lora_A, layer.lora_B)
 
 
 def lora_delta_embedding(layer, cfg, ids, y):
@@ -93,7 +124,7 @@ def lora_delta_embedding(layer, cfg, ids, y):
 
 def lora_delta_conv(layer, cfg, x, y):
     """Δy = s·B ⋆ (A ⋆ x)."""
-    return conv_low_rank(layer, x, layer.lora_A, layer.lora_B, cfg.scale)
+    return conv_low_rank(layer, dropped(layer, cfg, x), layer.lora_A, layer.lora_B, cfg.scale)
 
 
 def lora_low_rank_delta(layer, cfg):
@@ -111,13 +142,14 @@ def lora_macs(d_in, d_out, cfg):
 # PEFT's LoRA layer holds A and B as lora_A/lora_B Linear weights, same layout as ours.
 PEFT_LORA_TENSORS = (("lora_A", "lora_A.default.weight", None), ("lora_B", "lora_B.default.weight", None))
 # PEFT LoRA config fields the import reads (r and the scale, DoRA, the init that must not rewrite W).
-PEFT_LORA_READS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-                   "init_lora_weights")
+PEFT_LORA_READS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern",
+                   "alpha_pattern", "init_lora_weights")
 
 
 def peft_lora_fields(cfg, targets, **extra):
-    """PEFT LoraConfig fields with our rank and scale on `targets` (no dropout, no rsLoRA)."""
-    return {**dict(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=targets, bias="none",
+    """PEFT LoraConfig fields with our rank, scale and dropout on `targets` (no rsLoRA)."""
+    dropout = cfg.dropout if isinstance(cfg, DropoutConfig) else 0.0
+    return {**dict(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                    fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True), **extra}
 
 
@@ -134,7 +166,8 @@ def peft_lora_import(use_dora: bool):
         if r_conf != r:
             raise ValueError(f"adapter_config.json (r, rank_pattern) says r={r_conf} at {name} but the saved lora_A has rank {r}")
         alpha = float(_pattern_value(conf.get("alpha_pattern") or {}, name, conf.get("lora_alpha", 8)))
-        return {"r": r, "alpha": alpha * math.sqrt(r) if conf.get("use_rslora") else alpha}
+        return {"r": r, "alpha": alpha * math.sqrt(r) if conf.get("use_rslora") else alpha,
+                "dropout": float(conf.get("lora_dropout") or 0.0)}
 
     return imports
 
@@ -160,6 +193,7 @@ class LoRA(Variant):
     def param_specs(d_in, d_out, cfg):
         return lora_specs(d_in, d_out, cfg.r)
 
+    validate = staticmethod(refuse_dropout_on_fused)
     delta = staticmethod(lora_delta)
     delta_embedding = staticmethod(lora_delta_embedding)
     delta_conv = staticmethod(lora_delta_conv)
