@@ -51,10 +51,9 @@ def _trained(model: nn.Module) -> None:
 
 def _config(variant: str, **extra):
     example = next(iter(ll.REGISTRY[variant].examples.values()))
-    fields = {**example.fields, **extra}
-    if variant == "ia3":
-        fields.pop("feedforward_modules", None)
-    return ll.REGISTRY[variant].config(target_names=(r"^conv$",), **fields)
+    fields = {"target_names": (r"^conv$",), **example.fields, **extra}
+    fields.pop("feedforward_modules", None)  # IA3's input gate has no conv form
+    return ll.REGISTRY[variant].config(**fields)
 
 
 @pytest.mark.parametrize("conv_name", CONVS)
@@ -200,3 +199,52 @@ def test_conv_export_from_a_file_needs_the_model(tmp_path):
     ll.save(model, tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="conv is a convolution, whose PEFT kernels need the layer's kernel shape"):
         ll.export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+
+
+class TinyConvNet(nn.Module):
+    """A ResNet stem and bottleneck (stride-2 convs, 1×1 projections) followed by a ConvNeXt
+    block (7×7 depthwise conv, pointwise linears), as timm builds them, in plain torch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.reduce = nn.Conv2d(16, 8, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4)
+        self.expand = nn.Conv2d(8, 32, 1)
+        self.shortcut = nn.Conv2d(16, 32, 1, stride=2)
+        self.dwconv = nn.Conv2d(32, 32, 7, padding=3, groups=32)
+        self.norm = nn.LayerNorm(32)
+        self.pwconv1 = nn.Linear(32, 64)
+        self.pwconv2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.expand(torch.relu(self.grouped(torch.relu(self.reduce(x))))) + self.shortcut(x))
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        x = x + self.pwconv2(F.gelu(self.pwconv1(h))).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "ia3"])
+def test_a_resnet_convnext_style_model_trains_saves_and_merges(variant, tmp_path):
+    torch.manual_seed(0)
+    model, x = TinyConvNet(), torch.randn(4, 3, 16, 16)
+    base = model(x)
+    cfg = _config(variant, target_names=(r"^(stem|reduce|grouped|expand|shortcut|dwconv|pwconv1|pwconv2)$",))
+    ll.attach(model, cfg)
+    assert torch.equal(model(x), base)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), torch.arange(4)).backward()
+        opt.step()
+    y = model(x)
+    assert (y - base).abs().max() > 1e-4
+    ll.save(model, tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    again = TinyConvNet()
+    ll.load(again, tmp_path / "a.safetensors")
+    assert torch.equal(again(x), y)
+    ll.merge(again)
+    assert torch.allclose(again(x), y, atol=1e-5)

@@ -77,3 +77,18 @@ def test_dropout_round_trips_through_peft(tmp_path):
 def test_dropout_out_of_range_is_refused():
     with pytest.raises(ValueError, match=r"LoRAConfig.dropout must be in \[0, 1\), got 1.0"):
         ll.LoRAConfig(dropout=1.0)
+
+
+def test_dropout_is_refused_on_a_fused_parameter():
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(2, 4, 3))
+
+        def forward(self, x):
+            return torch.einsum("eoi,...i->...eo", self.w, x)
+
+    model = nn.Sequential(Experts())
+    with pytest.raises(ValueError, match="0.w: dropout=0.1 has no input to act on at a fused parameter"):
+        ll.attach(model, ll.LoRAConfig(r=2, dropout=0.1, target_parameters=(r"w$",)))
+    assert not hasattr(model, "_lora_lite")
