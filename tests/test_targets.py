@@ -142,3 +142,43 @@ def test_roles_on_a_square_gpt_neox():
         "attention.query_key_value", "mlp.dense_h_to_4h"]
     assert [n.split(".", 3)[-1] for n in names(model, target_roles=("writer",))] == [
         "attention.dense", "mlp.dense_4h_to_h"]
+
+
+class _Mixed(nn.Module):
+    """A linear beside a transposed conv (no kind lora-lite adapts), a conv and an attention block."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(4, 4)
+        self.deconv = nn.ConvTranspose2d(4, 4, 3)
+        self.conv2d = nn.Conv2d(4, 4, 3)
+        self.mha = nn.MultiheadAttention(4, 2)
+
+
+def test_a_pattern_never_narrows_to_its_adaptable_part():
+    model = _Mixed()
+    with pytest.raises(ValueError, match=r"selects deconv \(ConvTranspose2d\), which lora-lite cannot adapt"):
+        ll.attach(model, ll.LoRAConfig(r=2, target_names=(r"(deconv|lin0)$",)))
+    # a conv the chosen variant does not adapt is refused by name, not dropped from the pattern
+    no_conv = next(n for n, v in ll.REGISTRY.items() if "conv" not in v.kinds and v.examples)
+    cfg = ll.REGISTRY[no_conv].config(target_names=(r"(conv2d|lin0)$",), **next(iter(ll.REGISTRY[no_conv].examples.values())).fields)
+    with pytest.raises(TypeError, match=rf"conv2d: variant {no_conv!r} does not adapt Conv2d"):
+        ll.attach(model, cfg)
+    assert not hasattr(model, "_lora_lite")
+
+
+@pytest.mark.parametrize("pattern", [r"mha", r"mha\.out_proj$", r"(mha|lin0)"])
+def test_multihead_attention_parts_are_never_a_silent_no_op(pattern):
+    """nn.MultiheadAttention reads out_proj.weight in F.multi_head_attention_forward and never
+    calls out_proj, so a hook there would do nothing."""
+    model = _Mixed()
+    with pytest.raises(ValueError, match=r"MultiheadAttention"):
+        ll.attach(model, ll.LoRAConfig(r=2, target_names=(pattern,)))
+    assert not hasattr(model, "_lora_lite")
+
+
+def test_a_block_prefix_is_a_scope_not_a_layer_list():
+    """Norms (1-D weights) inside a block a pattern scopes are not layers the pattern selects."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    ll.attach(model, ll.LoRAConfig(r=2, target_names=(r"^0\.",)))
+    assert ll.describe(model).targets == ["0.0"]

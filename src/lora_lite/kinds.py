@@ -10,6 +10,16 @@ nn.Linear:
     conv1d      transformers' Conv1D (GPT-2)   nx, nf                     weightᵀ (stored (nx, nf))
     embedding   nn.Embedding                   num_embeddings, dim        weightᵀ (stored (V, dim))
     fused       a 3-D parameter (MoE experts)  its last two dims          one W per expert: (E, d_out, d_in)
+    conv        nn.Conv1d / Conv2d / Conv3d    C_in/groups·kernel, C_out  weight flattened (stored (C_out, C_in/groups, *kernel))
+
+A convolution is the linear map of each input patch: output channel o at one position is
+W[o] · patch, the patch being the C_in/groups channels of o's group under the kernel window
+(stride, padding, dilation and padding mode as the layer has them). So W (C_out,
+C_in/groups·kernel) — the dense view — holds every variant's math as on nn.Linear, and merge
+writes W_eff back in the layer's shape. What differs is the input: x is an image, and x Aᵀ
+becomes a convolution with A as its kernel (LoRA: `conv_low_rank`); a per-output gate or norm
+broadcasts over the channel dimension (`per_channel`). A variant that adapts convs declares
+"conv" in `Variant.kinds` and a `delta_conv` (or a `gate`).
 
 An embedding is the linear map of a one-hot token: y = onehot(ids) Wᵀ with W = weightᵀ, so the
 low-rank variants keep their shapes (A (r, V), B (dim, r), PEFT's lora_embedding_A/B) and only
@@ -37,13 +47,14 @@ import sys
 import torch
 from torch import nn
 
-KINDS = ("linear", "conv1d", "embedding", "fused")
+KINDS = ("linear", "conv1d", "embedding", "fused", "conv")
 # What each kind is called in messages: the layer types behind it.
 DESCRIBED = {
     "linear": "torch.nn.Linear (and bitsandbytes / torchao quantized linears)",
     "conv1d": "transformers Conv1D (GPT-2)",
     "embedding": "torch.nn.Embedding",
     "fused": "fused 3-D parameters (MoE experts, target_parameters)",
+    "conv": "torch.nn.Conv1d / Conv2d / Conv3d",
 }
 
 
@@ -96,6 +107,8 @@ def kind_of(module: nn.Module) -> str | None:
         return "conv1d"
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return "linear"
     return None
@@ -108,6 +121,8 @@ def dims(module: nn.Module) -> tuple[int, int]:
         return module.nx, module.nf
     if kind == "embedding":
         return module.num_embeddings, module.embedding_dim
+    if kind == "conv":
+        return module.weight[0].numel(), module.out_channels
     return module.in_features, module.out_features
 
 
@@ -130,6 +145,8 @@ def is_dense(module: nn.Module) -> bool:
     kind = kind_of(module)
     if kind == "linear" and not isinstance(module, nn.Linear):
         return False
+    if kind == "conv":
+        return True
     d_in, d_out = dims(module)
     experts = (module.num_experts,) if kind == "fused" else ()
     return tuple(w.shape) == experts + ((d_in, d_out) if is_transposed(module) else (d_out, d_in))
@@ -137,7 +154,17 @@ def is_dense(module: nn.Module) -> bool:
 
 def to_storage(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
     """A dense (…, d_out, d_in) matrix in the layout the layer stores it in (merge writes this)."""
+    if kind_of(module) == "conv":
+        return W.reshape(module.weight.shape)
     return W.mT if is_transposed(module) else W
+
+
+def per_channel(module: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """A per-output vector v (d_out,) shaped to broadcast over the layer's output: on a conv the
+    channels are dimension 1 of (N, C_out, *spatial), elsewhere the last dimension."""
+    if kind_of(module) == "conv":
+        return v.reshape(-1, *(1,) * (module.weight.dim() - 2))
+    return v
 
 
 def label(kind: str | None, module: nn.Module) -> str:

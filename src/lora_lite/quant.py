@@ -7,6 +7,7 @@ quantized weight stays bit for bit what it was. Supported storages:
 
     torch.nn.Linear with a floating-point weight     W itself, as fp32 (no copy when it is fp32)
     transformers Conv1D, nn.Embedding (kinds.py)     the stored weight transposed (a view)
+    nn.Conv1d / Conv2d / Conv3d (kinds.py)           the weight flattened to (C_out, C_in/groups·kernel)
     bitsandbytes Linear4bit (nf4/fp4), Params4bit     dequantize_4bit(packed, quant_state)
     bitsandbytes Linear8bitLt, Int8Params (int8)      CB · SCB / 127 (row-wise absmax scales)
     torchao quantize_ weights (TorchAOBaseTensor)     weight.dequantize()
@@ -71,11 +72,14 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
             return w.float()
         if is_transposed(layer):
             return w.mT.float()
-        if kind_of(layer) == "fused":
+        kind = kind_of(layer)
+        if kind == "fused":
             return w.float()
+        if kind == "conv":
+            return w.flatten(1).float()
     kind = weight_storage(layer)
     if kind == "dense":
-        return (w.mT if is_transposed(layer) else w).float()
+        return (w.flatten(1) if kind_of(layer) == "conv" else w.mT if is_transposed(layer) else w).float()
     with torch.no_grad():
         if kind == "bnb_4bit" and getattr(w.quant_state, "packing_format_for_cpu", False):
             W = _bnb4_cpu_packed(w.data, w.quant_state)
@@ -132,5 +136,5 @@ def _float_or_none(layer: nn.Module, w: torch.Tensor) -> str | None:
     """An nn.Linear with a floating-point weight (also a bitsandbytes weight not quantized yet)
     holds W itself; Conv1D and nn.Embedding hold it transposed (kinds.py); other layer classes
     may store it in ways this module does not know."""
-    plain = isinstance(layer, nn.Linear) or kind_of(layer) in ("conv1d", "embedding", "fused")
+    plain = isinstance(layer, nn.Linear) or kind_of(layer) in ("conv1d", "embedding", "fused", "conv")
     return "dense" if plain and w.dtype.is_floating_point else None

@@ -36,7 +36,7 @@ from torch import nn
 from .calibration import collect_stats
 from .config import AdapterConfig, coefficient
 from .fingerprint import fingerprint
-from .kinds import DESCRIBED, FusedParameter, dims, kind_of, label
+from .kinds import DESCRIBED, FusedParameter, dims, kind_of, label, per_channel
 from .quant import weight_storage
 from .targets import find_targets
 from .variant import REGISTRY, ParamSpec, Variant, init_tensor, like, per_row
@@ -343,7 +343,7 @@ def validate(
         leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(TENSOR_PREFIX)]
         if leftover:
             raise RuntimeError(f"{name} already holds adapter tensors {leftover}; use a pristine model")
-        check_kind(name, layer, variant)
+        check_kind(name, layer, placed)
         if placed.needs_dense_weight and weight_storage(layer) is None:
             w = getattr(layer, "weight", None)
             raise TypeError(
@@ -354,10 +354,11 @@ def validate(
                 f"any linear-like layer"
             )
         d_in, d_out = dims(layer)
-        if placed.uses_rank and cfg.r > min(d_in, d_out):
+        if placed.uses_rank and not placed.wide_ranks and cfg.r > min(d_in, d_out):
+            wide = ", ".join(n for n, v in REGISTRY.items() if v.wide_ranks)
             raise ValueError(
-                f"{name}: r={cfg.r} exceeds min(d_in, d_out)=min({d_in}, {d_out}); use a smaller r "
-                f"or exclude this layer"
+                f"{name}: r={cfg.r} exceeds min(d_in, d_out)=min({d_in}, {d_out}), which variant "
+                f"{cfg.variant!r} needs; use a smaller r or exclude this layer (variants that take any r: {wide})"
             )
         try:
             placed.validate(layer, cfg)
@@ -377,6 +378,13 @@ def check_kind(name: str, layer: nn.Module, variant: type[Variant]) -> None:
             f"{name}: variant {variant.name!r} does not adapt {label(kind, layer)}; it adapts "
             f"{'; '.join(DESCRIBED[k] for k in variant.kinds)}{hint}"
         )
+    if kind == "conv":
+        plain = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(layer, c))
+        if (type(layer).forward, type(layer)._conv_forward) != (plain.forward, plain._conv_forward):
+            raise TypeError(
+                f"{name}: {type(layer).__name__} overrides the forward of {plain.__name__}, so its output is "
+                f"not the convolution the adapter's kernels repeat; only plain convolutions are adapted"
+            )
     if kind == "embedding":
         if layer.max_norm is not None:
             raise TypeError(
@@ -694,6 +702,17 @@ class FusedPostHook(FusedPreHook):
         return None
 
 
+class ChannelGate:
+    """A variant's gate g (C_out,) on a conv target, shaped to broadcast over the channel
+    dimension of (N, C_out, *spatial); an object so that copies and pickles of the hook keep it."""
+
+    def __init__(self, gate: Callable):
+        self.gate = gate
+
+    def __call__(self, module: nn.Module, cfg: AdapterConfig) -> torch.Tensor:
+        return per_channel(module, self.gate(module, cfg))
+
+
 def _add_hook(layer: nn.Module, variant: type[Variant], state: AttachState, first: str) -> None:
     kind = kind_of(layer)
     if kind == "fused":
@@ -701,6 +720,9 @@ def _add_hook(layer: nn.Module, variant: type[Variant], state: AttachState, firs
         layer.owner.register_forward_hook(FusedPostHook(state, variant.low_rank_delta, layer), always_call=True)
     elif kind == "embedding":
         layer.register_forward_hook(EmbeddingHook(state, variant.delta_embedding, first))
+    elif kind == "conv":
+        gate = None if variant.gate is None else ChannelGate(variant.gate)
+        layer.register_forward_hook(AdapterHook(state, variant.delta_conv, first, gate=gate))
     elif variant.delta_input is not None:
         layer.register_forward_pre_hook(AdapterPreHook(state, variant.delta_input, first, gate=variant.gate))
     else:

@@ -55,6 +55,10 @@ def is_linear_like(module: nn.Module) -> bool:
     return kind_of(module) in ("linear", "conv1d")
 
 
+# Kinds selected only when a target_names pattern names them (never by default or by role).
+NAMED_ONLY = ("embedding", "conv")
+
+
 def is_adaptable(module: nn.Module) -> bool:
     """A layer of a kind lora-lite adapts (kinds.py): linear-like or an embedding."""
     return kind_of(module) is not None
@@ -122,9 +126,9 @@ def role(name: str, module: nn.Module, d_model: int | None) -> str:
 def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
     """Ordered (name, module) pairs the config selects; ValueError if there are none."""
     modules = [(n, m) for n, m in model.named_modules() if n]
-    # An embedding is never adapted by default: only a target_names pattern can select it.
+    # Embeddings and convolutions are never adapted by default: only a target_names pattern selects them.
     candidates = [(n, m) for n, m in modules
-                  if is_linear_like(m) or (cfg.target_names and kind_of(m) == "embedding")]
+                  if is_linear_like(m) or (cfg.target_names and kind_of(m) in NAMED_ONLY)]
     selected = []
     for name, module in candidates:
         if any(re.search(p, name) for p in cfg.exclude_names):
@@ -134,6 +138,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Mod
         if cfg.target_names and not any(re.search(p, name) for p in cfg.target_names):
             continue
         selected.append((name, module))
+    _refuse_unadaptable(modules, cfg)
     for pattern in cfg.target_names:
         if not any(re.search(pattern, n) for n, _ in selected):
             raise ValueError(_why_unselected(pattern, modules, cfg))
@@ -152,6 +157,43 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Mod
             f"exclude_names={cfg.exclude_names}; linear-like modules include: {some}"
         )
     return selected
+
+
+def _refuse_unadaptable(modules: list[tuple[str, nn.Module]], cfg: AdapterConfig) -> None:
+    """A target_names pattern never narrows silently: ValueError naming a layer (a module holding
+    a weight matrix or kernel of its own) that the pattern selects and lora-lite cannot adapt,
+    even when the pattern selects adaptable layers too; and the out_proj of an
+    nn.MultiheadAttention, whose forward reads out_proj.weight directly and never calls it (a
+    hook there would be a no-op). Norms and biases (1-D) are no such layer, so a block prefix
+    such as r'^layers[.]0[.]' stays a scope; 3-D parameters outside convolutions are fused ones,
+    adapted through target_parameters."""
+    parents = {f"{n}.{c}": m for n, m in modules for c, _ in m.named_children()}
+    for name, module in modules:
+        if not any(re.search(p, name) for p in cfg.target_names):
+            continue
+        if any(re.search(p, name) for p in cfg.exclude_names):
+            continue
+        if cfg.layers is not None and layer_index(name) not in cfg.layers:
+            continue
+        pattern = next(p for p in cfg.target_names if re.search(p, name))
+        if isinstance(parents.get(name), nn.MultiheadAttention):
+            raise ValueError(
+                f"target_names pattern {pattern!r} selects {name}, a part of nn.MultiheadAttention, whose forward "
+                f"reads its weights directly (F.multi_head_attention_forward) and never calls {name}: an adapter "
+                f"there would have no effect; narrow the pattern (e.g. end it with '$')"
+            )
+        if _holds_weights(module) and not is_adaptable(module):
+            why = ("its forward reads in_proj_weight and out_proj.weight directly"
+                   if isinstance(module, nn.MultiheadAttention) else f"supported: {ADAPTABLE}")
+            raise ValueError(
+                f"target_names pattern {pattern!r} selects {name} ({type(module).__name__}), which lora-lite "
+                f"cannot adapt ({why}); narrow the pattern (e.g. end it with '$') or exclude it with exclude_names"
+            )
+
+
+def _holds_weights(module: nn.Module) -> bool:
+    conv_like = isinstance(module, nn.modules.conv._ConvNd)
+    return any(p.dim() == 2 or p.dim() > 3 or (p.dim() == 3 and conv_like) for p in module.parameters(recurse=False))
 
 
 def _why_unselected(pattern: str, modules: list[tuple[str, nn.Module]], cfg: AdapterConfig) -> str:

@@ -26,6 +26,8 @@ A variant is a class of static functions (math only; no hooks, no model walking,
                                                          (ll.combine writes its result this way)
     delta_embedding(layer, cfg, ids, y) -> Δy            output hook of an nn.Embedding target:
                                                          the input is token ids (see kinds below)
+    delta_conv(layer, cfg, x, y) -> Δy                   output hook of a conv target: x an image
+                                                         (N, C_in, *spatial), Δy (N, C_out, *spatial)
     at_target(name, cfg) -> variant class                optional placement per target (below)
 
 Layer kinds (kinds.py). W is always the dense (d_out, d_in) matrix `dense_weight(layer)`, so
@@ -38,8 +40,10 @@ x = onehot(ids) and x Aᵀ = embed(ids, Aᵀ). A variant lists the kinds it adap
                         batched matmuls: on a fused target every tensor gets a leading expert
                         dimension (ParamSpec shape (E, ...), each slice initialised as one
                         tensor) and the runtime adds scale·B A to the parameter for the owner's
-                        forward. Attach refuses any other kind, naming the variant, the module
-                        and the kinds the variant adapts.
+                        forward; "conv" (nn.Conv1d/2d/3d, W the dense view (C_out,
+                        C_in/groups·kernel)) together with `delta_conv`, or a `gate` (broadcast
+                        over the channel dimension). Attach refuses any other kind, naming the
+                        variant, the module and the kinds the variant adapts.
 
 Placement. A method may act differently on different targets: IA3 gates the *outputs* of k/v
 and the *input* of the FFN down-projection, in one adapter. `at_target(name, cfg)` returns the
@@ -61,6 +65,8 @@ near 1 written as g − 1) in fp32 before that cast.
 Class attributes say what the runtime must check or provide:
 
     uses_rank           r is a rank: runtime requires 1 <= r <= min(d_in, d_out) (config: RankConfig)
+    wide_ranks          r may exceed min(d_in, d_out) too: the math holds for any r (B A is then
+                        a full-rank-capable product; PEFT's default r = 8 on a 2-wide head)
     needs_dense_weight  reads W through quant.dense_weight (SVD, norms): nn.Linear or a
                         quantized linear that dense_weight dequantizes
     calibration         None | "gram" | "diag": input statistics the runtime collects
@@ -179,6 +185,7 @@ class Variant:
     name: ClassVar[str]
     config: ClassVar[type[AdapterConfig]]
     uses_rank: ClassVar[bool] = True
+    wide_ranks: ClassVar[bool] = False
     needs_dense_weight: ClassVar[bool] = False
     calibration: ClassVar[str | None] = None
     requires_calibration: ClassVar[bool] = False
@@ -199,6 +206,7 @@ class Variant:
     gate: ClassVar[Callable | None] = None
     delta_embedding: ClassVar[Callable | None] = None
     hold: ClassVar[Callable | None] = None
+    delta_conv: ClassVar[Callable | None] = None
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: AdapterConfig) -> dict[str, ParamSpec]:

@@ -60,7 +60,11 @@ MODEL_LEVEL = "base_model."  # a tensor PEFT's tuner holds once for the model (V
 # LoRA every low-rank change W_eff − W = B A exports as.
 LORA_LAYOUT = (("lora_A", "lora_A.default.weight", None), ("lora_B", "lora_B.default.weight", None))
 # Layer kinds each PEFT method adapts (the others PEFT has for nn.Linear only).
-PEFT_KINDS = {"LORA": ("linear", "conv1d", "embedding", "fused"), "IA3": ("linear", "conv1d")}
+PEFT_KINDS = {"LORA": ("linear", "conv1d", "embedding", "fused", "conv"), "IA3": ("linear", "conv1d", "conv"),
+              "HRA": ("linear", "conv")}
+# Methods whose PEFT conv layers hold kernels (lora_A a conv, gates (1, C, 1, …)); PEFT's HRA
+# keeps the dense view (C_in·kernel, r) as we do.
+_CONV_KERNELS = ("LORA", "IA3")
 # An embedding's LoRA pair: PEFT's in-layer paths for our lora_A / lora_B there.
 _EMBEDDING_PATHS = {"lora_A.default.weight": "lora_embedding_A.default",
                     "lora_B.default.weight": "lora_embedding_B.default"}
@@ -158,11 +162,19 @@ def peft_config(cfg: AdapterConfig, targets: list[str], kinds: dict[str, str] | 
     return PEFT_TYPE_TO_CONFIG_MAPPING[m.method](**_kind_fields(m.config(cfg, targets), targets, kinds or {}))
 
 
-def peft_tensors(name: str, layer, cfg: AdapterConfig, kind: str = "linear") -> dict[str, torch.Tensor]:
+def peft_tensors(name: str, layer, cfg: AdapterConfig, kind: str = "linear",
+                 conv: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Our adapter tensors of target `name` (`layer`: a module or a namespace of tensors, of that
-    kind) under PEFT's in-layer paths and layout (that of the variant placed there, `at_target`)."""
+    kind) under PEFT's in-layer paths and layout (that of the variant placed there, `at_target`);
+    a conv target needs its layer (`conv`, default `layer`) for PEFT's kernel shapes."""
     _map(cfg.variant)  # KeyError for a variant without a PEFT counterpart
-    return _in_peft_layout(variant_of(cfg).at_target(name, cfg).peft.tensors, layer, kind)
+    tensors = _in_peft_layout(variant_of(cfg).at_target(name, cfg).peft.tensors, layer, kind)
+    if kind == "conv":
+        conv = layer if conv is None else conv
+        _check_peft_conv(name, conv, cfg)
+        if _map(cfg.variant).method in _CONV_KERNELS:
+            tensors = {path: _conv_layout(path, t, conv.weight.shape) for path, t in tensors.items()}
+    return tensors
 
 
 def _in_peft_layout(tensors, layer, kind: str) -> dict[str, torch.Tensor]:
@@ -201,6 +213,41 @@ def _copy(slot: torch.Tensor, tensor: torch.Tensor, where: str) -> None:
     slot.copy_(tensor)
 
 
+def _check_peft_conv(name: str, layer: nn.Module, cfg: AdapterConfig) -> None:
+    """PEFT's conv LoRA runs lora_A as a dense convolution without the layer's groups and
+    dilation (a grouped layer's ΔW then crosses its groups): only groups = dilation = 1 is the
+    same function. PEFT's IA3 has Conv2d and Conv3d layers, not Conv1d."""
+    method = REGISTRY[cfg.variant].peft.method
+    if method == "HRA" and not (isinstance(layer, nn.Conv2d) and layer.groups == 1 and set(layer.dilation) == {1}
+                                and len({*layer.kernel_size}) == len({*layer.stride}) == len({*layer.padding}) == 1
+                                and layer.padding_mode == "zeros"):
+        raise ValueError(
+            f"{name}: PEFT's HRA adapts nn.Conv2d with groups=1, dilation 1, zero padding and square kernel, "
+            f"stride and padding only (it convolves with kernel_size[0], stride[0], padding[0]); merge it "
+            f"with ll.merge instead"
+        )
+    if method == "LORA" and (layer.groups != 1 or set(layer.dilation) != {1}):
+        raise ValueError(
+            f"{name}: PEFT's conv LoRA applies lora_A without the layer's groups={layer.groups} and "
+            f"dilation={layer.dilation}, so it computes another function than this adapter; merge it "
+            f"with ll.merge instead"
+        )
+    if method == "IA3" and isinstance(layer, nn.Conv1d):
+        raise ValueError(f"{name}: PEFT's IA3 adapts nn.Conv2d and nn.Conv3d, not nn.Conv1d; merge it with ll.merge instead")
+
+
+def _conv_layout(path: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """One of our tensors on a conv target (weight `shape` (C_out, C_in/groups, *kernel)) in
+    PEFT's conv layout: lora_A a kernel (r, C_in, *kernel), lora_B a 1×1 kernel (C_out, r, 1, …),
+    a per-channel vector (DoRA's magnitude, IA3's gate) (1, C_out, 1, …)."""
+    ones = (1,) * (len(shape) - 2)
+    if ".lora_A." in f".{path}":
+        return t.reshape(t.shape[0], *shape[1:])
+    if t.numel() == shape[0] and (t.dim() == 1 or 1 in t.shape):
+        return t.reshape(1, shape[0], *ones)
+    return t.reshape(*t.shape, *ones)
+
+
 # ---- export -------------------------------------------------------------------------------------
 
 def export_peft(source: nn.Module | str | os.PathLike | Adapter, out_dir: str | os.PathLike) -> dict:
@@ -215,7 +262,8 @@ def export_peft(source: nn.Module | str | os.PathLike | Adapter, out_dir: str | 
                 "export_peft inside ll.disabled / ll.scaled: the exported adapter is the trained one at "
                 "strength 1; call it outside the context (or ll.merge to bake in a strength)"
             )
-        source = adapter_of(source)
+        convs = {n: m for n, m in state.targets.items() if kind_of(m) == "conv"}
+        return write_peft(adapter_of(source), out_dir, convs)
     elif not isinstance(source, Adapter):
         source = read(source)
     return write_peft(source, out_dir)
@@ -227,8 +275,10 @@ def export_peft_file(path: str | os.PathLike, out_dir: str | os.PathLike) -> dic
 
 
 @torch.no_grad()
-def write_peft(adapter: Adapter, out_dir: str | os.PathLike) -> dict:
-    """The PEFT exporter: `adapter` as adapter_config.json + adapter_model.safetensors."""
+def write_peft(adapter: Adapter, out_dir: str | os.PathLike, convs: dict[str, nn.Module] | None = None) -> dict:
+    """The PEFT exporter: `adapter` as adapter_config.json + adapter_model.safetensors. PEFT
+    stores a conv target's tensors as kernels, whose shape only the layer knows: `convs` maps
+    those targets to their layers (export_peft of a model passes them)."""
     if adapter.trainable:
         raise ValueError(
             f"export_peft: the adapter also trains base modules ({', '.join(list(adapter.trainable)[:3])}, "
@@ -237,6 +287,12 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike) -> dict:
         )
     cfg, names = adapter.config, adapter.targets
     kinds = {n: adapter.kinds.get(n, "linear") for n in names}
+    missing = [n for n in names if kinds[n] == "conv" and n not in (convs or {})]
+    if missing:
+        raise ValueError(
+            f"export_peft: {missing[0]} is a convolution, whose PEFT kernels need the layer's kernel shape; "
+            f"export from the model (ll.load it, then export_peft(model, dir))"
+        )
     layers = {n: SimpleNamespace(**t) for n, t in adapter.tensors.items()}
     m = REGISTRY[cfg.variant].peft
     native = m is not None and m.export
@@ -254,7 +310,7 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike) -> dict:
         tensors = {
             f"{PREFIX}{_peft_module(name, kinds)}.{_file_key(path)}": t
             for name, layer in layers.items()
-            for path, t in peft_tensors(name, layer, cfg, kinds[name]).items()
+            for path, t in peft_tensors(name, layer, cfg, kinds[name], (convs or {}).get(name)).items()
         }
         tensors.update({f"{MODEL_LEVEL}{theirs}": adapter.shared[ours] for ours, theirs in m.shared})
     else:
@@ -378,6 +434,12 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
                                            _EXPERT_LAYOUTS[ours] if key in experts else layout, experts.get(key, 1))
                           for ours, (key, layout) in per.items()}
                    for name, per in plan.items()}
+        modules = dict(model.named_modules()) if model is not None else {}
+        for name, per in tensors.items():  # PEFT's conv kernels (kernel dims after the first two) as the dense view
+            if (kind_of(modules[name]) == "conv" if name in modules
+                    else any(len(shapes[original[key]]) > 2 for key, _ in plan[name].values())):
+                kinds[name] = "conv"
+                tensors[name] = {ours: _from_conv_layout(t, plan[name][ours][0]) for ours, t in per.items()}
         shared = _read_shared(peft_dir, REGISTRY[cfg.variant].peft, model_level, f)
     fused = [n for n, k in kinds.items() if k == "fused"]
     if fused:  # parameters are named by target_parameters
@@ -399,6 +461,15 @@ def _read_shared(where: str, m: PeftMap, keys: list[str], f) -> dict[str, torch.
         raise ValueError(f"{where}: {missing} are missing: the adapter was saved without its shared tensors "
                          f"(PEFT's save_projection=False); save it again with save_projection=True")
     return {ours: f.get_tensor(key) for key, ours in names.items()}
+
+
+def _from_conv_layout(t: torch.Tensor, key: str) -> torch.Tensor:
+    """A PEFT conv-layer tensor saved under `key` in our dense-view layout (inverse of
+    `_conv_layout`): DoRA's per-channel magnitude (1, C_out, 1, …) as (C_out,), a kernel
+    (a, b, *kernel) as (a, b·kernel); IA3's gate arrives flat already (layout "col")."""
+    if key.endswith("lora_magnitude_vector"):
+        return t.reshape(-1)
+    return t.flatten(1) if t.dim() > 2 else t
 
 
 def _check_saved_bases(where: str, model: nn.Module, bases: dict[str, torch.Tensor]) -> None:
@@ -503,8 +574,8 @@ def _convert(where: str, conf: dict, shapes: dict, dtype: torch.dtype
         per_target.setdefault(rest[: -len(suffix) - 1], {})[suffix] = key
     if unknown:
         raise ValueError(
-            f"{where}: tensors that are not {ptype} adapter tensors of linear, Conv1D, embedding or "
-            f"fused-parameter targets: {unknown[:5]} (conv adapters or saved modules are not supported)"
+            f"{where}: tensors that are not {ptype} adapter tensors of linear, Conv1D, conv, embedding or "
+            f"fused-parameter targets: {unknown[:5]} (saved modules are not supported)"
         )
     if not per_target:
         raise ValueError(f"{where}: no adapter tensors in {WEIGHTS_NAME}")

@@ -68,6 +68,7 @@ class DeLoRA(Variant):
     config = DeLoRAConfig
     zero_grad_at_init = ("lora_A", "lora_lambda")  # both reach y only through B = 0
     needs_dense_weight = True
+    wide_ranks = True  # each rank-1 term is normalised on its own: any r
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

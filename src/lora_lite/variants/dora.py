@@ -13,6 +13,11 @@ g ⊙ (y − b) would round y − b and g in bf16).
 
 On an nn.Embedding (W = weightᵀ, (dim, V)) the norms are over the vocabulary for each embedding
 dimension, the base has no bias, and s·(x Aᵀ) Bᵀ is the lookup s·embed(ids, Aᵀ) Bᵀ (lora.py).
+On a convolution W is the dense view (C_out, C_in/groups·kernel): one norm and one magnitude
+per output channel, s·(x Aᵀ) Bᵀ is LoRA's s·B ⋆ (A ⋆ x), and g broadcasts over the channels.
+
+With dropout in training mode both terms read x̃ = dropout(x), as PEFT's DoRA does:
+Δy = (g − 1) ⊙ x̃ Wᵀ + g ⊙ s·(x̃ Aᵀ) Bᵀ (one more product with W per call); eval reads x.
 
 Reads W on every call: a quantized base (bitsandbytes, torchao) is dequantized per call, never
 written. Matches HF PEFT `LoraConfig(use_dora=True, lora_dropout=0)` with
@@ -25,18 +30,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ScaledConfig
-from ..kinds import bias
+from ..kinds import bias, per_channel
 from ..quant import dense_weight
 from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 from .lora import (
-    LORA_LRS, PEFT_LORA_READS, PEFT_LORA_TENSORS, embedding_low_rank, lora_params, lora_specs, low_rank, peft_lora_fields,
+    LORA_LRS, PEFT_LORA_READS, PEFT_LORA_TENSORS, DropoutConfig, conv_low_rank, dropped, embedding_low_rank, lora_params,
+    lora_specs, low_rank, peft_lora_fields,
     peft_lora_import,
 )
 
 
 @dataclass(frozen=True, kw_only=True)
-class DoRAConfig(ScaledConfig):
+class DoRAConfig(DropoutConfig):
     variant: str = field(default="dora", init=False)
 
 
@@ -54,6 +59,7 @@ class DoRA(Variant):
     config = DoRAConfig
     zero_grad_at_init = ("lora_A",)  # B = 0
     needs_dense_weight = True
+    wide_ranks = True  # V = W + sBA and its norms hold for any r
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -63,15 +69,21 @@ class DoRA(Variant):
     def init(layer, cfg, stats):
         layer.lora_m.copy_(torch.linalg.vector_norm(dense_weight(layer), dim=1))
 
-    kinds = ("linear", "conv1d", "embedding")
+    kinds = ("linear", "conv1d", "embedding", "conv")
 
     @staticmethod
     def delta(layer, cfg, x, y):
-        return _rescaled(layer, cfg, y, low_rank(x, layer.lora_A, layer.lora_B, cfg.scale))
+        x_d = dropped(layer, cfg, x)
+        return _rescaled(layer, cfg, _base(layer, x, x_d, y), low_rank(x_d, layer.lora_A, layer.lora_B, cfg.scale))
 
     @staticmethod
     def delta_embedding(layer, cfg, ids, y):
         return _rescaled(layer, cfg, y, embedding_low_rank(layer, ids, layer.lora_A, layer.lora_B, cfg.scale, y))
+
+    @staticmethod
+    def delta_conv(layer, cfg, x, y):
+        x_d = dropped(layer, cfg, x)
+        return _rescaled(layer, cfg, _base(layer, x, x_d, y), conv_low_rank(layer, x_d, layer.lora_A, layer.lora_B, cfg.scale))
 
     @staticmethod
     def effective_weight(layer, cfg):
@@ -92,11 +104,17 @@ class DoRA(Variant):
                          family="lora")
 
 
+def _base(layer, x, x_d, y):
+    """The base output for the input the branch read: y itself, or (dropout in training) the
+    layer's own forward on x̃, called past its hooks."""
+    return y if x_d is x else type(layer).forward(layer, x_d)
+
+
 def _rescaled(layer, cfg, y, lora_out):
     """Δy = (g − 1) ⊙ (y − b) + g ⊙ lora_out with g = m / n, lora_out = s·(x Aᵀ) Bᵀ."""
     _, n = _direction(layer, cfg)
-    g = layer.lora_m.float() / n                                  # (d_out,), fp32
+    g = per_channel(layer, layer.lora_m.float() / n)              # (d_out,), fp32
     b = bias(layer)
-    y_lin = y if b is None else y - like(y, b)                    # x Wᵀ
+    y_lin = y if b is None else y - like(y, per_channel(layer, b))  # x Wᵀ
     g_minus_1, g = like(y, g - 1.0, g)
     return g_minus_1 * y_lin + g * lora_out

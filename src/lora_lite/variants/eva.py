@@ -22,17 +22,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ScaledConfig
 from ..variant import BenchSetting, Example, PeftMap, Variant, register
 from ._svd import top_r_eigvecs
 from .lora import (
-    LORA_LRS, PEFT_LORA_TENSORS, lora_delta, lora_low_rank_delta, lora_macs, lora_params, lora_specs,
+    LORA_LRS, PEFT_LORA_TENSORS, DropoutConfig, lora_delta, lora_low_rank_delta, lora_macs, lora_params, lora_specs,
     peft_lora_fields,
 )
 
 
 @dataclass(frozen=True, kw_only=True)
-class EVAConfig(ScaledConfig):
+class EVAConfig(DropoutConfig):
     variant: str = field(default="eva", init=False)
 
 

@@ -13,6 +13,10 @@ inverse has no bf16 kernel), and the thin (…, r) product with T⁻ᵀ runs in 
 contributions of each reflection pair cancel to rounding even in a bf16 forward. Same reflections and order as HF PEFT
 `HRAConfig(r, apply_GS=False)` with hra_u = Uᵀ (PEFT builds the d_in x d_in matrix every call).
 PEFT's init uses fan_in r/2 where ours uses d_in; copy U for identical training.
+
+On a convolution (W the dense view (C_out, C_in/groups·kernel), kinds.py) R acts on the
+flattened patch, so the change is the convolution with W (R − I) = −(W Ûᵀ) T⁻¹ Û in the layer's
+shape, as PEFT's HRA Conv2d computes it (it builds W R; square kernels, groups = 1).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class HRA(Variant):
     name = "hra"
     config = HRAConfig
     uses_rank = False  # r counts reflections in R^{d_in}: only r <= d_in matters
+    kinds = ("linear", "conv1d", "conv")
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -79,6 +84,12 @@ class HRA(Variant):
         # the (…, r) middle product in fp32: its paired entries must cancel in the last product
         w = (F.linear(x, U_hat).float() @ T_inv_t).to(x.dtype)
         return -F.linear(w, U_hat.T)
+
+    @staticmethod
+    def delta_conv(layer, cfg, x, y):
+        U_hat, T_inv_t = _wy(layer)
+        dW = -((dense_weight(layer) @ U_hat.T) @ T_inv_t.T) @ U_hat       # W (R − I), (C_out, d_in)
+        return layer._conv_forward(x, like(x, dW).reshape(layer.weight.shape), None)
 
     @staticmethod
     def effective_weight(layer, cfg):

@@ -12,8 +12,11 @@ down-projection (its input is the FFN intermediate), e.g. on a Llama-style model
 PEFT's default there. `feedforward_modules` are regexes searched in each target's full name, like
 `target_names`; each must match at least one target. No r or alpha. Keep g in fp32 (the
 default dtype): bf16 spacing above 1.0 is 2⁻⁷ and swallows small updates.
+On a convolution the output gate is one g per output channel (y ⊙ g over dimension 1); a
+feed-forward (input) gate is per input channel there, which is not the dense view's d_in =
+C_in/groups·kernel, so `feedforward_modules` may not name a conv.
 Matches HF PEFT `IA3Config(target_modules, feedforward_modules)`: ia3_l = g as (d_out, 1) on
-output-gated targets, (1, d_in) on feed-forward ones.
+output-gated targets, (1, d_in) on feed-forward ones ((1, C_out, 1, …) on a conv).
 """
 
 from __future__ import annotations
@@ -42,11 +45,24 @@ class IA3Config(AdapterConfig):
                 raise ValueError(f"IA3Config.feedforward_modules: invalid regex {pattern!r}: {e}") from None
 
 
+def _peft_feedforward(conf, name, shape):
+    """Whether PEFT's saved gate of `shape` at `name` gates the input: (1, d_in) against (d_out, 1)
+    on a linear; a conv's gate is (1, C, 1, …) either way, so there PEFT's feedforward_modules
+    decides (a list: the name or a suffix after a dot; a string: a full regex match)."""
+    if len(shape) == 2:
+        return shape[0] == 1
+    ff = conf.get("feedforward_modules") or []
+    if isinstance(ff, str):
+        return re.fullmatch(ff, name) is not None
+    return any(name == k or name.endswith("." + k) for k in ff)
+
+
 @register
 class IA3(Variant):
     name = "ia3"
     config = IA3Config
     uses_rank = False
+    kinds = ("linear", "conv1d", "conv")
 
     @classmethod
     def at_target(cls, name, cfg):
@@ -92,7 +108,7 @@ class IA3(Variant):
         lambda cfg, t: dict(target_modules=t, fan_in_fan_out=False, init_ia3_weights=True,
                             feedforward_modules=[n for n in t if IA3.at_target(n, cfg) is IA3FF]),
         imports=lambda conf, name, shapes: {
-            "feedforward_modules": (f"^{re.escape(name)}$",) if shapes["lora_g"][0] == 1 else ()},
+            "feedforward_modules": (f"^{re.escape(name)}$",) if _peft_feedforward(conf, name, shapes["lora_g"]) else ()},
         combine=lambda per_target: {
             "feedforward_modules": tuple(p for f in per_target.values() for p in f["feedforward_modules"])},
     )

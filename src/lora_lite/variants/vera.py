@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..config import RankConfig, knob
 from ..kinds import dims
-from ..variant import Example, ParamSpec, PeftMap, Variant, like, register
+from ..variant import BenchSetting, Example, ParamSpec, PeftMap, Variant, like, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +83,8 @@ class VeRA(Variant):
 
     params_per_layer = staticmethod(lambda d_in, d_out, cfg: cfg.r + d_out)
     examples = {"vera": Example({"r": 16})}
+    # the paper trains its scaling vectors at lrs ~10x LoRA's (arXiv 2310.11454, Table 8)
+    bench = BenchSetting((1e-3, 3e-3, 1e-2, 3e-2))
     peft = PeftMap(
         "VERA", (("lora_lambda_d", "vera_lambda_d.default", None), ("lora_lambda_b", "vera_lambda_b.default", None)),
         lambda cfg, t: dict(r=cfg.r, target_modules=t, projection_prng_key=cfg.projection_prng_key,
