@@ -30,7 +30,7 @@ def trained(bench, case, seed=0):
     return model
 
 
-@pytest.mark.parametrize("w", [1.0, -1.0, 0.5])
+@pytest.mark.parametrize("w", [-1.0, pytest.param(1.0, marks=pytest.mark.slow), pytest.param(0.5, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_one_term_is_the_scaled_adapter(qwen, case, w):
     model = trained(qwen, case)
