@@ -420,6 +420,7 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
                           for ours, (key, layout) in per.items()}
                    for name, per in plan.items()}
         modules = dict(model.named_modules()) if model is not None else {}
+        _refuse_peft_layers(peft_dir, conf, list(plan), modules)
         for name, per in tensors.items():  # PEFT's conv kernels (kernel dims after the first two) as the dense view
             if (kind_of(modules[name]) == "conv" if name in modules
                     else any(len(shapes[original[key]]) > 2 for key, _ in plan[name].values())):
@@ -431,6 +432,26 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
         cfg = dataclasses.replace(cfg, target_names=tuple(p for p in cfg.target_names if p not in patterns.values()),
                                   target_parameters=tuple(patterns.values()))
     return Adapter(config=cfg, tensors=tensors, fingerprints=None, kinds=kinds, source=peft_dir)
+
+
+def _refuse_peft_layers(where: str, conf: dict, names: list[str], modules: dict[str, nn.Module]) -> None:
+    """PEFT layers whose function lora-lite has no form for, found with the model: its LoRA on
+    nn.MultiheadAttention and its conv LoRA on a grouped convolution."""
+    for name in names:
+        owner = modules.get(name.split(".base_layer")[0])
+        if isinstance(owner, nn.MultiheadAttention):
+            raise ValueError(
+                f"{where}: {name}: PEFT's LoRA on nn.MultiheadAttention is not supported: lora-lite does not "
+                f"adapt nn.MultiheadAttention (its forward reads in_proj_weight and out_proj.weight directly); "
+                f"nothing was changed"
+            )
+        layer = modules.get(name)
+        if conf.get("peft_type") == "LORA" and kind_of(layer) == "conv" and layer.groups > 1:
+            raise ValueError(
+                f"{where}: {name}: PEFT's LoRA on a grouped conv (groups={layer.groups}) runs lora_A over all "
+                f"input channels, so its change crosses the layer's groups and has no form in lora-lite's "
+                f"grouped conv LoRA; nothing was changed"
+            )
 
 
 def _from_conv_layout(t: torch.Tensor, key: str) -> torch.Tensor:
