@@ -241,7 +241,6 @@ REFUSED_OPTIONS = [
     ("init_lora_weights", "pissa"),
     ("init_lora_weights", "olora"),
     ("init_lora_weights", "loftq"),
-    ("init_lora_weights", "mica"),
     ("rank_pattern", {"q_proj": 2}),
     ("alpha_pattern", {"q_proj": 32}),
     ("r", 8),

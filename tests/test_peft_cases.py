@@ -17,6 +17,7 @@ from torch import nn
 import lora_lite as ll
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.slow  # 35 PEFT models saved and imported: about a minute
 
 
 class MLP(nn.Module):
@@ -88,6 +89,9 @@ CASES = [
     ("MHA 1 LoRA", "MHA", "LoraConfig", {"target_modules": ["mha"]}, "PEFT's LoRA on nn.MultiheadAttention is not supported"),
     ("MHA 2 LoRA", "MHA", "LoraConfig", {"target_modules": ["mha", "lin0"]}, "PEFT's LoRA on nn.MultiheadAttention is not supported"),
     ("MLP 2 using nn.Parameter LoRA", "MLP", "LoraConfig", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}, "target_parameters"),
+    ("Vanilla MLP 1 LoRA with MiCA", "MLP", "LoraConfig", {"target_modules": ["lin0"], "init_lora_weights": "mica", "r": 4}, None),
+    ("Vanilla MLP 10 LoRA with VeLoRA random", "MLP", "LoraConfig",
+     {"target_modules": ["lin0"], "velora_config": {"num_groups": 2, "init_type": "random"}}, None),
     ("Conv2d 1 IA3", "Conv2d", "IA3Config", {"target_modules": ["conv2d"], "feedforward_modules": []}, None),
     ("Conv2d 2 IA3", "Conv2d", "IA3Config", {"target_modules": ["conv2d"], "feedforward_modules": ["conv2d"]}, "ia3_ff' does not adapt Conv2d"),
     ("Conv2d 3 IA3", "Conv2d", "IA3Config", {"target_modules": ["conv2d", "lin0"], "feedforward_modules": []}, None),
@@ -106,7 +110,14 @@ def _peft_model(model_name, cls, kwargs):
     torch.manual_seed(0)
     model, x = build().eval(), make_input()
     init = {"init_lora_weights": False} if cls == "LoraConfig" else {"init_ia3_weights": False}
-    peft_model = peft.get_peft_model(copy.deepcopy(model), getattr(peft, cls)(**kwargs, **init)).eval()
+    if "velora_config" in kwargs:
+        kwargs = {**kwargs, "velora_config": peft.VeloraConfig(**kwargs["velora_config"])}
+    peft_model = peft.get_peft_model(copy.deepcopy(model), getattr(peft, cls)(**{**init, **kwargs})).eval()
+    if kwargs.get("init_lora_weights") == "mica":  # A = 0 at MiCA's init: give it a trained value
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_A" in n:
+                    p.normal_()
     return model, peft_model, x
 
 

@@ -65,7 +65,8 @@ _CONV_KERNELS = ("LORA", "IA3")
 _EMBEDDING_PATHS = {"lora_A.default.weight": "lora_embedding_A.default",
                     "lora_B.default.weight": "lora_embedding_B.default"}
 _EMBEDDING_KEYS = {"lora_embedding_A": "lora_A.weight", "lora_embedding_B": "lora_B.weight"}
-_BASE_KEY = ".base_layer.weight"  # the base embedding PEFT saves beside an embedding adapter
+_BASE_KEY = ".base_layer.weight"
+_TRAINING_ONLY_KEY = ".lora_velora_embed"  # VeLoRA's projection for the activations kept for backward  # the base embedding PEFT saves beside an embedding adapter
 # A fused parameter's LoRA pair in PEFT's 2-D layout.
 _EXPERT_LAYOUTS = {"lora_A": "experts_A", "lora_B": "experts_B"}
 
@@ -352,9 +353,12 @@ _INERT = {
     "fan_in_fan_out",
     # read from the saved keys with the model (`read_peft(dir, model)`)
     "target_parameters",
+    # training-only: VeLoRA compresses the activations LoRA saves for backward; the forward is LoRA's
+    "velora_config",
 }
 # Inits that leave the base weight alone; PiSSA/CorDA/OLoRA/LoftQ/LoRA-GA write a residual base.
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal",
+                "mica")  # MiCA: B from W's minor singular vectors, A = 0, B frozen in training only
 _WHY = {
     "modules_to_save": "PEFT trains full copies of these modules; a lora-lite adapter holds adapter tensors only",
     "bias": "PEFT trains the base layers' biases, which lora-lite never changes",
@@ -393,7 +397,7 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
         bases = [k for k in shapes if k.endswith(_BASE_KEY)]
         if model is not None:
             _check_saved_bases(peft_dir, model, {k: f.get_tensor(k) for k in bases})
-        shapes = {k: v for k, v in shapes.items() if k not in bases}
+        shapes = {k: v for k, v in shapes.items() if k not in bases and not k.endswith(_TRAINING_ONLY_KEY)}
         dtypes = {_DTYPE_CODES.get(f.get_slice(k).get_dtype()) for k in shapes}
         # every key under the name a linear layer's LoRA would have: stored key -> that name
         alias = _unnest_parameters(peft_dir, model, conf, shapes)
