@@ -17,7 +17,7 @@ from torch import nn
 import lora_lite as ll
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.slow  # 35 PEFT models saved and imported: about a minute
+pytestmark = pytest.mark.slow  # 40 PEFT models saved and imported: about a minute
 
 
 class MLP(nn.Module):
@@ -136,3 +136,24 @@ def test_peft_case(name, model_name, cls, kwargs, refusal, tmp_path):
     with torch.no_grad():
         y = peft_model(x)
         assert (model(x) - y).abs().max() <= 1e-5 * max(1.0, y.abs().max().item())
+
+
+def test_modules_to_save_is_trainable_modules_both_ways(tmp_path):
+    """PEFT's 'Vanilla MLP 5 LoRA' (modules_to_save=["lin1"]) imports with lin1 as a trained
+    base module, and our trainable_modules export back as modules_to_save."""
+    model, peft_model, x = _peft_model("MLP", "LoraConfig", {"target_modules": ["lin0"], "modules_to_save": ["lin1"]})
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.5)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    ours = copy.deepcopy(model)
+    cfg = ll.import_peft(ours, tmp_path / "theirs")
+    assert cfg.trainable_modules == ("^lin1$",)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), peft_model(x), atol=1e-6)
+    fields = ll.export_peft(ours, tmp_path / "ours")
+    assert fields["modules_to_save"] == ["lin1"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), peft_model(x), atol=1e-6)

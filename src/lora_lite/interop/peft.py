@@ -268,12 +268,6 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike, convs: dict[str, nn
     """The PEFT exporter: `adapter` as adapter_config.json + adapter_model.safetensors. PEFT
     stores a conv target's tensors as kernels, whose shape only the layer knows: `convs` maps
     those targets to their layers (export_peft of a model passes them)."""
-    if adapter.trainable:
-        raise ValueError(
-            f"export_peft: the adapter also trains base modules ({', '.join(list(adapter.trainable)[:3])}, "
-            f"trainable_modules), which this PEFT export does not carry; ll.merge them, or save "
-            f"with ll.save"
-        )
     cfg, names = adapter.config, adapter.targets
     kinds = {n: adapter.kinds.get(n, "linear") for n in names}
     missing = [n for n in names if kinds[n] == "conv" and n not in (convs or {})]
@@ -303,13 +297,29 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike, convs: dict[str, nn
         }
     else:
         fields, tensors = _low_rank_lora(cfg, layers, kinds)
+    saved = _saved_modules(adapter)
+    tensors.update({PREFIX + p: t for p, t in adapter.trainable.items()})
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
-    fields = {**fields, "inference_mode": True, "modules_to_save": None, "task_type": None,
+    fields = {**fields, "inference_mode": True, "modules_to_save": saved or None, "task_type": None,
               "base_model_name_or_path": None, "revision": None}
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(os.path.join(out_dir, WEIGHTS_NAME), serialize(tensors, metadata={"format": "pt"}))
     write_atomic(os.path.join(out_dir, CONFIG_NAME), (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode())
     return fields
+
+
+def _saved_modules(adapter: Adapter) -> list[str]:
+    """PEFT's modules_to_save for the adapter's trainable_modules: for each trained parameter the
+    outermost module on its path that a trainable_modules regex matches (PEFT saves that module's
+    parameters under their own names, as we do)."""
+    saved: list[str] = []
+    for pname in adapter.trainable:
+        parts = pname.split(".")[:-1]
+        module = next(".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                      if any(re.search(p, ".".join(parts[:i])) for p in adapter.config.trainable_modules))
+        if module not in saved:
+            saved.append(module)
+    return saved
 
 
 def _low_rank_lora(cfg: AdapterConfig, layers: dict, kinds: dict[str, str]) -> tuple[dict, dict]:
@@ -353,6 +363,8 @@ _INERT = {
     "fan_in_fan_out",
     # read from the saved keys with the model (`read_peft(dir, model)`)
     "target_parameters",
+    # the saved modules' parameters, read by read_peft as trainable_modules
+    "modules_to_save",
     # training-only: VeLoRA compresses the activations LoRA saves for backward; the forward is LoRA's
     "velora_config",
 }
@@ -360,7 +372,6 @@ _INERT = {
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal",
                 "mica")  # MiCA: B from W's minor singular vectors, A = 0, B frozen in training only
 _WHY = {
-    "modules_to_save": "PEFT trains full copies of these modules; a lora-lite adapter holds adapter tensors only",
     "bias": "PEFT trains the base layers' biases, which lora-lite never changes",
     "lora_bias": "PEFT adds a trainable bias to lora_B, which no lora-lite variant has",
     "layer_replication": "PEFT duplicates base layers, which changes the model itself",
@@ -398,6 +409,9 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
         if model is not None:
             _check_saved_bases(peft_dir, model, {k: f.get_tensor(k) for k in bases})
         shapes = {k: v for k, v in shapes.items() if k not in bases and not k.endswith(_TRAINING_ONLY_KEY)}
+        saved = _saved_keys(conf, shapes)
+        trainable = {p: f.get_tensor(k) for p, (k, _) in saved.items()}
+        shapes = {k: v for k, v in shapes.items() if k not in {k for k, _ in saved.values()}}
         dtypes = {_DTYPE_CODES.get(f.get_slice(k).get_dtype()) for k in shapes}
         # every key under the name a linear layer's LoRA would have: stored key -> that name
         alias = _unnest_parameters(peft_dir, model, conf, shapes)
@@ -435,7 +449,30 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
         patterns = {n: f"^{re.escape(n)}$" for n in fused}
         cfg = dataclasses.replace(cfg, target_names=tuple(p for p in cfg.target_names if p not in patterns.values()),
                                   target_parameters=tuple(patterns.values()))
-    return Adapter(config=cfg, tensors=tensors, fingerprints=None, kinds=kinds, source=peft_dir)
+    if trainable:
+        modules = dict.fromkeys(m for _, m in saved.values())
+        cfg = dataclasses.replace(cfg, trainable_modules=tuple(f"^{re.escape(m)}$" for m in modules))
+    return Adapter(config=cfg, tensors=tensors, trainable=trainable, fingerprints=None, kinds=kinds,
+                   source=peft_dir)
+
+
+def _saved_keys(conf: dict, shapes: dict) -> dict[str, tuple[str, str]]:
+    """{parameter name: (saved key, module)} of the modules_to_save parameters in the file: keys
+    under a module that is, or ends with '.', an entry of modules_to_save (PEFT's matching)."""
+    entries = conf.get("modules_to_save") or []
+    found = {}
+    for key in shapes:
+        pname = key.removeprefix(PREFIX)
+        parts = pname.split(".")[:-1]
+        module = next((".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                       if any(".".join(parts[:i]) == e or ".".join(parts[:i]).endswith("." + e) for e in entries)), None)
+        if module is not None and ".lora_" not in f".{pname}" and ".ia3_" not in f".{pname}" and ".hra_" not in f".{pname}":
+            found[pname] = (key, module)
+    missing = [e for e in entries if not any(m == e or m.endswith("." + e) for _, m in found.values())]
+    if missing:
+        raise ValueError(f"PEFT option modules_to_save={entries!r}: the adapter file holds no parameters of "
+                         f"{missing}; nothing was changed")
+    return found
 
 
 def _refuse_peft_layers(where: str, conf: dict, names: list[str], modules: dict[str, nn.Module]) -> None:
