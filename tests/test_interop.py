@@ -233,7 +233,7 @@ def lora_dir(qwen, tmp_path_factory):
 
 
 REFUSED_OPTIONS = [
-    ("modules_to_save", ["lm_head"]),
+    ("modules_to_save", ["lm_head"]),  # the file holds no lm_head parameters
     ("bias", "all"),
     ("lora_bias", True),
     ("target_parameters", ["mlp.experts.gate_up_proj"]),
@@ -246,7 +246,6 @@ REFUSED_OPTIONS = [
     ("init_lora_weights", "pissa"),
     ("init_lora_weights", "olora"),
     ("init_lora_weights", "loftq"),
-    ("init_lora_weights", "mica"),
     ("rank_pattern", {"q_proj": 2}),
     ("alpha_pattern", {"q_proj": 32}),
     ("r", 8),
@@ -289,7 +288,6 @@ def test_import_refusals_of_real_peft_adapters(qwen, tmp_path):
         "apply_GS": peft.HRAConfig(r=4, target_modules=T, apply_GS=True),
         "HRAConfig.r must be even": peft.HRAConfig(r=3, target_modules=T),
         "peft_type='LOHA'": peft.LoHaConfig(r=4, target_modules=T),
-        "modules_to_save": peft.LoraConfig(r=4, target_modules=T, modules_to_save=["lm_head"]),
     }
     for i, (msg, pcfg) in enumerate(cases.items()):
         d = tmp_path / str(i)

@@ -80,7 +80,7 @@ ROWS = [
      "removed by `exclude_names`/`layers`; nothing selected at all",
      "`ValueError` naming the pattern and why (adaptable layers, the module's type, the filter)",
      "test_errors::test_no_matching_targets test_targets::test_a_pattern_that_selects_nothing_says_why"),
-    ("geometry: r > min(d_in, d_out), HRA r > d_in, RoAd group size not dividing d_out", "`ValueError` naming the layer",
+    ("geometry: r > min(d_in, d_out) for a variant without `wide_ranks`, HRA r > d_in, RoAd group size not dividing d_out", "`ValueError` naming the layer",
      "test_errors::test_rank_larger_than_layer test_errors::test_hra_rank_larger_than_d_in "
      "test_errors::test_road_group_size_must_divide_d_out"),
     ("weight-reading variant on a non-`nn.Linear` layer", "`TypeError`: needs torch.nn.Linear",

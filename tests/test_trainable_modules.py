@@ -211,12 +211,16 @@ def test_merge_keeps_the_trained_modules():
     assert torch.allclose(model(IDS), y, rtol=1e-5, atol=1e-6)
 
 
-def test_peft_export_refuses_trained_base_modules(tmp_path):
+def test_peft_export_carries_trained_base_modules_as_modules_to_save(tmp_path):
+    peft = pytest.importorskip("peft")
     model = make_net()
     ll.attach(model, cfg())
-    with pytest.raises(ValueError, match="trainable_modules"):
-        ll.export_peft(model, tmp_path / "peft")
+    train(model, steps=2)
+    y = model(IDS)
     ll.save(model, tmp_path / "a.safetensors")
-    with pytest.raises(ValueError, match="trainable_modules"):  # a valid file, not a checkpoint error
-        ll.export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
-    assert not (tmp_path / "peft").exists()
+    for source, out in ((model, "from_model"), (tmp_path / "a.safetensors", "from_file")):
+        fields = ll.export_peft(source, tmp_path / out)
+        assert fields["modules_to_save"] == ["head", "embed"] or fields["modules_to_save"] == ["embed", "head"]
+        loaded = peft.PeftModel.from_pretrained(make_net(), tmp_path / out).eval()
+        with torch.no_grad():
+            assert torch.allclose(loaded(IDS), y, atol=1e-6)

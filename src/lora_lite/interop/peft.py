@@ -69,7 +69,8 @@ _CONV_KERNELS = ("LORA", "IA3")
 _EMBEDDING_PATHS = {"lora_A.default.weight": "lora_embedding_A.default",
                     "lora_B.default.weight": "lora_embedding_B.default"}
 _EMBEDDING_KEYS = {"lora_embedding_A": "lora_A.weight", "lora_embedding_B": "lora_B.weight"}
-_BASE_KEY = ".base_layer.weight"  # the base embedding PEFT saves beside an embedding adapter
+_BASE_KEY = ".base_layer.weight"
+_TRAINING_ONLY_KEY = ".lora_velora_embed"  # VeLoRA's projection for the activations kept for backward  # the base embedding PEFT saves beside an embedding adapter
 # A fused parameter's LoRA pair in PEFT's 2-D layout.
 _EXPERT_LAYOUTS = {"lora_A": "experts_A", "lora_B": "experts_B"}
 
@@ -279,12 +280,6 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike, convs: dict[str, nn
     """The PEFT exporter: `adapter` as adapter_config.json + adapter_model.safetensors. PEFT
     stores a conv target's tensors as kernels, whose shape only the layer knows: `convs` maps
     those targets to their layers (export_peft of a model passes them)."""
-    if adapter.trainable:
-        raise ValueError(
-            f"export_peft: the adapter also trains base modules ({', '.join(list(adapter.trainable)[:3])}, "
-            f"trainable_modules), which this PEFT export does not carry; ll.merge them, or save "
-            f"with ll.save"
-        )
     cfg, names = adapter.config, adapter.targets
     kinds = {n: adapter.kinds.get(n, "linear") for n in names}
     missing = [n for n in names if kinds[n] == "conv" and n not in (convs or {})]
@@ -315,13 +310,29 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike, convs: dict[str, nn
         tensors.update({f"{MODEL_LEVEL}{theirs}": adapter.shared[ours] for ours, theirs in m.shared})
     else:
         fields, tensors = _low_rank_lora(cfg, layers, kinds)
+    saved = _saved_modules(adapter)
+    tensors.update({PREFIX + p: t for p, t in adapter.trainable.items()})
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
-    fields = {**fields, "inference_mode": True, "modules_to_save": None, "task_type": None,
+    fields = {**fields, "inference_mode": True, "modules_to_save": saved or None, "task_type": None,
               "base_model_name_or_path": None, "revision": None}
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(os.path.join(out_dir, WEIGHTS_NAME), serialize(tensors, metadata={"format": "pt"}))
     write_atomic(os.path.join(out_dir, CONFIG_NAME), (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode())
     return fields
+
+
+def _saved_modules(adapter: Adapter) -> list[str]:
+    """PEFT's modules_to_save for the adapter's trainable_modules: for each trained parameter the
+    outermost module on its path that a trainable_modules regex matches (PEFT saves that module's
+    parameters under their own names, as we do)."""
+    saved: list[str] = []
+    for pname in adapter.trainable:
+        parts = pname.split(".")[:-1]
+        module = next(".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                      if any(re.search(p, ".".join(parts[:i])) for p in adapter.config.trainable_modules))
+        if module not in saved:
+            saved.append(module)
+    return saved
 
 
 def _low_rank_lora(cfg: AdapterConfig, layers: dict, kinds: dict[str, str]) -> tuple[dict, dict]:
@@ -365,11 +376,15 @@ _INERT = {
     "fan_in_fan_out",
     # read from the saved keys with the model (`read_peft(dir, model)`)
     "target_parameters",
+    # the saved modules' parameters, read by read_peft as trainable_modules
+    "modules_to_save",
+    # training-only: VeLoRA compresses the activations LoRA saves for backward; the forward is LoRA's
+    "velora_config",
 }
 # Inits that leave the base weight alone; PiSSA/CorDA/OLoRA/LoftQ/LoRA-GA write a residual base.
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal",
+                "mica")  # MiCA: B from W's minor singular vectors, A = 0, B frozen in training only
 _WHY = {
-    "modules_to_save": "PEFT trains full copies of these modules; a lora-lite adapter holds adapter tensors only",
     "bias": "PEFT trains the base layers' biases, which lora-lite never changes",
     "lora_bias": "PEFT adds a trainable bias to lora_B, which no lora-lite variant has",
     "layer_replication": "PEFT duplicates base layers, which changes the model itself",
@@ -406,7 +421,10 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
         bases = [k for k in shapes if k.endswith(_BASE_KEY)]
         if model is not None:
             _check_saved_bases(peft_dir, model, {k: f.get_tensor(k) for k in bases})
-        shapes = {k: v for k, v in shapes.items() if k not in bases}
+        shapes = {k: v for k, v in shapes.items() if k not in bases and not k.endswith(_TRAINING_ONLY_KEY)}
+        saved = _saved_keys(conf, shapes)
+        trainable = {p: f.get_tensor(k) for p, (k, _) in saved.items()}
+        shapes = {k: v for k, v in shapes.items() if k not in {k for k, _ in saved.values()}}
         dtypes = {_DTYPE_CODES.get(f.get_slice(k).get_dtype()) for k in shapes}
         model_level = [k for k in shapes if not k.startswith(PREFIX) and k.startswith(MODEL_LEVEL)]
         shapes = {k: v for k, v in shapes.items() if k not in model_level}
@@ -435,6 +453,7 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
                           for ours, (key, layout) in per.items()}
                    for name, per in plan.items()}
         modules = dict(model.named_modules()) if model is not None else {}
+        _refuse_peft_layers(peft_dir, conf, list(plan), modules)
         for name, per in tensors.items():  # PEFT's conv kernels (kernel dims after the first two) as the dense view
             if (kind_of(modules[name]) == "conv" if name in modules
                     else any(len(shapes[original[key]]) > 2 for key, _ in plan[name].values())):
@@ -446,7 +465,50 @@ def read_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None) -> Ad
         patterns = {n: f"^{re.escape(n)}$" for n in fused}
         cfg = dataclasses.replace(cfg, target_names=tuple(p for p in cfg.target_names if p not in patterns.values()),
                                   target_parameters=tuple(patterns.values()))
-    return Adapter(config=cfg, tensors=tensors, fingerprints=None, kinds=kinds, shared=shared, source=peft_dir)
+    if trainable:
+        modules = dict.fromkeys(m for _, m in saved.values())
+        cfg = dataclasses.replace(cfg, trainable_modules=tuple(f"^{re.escape(m)}$" for m in modules))
+    return Adapter(config=cfg, tensors=tensors, trainable=trainable, fingerprints=None, kinds=kinds,
+                   shared=shared, source=peft_dir)
+
+
+def _saved_keys(conf: dict, shapes: dict) -> dict[str, tuple[str, str]]:
+    """{parameter name: (saved key, module)} of the modules_to_save parameters in the file: keys
+    under a module that is, or ends with '.', an entry of modules_to_save (PEFT's matching)."""
+    entries = conf.get("modules_to_save") or []
+    found = {}
+    for key in shapes:
+        pname = key.removeprefix(PREFIX)
+        parts = pname.split(".")[:-1]
+        module = next((".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                       if any(".".join(parts[:i]) == e or ".".join(parts[:i]).endswith("." + e) for e in entries)), None)
+        if module is not None and ".lora_" not in f".{pname}" and ".ia3_" not in f".{pname}" and ".hra_" not in f".{pname}":
+            found[pname] = (key, module)
+    missing = [e for e in entries if not any(m == e or m.endswith("." + e) for _, m in found.values())]
+    if missing:
+        raise ValueError(f"PEFT option modules_to_save={entries!r}: the adapter file holds no parameters of "
+                         f"{missing}; nothing was changed")
+    return found
+
+
+def _refuse_peft_layers(where: str, conf: dict, names: list[str], modules: dict[str, nn.Module]) -> None:
+    """PEFT layers whose function lora-lite has no form for, found with the model: its LoRA on
+    nn.MultiheadAttention and its conv LoRA on a grouped convolution."""
+    for name in names:
+        owner = modules.get(name.split(".base_layer")[0])
+        if isinstance(owner, nn.MultiheadAttention):
+            raise ValueError(
+                f"{where}: {name}: PEFT's LoRA on nn.MultiheadAttention is not supported: lora-lite does not "
+                f"adapt nn.MultiheadAttention (its forward reads in_proj_weight and out_proj.weight directly); "
+                f"nothing was changed"
+            )
+        layer = modules.get(name)
+        if conf.get("peft_type") == "LORA" and kind_of(layer) == "conv" and layer.groups > 1:
+            raise ValueError(
+                f"{where}: {name}: PEFT's LoRA on a grouped conv (groups={layer.groups}) runs lora_A over all "
+                f"input channels, so its change crosses the layer's groups and has no form in lora-lite's "
+                f"grouped conv LoRA; nothing was changed"
+            )
 
 
 def _read_shared(where: str, m: PeftMap, keys: list[str], f) -> dict[str, torch.Tensor]:
