@@ -55,7 +55,9 @@ def test_the_same_targets_and_function_as_peft(qwen, case):
 
 
 def test_modules_to_save_trains_the_same_modules(qwen):
-    pcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["norm"])
+    # "lm_head": no other module name ends with it (PEFT 0.21 matched modules_to_save by a plain
+    # endswith, "norm" taking every "*_layernorm"; 0.22 by dotted suffix, as from_peft_config does)
+    pcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
     model = qwen.fresh()
     ll.attach(model, ll.from_peft_config(pcfg))
     ours = {n.rpartition(".")[0] for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
