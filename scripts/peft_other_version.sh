@@ -4,7 +4,7 @@
 # installed (no dependencies: PEFT 0.21 and 0.22 declare the same ones) into its own folder, which
 # goes first on PYTHONPATH.
 #
-#   scripts/peft_other_version.sh [VERSION=0.21.2] [pytest args...]
+#   scripts/peft_other_version.sh [VERSION=0.21.2] [pytest args...]   e.g. 0.21.2 -m "not slow"
 #
 # Run from the repository root, in the environment `pip install -e '.[test]'` made.
 set -euo pipefail
@@ -18,5 +18,6 @@ export PYTHONPATH="$dir:$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE
 got=$(python -c "import peft; print(peft.__version__)")
 [ "$got" = "$version" ] || { echo "expected peft $version on the path, got $got" >&2; exit 1; }
 echo "peft $got from $dir"
-tests=$(grep -l "peft" tests/test_*.py | grep -v -e test_bench.py -e test_readme.py -e test_docs.py)
+# every test file that imports peft (PEFT_TESTS="tests/a.py tests/b.py" narrows it)
+tests=${PEFT_TESTS:-$(grep -l "peft" tests/test_*.py | grep -v -e test_bench.py -e test_readme.py -e test_docs.py)}
 python -m pytest -q -p no:cacheprovider $tests "$@"
