@@ -132,6 +132,37 @@ def test_inspect(qwen, tmp_path, capsys):
         assert f"lora-lite inspect: {tmp_path / bad}: {why}" in capsys.readouterr().err
 
 
+KINDS = {  # a checkpoint of every layer kind: (model fixture, config)
+    "linear": ("qwen", lambda: ll.LoRAConfig(r=2, alpha=4, target_names=(r"q_proj$",))),
+    "conv1d": ("gpt2", lambda: ll.LoRAConfig(r=2, alpha=4, target_names=(r"c_attn$",))),
+    "embedding": ("qwen", lambda: ll.LoRAConfig(r=2, alpha=4, target_names=(r"embed_tokens$",))),
+    "fused": ("qwen_moe", lambda: ll.LoRAConfig(r=2, alpha=4, target_parameters=(r"mlp\.experts\.(gate_up_proj|down_proj)$",))),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_inspect_and_export_every_layer_kind(kind, request, tmp_path, capsys):
+    bench = request.getfixturevalue(KINDS[kind][0])
+    model = bench.fresh()
+    ll.attach(model, KINDS[kind][1]())
+    path = tmp_path / "a.safetensors"
+    ll.save(model, path)
+    targets = list(state_of(model).targets)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"targets     {len(targets)}: " in out and f"{trainable:,} trainable of {trainable:,} stored" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["targets"] == targets and d["trainable_parameters"] == trainable
+    assert {p: t["trainable"] for p, t in d["tensors"].items()} == {"lora_A": True, "lora_B": True}
+
+    assert main(["export-peft", str(path), str(tmp_path / "peft")]) == 0
+    what = "parameters" if kind == "fused" else "modules"
+    assert f"PEFT LORA, r=2 on {len(targets)} {what}\n" in capsys.readouterr().out
+
+
 def test_export_peft_from_the_file_alone(qwen, tmp_path, capsys):
     peft = pytest.importorskip("peft")
     model = qwen.fresh()
@@ -162,6 +193,11 @@ def test_import_peft(qwen, tmp_path, capsys):
     model = qwen.fresh()
     ll.load(model, tmp_path / "a.safetensors")  # same base: no fingerprint warning
     assert rel_err(qwen.out(model), qwen.out(pm)) <= 1e-5
+
+    for nowhere in ("nowhere/", "./nowhere", str(tmp_path / "nowhere")):  # a folder, not a hub id
+        assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "b.safetensors"), "--base-model", nowhere]) == 1
+        err = capsys.readouterr().err
+        assert f"--base-model {nowhere}: no such folder" in err and "repo" not in err.lower(), err
 
     res = cli("import-peft", tmp_path / "peft", tmp_path / "b.safetensors", "--base-model", tmp_path / "nonexistent")
     assert res.returncode == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lora_lite as ll
@@ -51,3 +52,30 @@ def test_the_demo_task_labels_whether_the_first_number_is_larger():
         if split == "train":
             train_pairs = pairs
     assert not pairs & train_pairs
+
+
+def test_every_demo_option_is_described():
+    demo = next(a for a in parser()._subparsers._group_actions[0].choices.items() if a[0] == "demo")[1]
+    described = {a.dest: a.help for a in demo._actions if a.dest not in ("help", "debug")}
+    assert described and all(described.values()), described
+
+
+@pytest.mark.slow  # two MiniLM loads and evaluations (~10 s)
+def test_the_demo_removes_its_temporary_folder(tmp_path, monkeypatch, capsys):
+    """Without --out the checkpoint goes to a temporary folder that is gone after the run (a
+    shortened run: 32 sentences a split, one step)."""
+    import tempfile
+
+    import lora_lite.demo as demo
+    import lora_lite.tasks
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(lora_lite.tasks, "make_split", lambda task, split, n, seed: make_split(task, split, 32, seed))
+    assert demo.run(parser().parse_args(["demo", "--steps", "1", "--batch-size", "4", "--rank", "2"])) == 0
+    out = capsys.readouterr().out
+    assert "to a temporary folder (removed; --out DIR keeps it)" in out and "-> OK" in out
+    assert list(tmp_path.iterdir()) == []
+
+    assert demo.run(parser().parse_args(["demo", "--steps", "1", "--batch-size", "4", "--rank", "2",
+                                         "--out", str(tmp_path / "kept")])) == 0
+    assert (tmp_path / "kept" / "adapter.safetensors").is_file()

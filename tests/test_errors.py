@@ -71,7 +71,11 @@ def test_from_dict_validates_untrusted_input():
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_constructor_names_an_unknown_field(name):
     cls = CONFIGS[name]
-    with pytest.raises(ValueError, match=rf"{cls.__name__}: unknown field 'lora_alpha'; valid fields: \[.*'dtype'"):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: unknown field 'rank'; valid fields: \[.*'dtype'"):
+        cls(rank=16)
+    # a PEFT field name also says what to use here (config.PEFT_NAMES; tests/test_from_peft.py)
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: unknown field 'lora_alpha'; PEFT's 'lora_alpha' is "
+                                         rf"'alpha' here .*; valid fields: \[.*'dtype'"):
         cls(lora_alpha=16)
     with pytest.raises(ValueError, match=rf"{cls.__name__}: unknown field 'variant'"):
         cls(variant="lora")  # set by the class, not a knob

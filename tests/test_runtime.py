@@ -64,3 +64,15 @@ def test_a_gate_hook_adds_exactly_the_variants_declared_change(name, c):
             else:
                 ref = y0 + c * variant.change(layer, cfg, x, y0)
     assert GATED and (y - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("fn, words", [
+    (ll.attach, ("requires_grad=False", "forward hook", "lora_*", "calibration_data", "r unmasked tokens",
+                 "RuntimeError", "ValueError", "TypeError", "Example", "ll.detach")),
+    (ll.load, ("ll.read", "requires_grad=True", "No calibration data", "RuntimeError", "CheckpointError",
+               "UserWarning", "Example")),
+])
+def test_help_says_what_it_does_raises_and_shows(fn, words):
+    """help(ll.attach) / help(ll.load): what they do to the model, what they raise, an example."""
+    missing = [w for w in words if w not in fn.__doc__]
+    assert not missing, missing

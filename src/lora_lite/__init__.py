@@ -14,11 +14,13 @@ from .runtime import attach, describe, detach, reconfigure
 from .variant import REGISTRY, ParamSpec, Variant, register
 from . import variants as _variants  # noqa: F401  (registers the built-in variants)
 from .interop.peft import export_peft, import_peft
+from .interop.peft_config import from_peft_config
 
 __all__ = [
     "__version__", "attach", "detach", "describe", "reconfigure", "save", "load", "read", "Adapter",
     "CheckpointError",
     "merge", "disabled", "scaled", "combine", "adapter_of", "swap", "export_peft", "import_peft",
+    "from_peft_config",
     "AdapterConfig", "RankConfig", "ScaledConfig", "REGISTRY", "ParamSpec", "Variant", "register",
 ]
 for _cfg in CONFIGS.values():  # the built-in variants' configs, by class name

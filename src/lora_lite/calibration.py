@@ -116,7 +116,8 @@ def collect_stats(
         if n < min_tokens:
             raise ValueError(
                 f"calibration saw {n} unmasked tokens at {name}; need at least {min_tokens} "
-                f"(the rank r): pass more or longer calibration batches"
+                f"(the rank r: an SVD or eigenbasis of rank r needs r tokens' activations): pass more "
+                f"or longer calibration batches, or a smaller r (at most {n})"
             )
     return stats
 
@@ -215,4 +216,5 @@ def _progress(batches: Iterable, enabled: bool) -> Iterable:
         from tqdm.auto import tqdm
     except ImportError:
         return batches
-    return tqdm(batches, desc="lora-lite calibration", unit="batch", leave=False)
+    # leave=True: the finished bar ends with a newline, so what is printed next starts a line
+    return tqdm(batches, desc="lora-lite calibration", unit="batch", leave=True)

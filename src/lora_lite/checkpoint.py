@@ -283,7 +283,31 @@ def read(path: str | os.PathLike) -> Adapter:
 
 def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
     """Attach the adapter saved at `source` (a file, or an `Adapter` from `read` or an
-    importer) to a pristine `model`, exactly as it was saved."""
+    importer) to a pristine `model`, exactly as it was saved (returns None; no wrapper).
+
+    The file is read and verified (`ll.read`: hashes, config, tensor names, shapes, dtypes), then
+    everything `ll.attach` does happens, with the saved tensors in place of an init: the
+    `lora_*` tensors are registered on the saved targets, every base parameter is frozen, the
+    adapter's trainable tensors (and the `trainable_modules` parameters, set to their saved
+    values) get `requires_grad=True`, and the hooks go on. No calibration data is needed: a
+    data-driven variant's statistics live in its saved tensors. The loaded model computes what
+    the saved one did; to train further, build the optimizer after `load`; for inference only,
+    `model.requires_grad_(False)`.
+
+    Raises, before the model is changed:
+      RuntimeError     the model already has an adapter (`ll.detach` it first);
+      CheckpointError  (a ValueError) a file that is not a readable lora-lite checkpoint, or one
+                       that does not fit this model: a target it lacks (another architecture or
+                       model class), a layer of another kind, shapes or dtypes that differ, the
+                       `trainable_modules` it saved not found.
+    Warns (UserWarning) when the base weights differ from those the adapter was saved on (the
+    checkpoint's fingerprints): the change is applied as saved, but outputs will differ.
+
+    Example:
+        >>> ll.save(model, "adapter.safetensors")
+        >>> base = AutoModelForCausalLM.from_pretrained(name)   # a pristine base
+        >>> ll.load(base, "adapter.safetensors")                # base now computes what model did
+    """
     model = unwrap(model)
     ensure_free(model)
     adapter = source if isinstance(source, Adapter) else read(source)

@@ -38,7 +38,8 @@ def describe(path: str) -> dict:
         shape, dtype = tuple(t.shape), t.dtype
         spec = None
         if name is not None:
-            d_out, d_in = ((fingerprints.get(name) or {}).get("weight") or {}).get("shape", [None, None])
+            # the base weight's shape, its last two dims (a fused parameter's are one expert's)
+            d_out, d_in = ((fingerprints.get(name) or {}).get("weight") or {}).get("shape", [None, None])[-2:]
             spec = variant.at_target(name, cfg).param_specs(d_in, d_out, cfg).get(pname) if d_in else None
         if spec is not None and spec.trainable:
             trainable += t.numel()
@@ -124,14 +125,14 @@ def export(args) -> int:
 
     fields = export_peft_file(args.adapter, args.out_dir)
     rank = f", r={fields['r']}" if "r" in fields else ""
-    print(f"wrote {args.out_dir}: PEFT {fields['peft_type']}{rank} on {len(fields['target_modules'])} modules")
+    on = [f"{len(fields.get(k) or [])} {what}" for k, what in (("target_modules", "modules"),
+                                                                ("target_parameters", "parameters"))
+          if fields.get(k)]
+    print(f"wrote {args.out_dir}: PEFT {fields['peft_type']}{rank} on {' and '.join(on)}")
     return 0
 
 
 def _has_target_parameters(peft_dir: str) -> bool:
-    import json
-    import os
-
     try:
         with open(os.path.join(peft_dir, "adapter_config.json")) as f:
             return bool(json.load(f).get("target_parameters"))
@@ -148,7 +149,13 @@ def import_(args) -> int:
 
     if not _has_target_parameters(args.peft_dir):  # those need the model to be read
         read_peft(args.peft_dir)  # refusals come before the (slow) base load
-    model = getattr(transformers, MODEL_CLASSES[args.model_class]).from_pretrained(args.base_model)
+    base = args.base_model
+    # a hub id is "name" or "owner/name"; anything else is a folder, which must exist
+    if not os.path.isdir(base) and (base.endswith(("/", os.sep)) or base.startswith((".", "/", "~"))
+                                    or base.count("/") > 1 or os.path.exists(base)):
+        raise FileNotFoundError(f"--base-model {base}: no such folder (a saved model's folder, or a hub id "
+                                f"such as Qwen/Qwen3-0.6B)")
+    model = getattr(transformers, MODEL_CLASSES[args.model_class]).from_pretrained(base)
     cfg = ll.import_peft(model, args.peft_dir)
     ll.save(model, args.out)
     print(f"wrote {args.out}: {cfg.variant} on {len(state_of(model).targets)} modules")

@@ -39,6 +39,57 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
+# HF PEFT's config and API names -> (what to use here, or None where there is no counterpart;
+# advice). Written once: a config's unknown-field error reads it, and docs/from-peft.md's table is
+# checked against it (tests/test_from_peft.py).
+PEFT_NAMES: dict[str, tuple[str | None, str]] = {
+    "r": ("r", "the same rank"),
+    "lora_alpha": ("alpha", "the same scale s = alpha / r"),
+    "target_modules": ("target_names", "regexes searched in the full module name: PEFT's "
+                       "['q_proj', 'v_proj'] is target_names=(r'(^|\\.)(q_proj|v_proj)$',); 'all-linear' is the "
+                       "default target_names=() (every linear-like layer, lm_head excluded)"),
+    "exclude_modules": ("exclude_names", "regexes searched in the full module name"),
+    "layers_to_transform": ("layers", "block indices, read from the first integer in the module path"),
+    "target_parameters": ("target_parameters", "regexes over parameter names (fused MoE experts)"),
+    "modules_to_save": ("trainable_modules", "regexes naming base modules that train with the adapter "
+                        "and are saved with it"),
+    "feedforward_modules": ("feedforward_modules", "IA3Config's regexes for the gates that scale an input"),
+    "use_dora": (None, "DoRA is its own config: ll.DoRAConfig(r=..., alpha=...)"),
+    "use_rslora": (None, "rsLoRA's scale is lora_alpha / sqrt(r): set alpha = lora_alpha * sqrt(r)"),
+    "lora_dropout": (None, "lora-lite adds no dropout on the adapter's input (the hook reads the layer's "
+                     "own input); regularise with weight decay, or dropout in the model"),
+    "init_lora_weights": (None, "each config has one init: LoRAConfig's is PEFT's default (True); a "
+                          "data-driven or SVD init (PiSSA, EVA, CorDA) is a variant of its own "
+                          "(docs/variants.md)"),
+    "rank_pattern": (None, "one config has one rank and scale on every target: attach one config, "
+                     "ll.merge it, then attach the next"),
+    "alpha_pattern": (None, "one config has one rank and scale on every target: attach one config, "
+                      "ll.merge it, then attach the next"),
+    "bias": (None, "lora-lite never trains base biases on its own; name the layer in trainable_modules "
+             "to train all of its parameters"),
+    "lora_bias": (None, "no lora-lite variant adds a bias to lora_B"),
+    "fan_in_fan_out": (None, "not needed: transformers' Conv1D (weight stored transposed) is recognised "
+                       "by its type"),
+    "layers_pattern": (None, "not needed: `layers` reads the first integer in the module path"),
+    "task_type": (None, "not needed: the model is not wrapped, its class and forward stay what they were"),
+    "inference_mode": (None, "not needed: ll.load gives trainable adapter tensors; freeze them with "
+                       "requires_grad_(False) or run under torch.no_grad()"),
+    "base_model_name_or_path": (None, "not needed: a checkpoint records fingerprints of the base it was "
+                                "trained on and warns on another"),
+    "trainable_token_indices": (None, "training embedding rows is not an adapter lora-lite has; name the "
+                                "embedding in trainable_modules to train all of it"),
+    "layer_replication": (None, "PEFT duplicates base layers, which changes the model itself"),
+}
+
+
+def peft_advice(key: str) -> str:
+    """What to use here for PEFT's config field `key` (PEFT_NAMES), as one sentence."""
+    ours, why = PEFT_NAMES[key]
+    if ours is None:
+        return f"{key!r} is PEFT's field, with no counterpart here: {why}"
+    return f"PEFT's {key!r} is {ours!r} here ({why})"
+
+
 # variant name -> config class; filled by `lora_lite.variant.register`.
 CONFIGS: dict[str, type[AdapterConfig]] = {}
 
@@ -128,7 +179,8 @@ class AdapterConfig:
         settable = sorted(f.name for f in dataclasses.fields(cls) if f.init)
         for key in kwargs:
             if key not in settable:
-                raise ValueError(f"{cls.__name__}: unknown field {key!r}; valid fields: {settable}")
+                hint = f"; {peft_advice(key)}" if key in PEFT_NAMES else ""
+                raise ValueError(f"{cls.__name__}: unknown field {key!r}{hint}; valid fields: {settable}")
         return super().__new__(cls)
 
     @classmethod

@@ -168,18 +168,20 @@ def run(args) -> int:
     threads = torch.get_num_threads()
     print(f"accuracy after {args.steps} steps ({secs:.0f} s, {threads} thread{'s' * (threads > 1)}): {acc1:.3f}")
 
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lora-lite-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
-    ll.save(clf, out / "adapter.safetensors")  # adapter tensors + the trained head
-    size = (out / "adapter.safetensors").stat().st_size
+    with tempfile.TemporaryDirectory(prefix="lora-lite-demo-") as tmp:  # removed after the run
+        out = Path(args.out or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        ll.save(clf, out / "adapter.safetensors")  # adapter tensors + the trained head
+        size = (out / "adapter.safetensors").stat().st_size
 
-    fresh, _ = load_minilm()
-    clf2 = Classifier(fresh)  # a new random head: load replaces it with the trained one
-    ll.load(clf2, out / "adapter.safetensors")
+        fresh, _ = load_minilm()
+        clf2 = Classifier(fresh)  # a new random head: load replaces it with the trained one
+        ll.load(clf2, out / "adapter.safetensors")
     acc2, logits2 = evaluate(clf2, tok, test_set)
     err = float((logits2 - logits1).abs().max() / logits1.abs().max())
     ok = acc2 == acc1 and err <= 1e-6
-    print(f"saved {size / 1e6:.2f} MB to {out}; reloaded onto a fresh MiniLM: accuracy {acc2:.3f}, "
+    where = out if args.out else "a temporary folder (removed; --out DIR keeps it)"
+    print(f"saved {size / 1e6:.2f} MB to {where}; reloaded onto a fresh MiniLM: accuracy {acc2:.3f}, "
           f"max logit error {err:.1e} relative -> {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 

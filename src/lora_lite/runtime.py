@@ -108,11 +108,38 @@ def attach(
     *,
     progress: bool = True,
 ) -> None:
-    """Attach the adapter `cfg` describes to `model` in place.
+    """Attach the adapter `cfg` describes to `model` in place (returns None; no wrapper).
+
+    What it does to the model:
+      * finds the targets (`cfg.target_names`, `target_roles`, `target_parameters`,
+        `exclude_names`, `layers`) and registers the variant's tensors on each target layer as
+        parameters or buffers named `lora_*` (`layer.lora_A`, ...), in `cfg.dtype`; they appear
+        in `model.parameters()` and `state_dict()` beside the base's own, whose keys stay;
+      * sets `requires_grad=False` on every base parameter, then True on the adapter's trainable
+        tensors and on the parameters of the modules `cfg.trainable_modules` names (those
+        modules' values are kept, for `detach`);
+      * registers a forward hook (or a forward pre-hook, by variant) on each target; the base
+        weights are never written (a fused parameter is swapped for the forward only);
+      * for a data-driven variant, first runs `model` over `calibration_data` once, under
+        `torch.no_grad()` in eval mode (mode restored), collecting each target's input
+        statistics; each target must see at least r unmasked tokens.
 
     calibration_data: iterable of batches (dict -> model(**b), tuple -> model(*b), tensor ->
     model(b)) for variants that read input statistics; `attention_mask` in dict batches drops
     padding. `progress` shows a progress bar over calibration batches (needs tqdm).
+    `torch.compile`'s wrapper is seen through. `ll.detach` undoes all of it.
+
+    Raises, before the model is changed (a failure part-way rolls everything back):
+      RuntimeError  the model already has an adapter (`ll.detach` it first);
+      ValueError    a pattern selects no layer (naming it and why), r larger than a layer allows,
+                    calibration data missing, unused, too short, or of a wrong batch type;
+      TypeError     a target's kind (conv, embedding, fused, quantized) the variant does not adapt.
+
+    Example:
+        >>> cfg = ll.LoRAConfig(r=8, alpha=16, target_names=(r"(q|v)_proj$",))
+        >>> ll.attach(model, cfg)
+        >>> [n for n, p in model.named_parameters() if p.requires_grad][:2]
+        ['model.layers.0.self_attn.q_proj.lora_A', 'model.layers.0.self_attn.q_proj.lora_B']
     """
     model = unwrap(model)
     variant = variant_of(cfg)

@@ -34,11 +34,11 @@ def version() -> str:
 
 
 def _demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600; fewer steps, lower accuracy)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r on every encoder linear layer (alpha = 2r)")
     p.add_argument("--lr", type=float, default=1e-3, help="adapter peak lr (10%% warm-up, then cosine to 0)")
     p.add_argument("--head-lr", type=float, default=1e-2, help="the head's peak lr (same schedule)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per step")
     p.add_argument("--seed", type=int, default=0, help="head init and batch order (the sentences are fixed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the digits depend on it)")
     p.add_argument("--out", default=None, help="folder for adapter.safetensors (default: a new temp folder)")

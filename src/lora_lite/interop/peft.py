@@ -599,10 +599,9 @@ def _read_peft_dir(peft_dir: str) -> tuple[dict, str]:
     return conf, weights
 
 
-def _convert(where: str, conf: dict, shapes: dict, dtype: torch.dtype
-             ) -> tuple[AdapterConfig, dict[str, dict[str, tuple[str, str | None]]]]:
-    """PEFT config + saved tensor shapes -> (our config, {target: {our tensor: (PEFT key, layout)}}).
-    Refuses, naming the option, whatever has no exact lora-lite equivalent."""
+def importers(where: str, conf: dict, also: tuple[str, ...] = ()) -> list[str]:
+    """The variants a PEFT config `conf` may import as (same method, `PeftMap.imports`), after
+    refusing, naming it, every option they cannot reproduce (besides the keys in `also`)."""
     ptype = conf.get("peft_type")
     candidates = [n for n in peft_methods() if REGISTRY[n].peft.method == ptype and REGISTRY[n].peft.imports]
     if not candidates:
@@ -610,10 +609,20 @@ def _convert(where: str, conf: dict, shapes: dict, dtype: torch.dtype
         raise ValueError(f"{where}: PEFT method peft_type={ptype!r} has no lora-lite counterpart; importable: {importable}")
     reads = set().union(*(REGISTRY[n].peft.reads for n in candidates))
     for key, value in conf.items():
-        if key in _INERT or key in reads or value in (None, False, "none", "") or value == {} or value == []:
+        if key in _INERT or key in reads or key in also:
+            continue
+        if value in (None, False, "none", "") or value == {} or value == []:
             continue
         why = _WHY.get(key, "an option lora-lite cannot reproduce exactly")
         raise ValueError(f"{where}: PEFT option {key}={value!r} is not supported: {why}; nothing was changed")
+    return candidates
+
+
+def _convert(where: str, conf: dict, shapes: dict, dtype: torch.dtype
+             ) -> tuple[AdapterConfig, dict[str, dict[str, tuple[str, str | None]]]]:
+    """PEFT config + saved tensor shapes -> (our config, {target: {our tensor: (PEFT key, layout)}}).
+    Refuses, naming the option, whatever has no exact lora-lite equivalent."""
+    ptype, candidates = conf.get("peft_type"), importers(where, conf)
     init = conf.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
         raise ValueError(
