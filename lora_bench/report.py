@@ -1040,7 +1040,8 @@ def cost_summary_markdown(data: dict) -> str | None:
 
 def write_cost_file(out: Path, name: str) -> None:
     data = read_json(out / f"{name}.json")
-    if data and data["models"]:
+    rows = [r for m in (data or {}).get("models", []) for r in m["rows"]]
+    if rows and all("lib" in r for r in rows):  # a cost run (cost --coefficients files are ratios only)
         per_target = per_target_markdown(data)
         (out / f"{name}.md").write_text(ratio_markdown(data, name) + "\n" + (per_target + "\n" if per_target else "")
                                         + cost_markdown(data))
