@@ -33,10 +33,11 @@ from .runtime import detach, state_of, unwrap
 
 
 @contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
+def disabled(model: nn.Module, name: str | None = None) -> Iterator[nn.Module]:
     """Base-model outputs while the adapter stays attached (e.g. the reference model of a
-    preference loss). Restores the previous state on exit, also on an exception."""
-    state = state_of(unwrap(model))
+    preference loss); with several adapters, `name` switches off that one. Restores the
+    previous state on exit, also on an exception."""
+    state = state_of(unwrap(model), name)
     before = state.enabled
     state.enabled = False
     try:
@@ -46,7 +47,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def scaled(model: nn.Module, c: float | torch.Tensor) -> Iterator[nn.Module]:
+def scaled(model: nn.Module, c: float | torch.Tensor | dict[str, float | torch.Tensor]) -> Iterator[nn.Module]:
     """Every target gives y_base + c·(y_adapted − y_base) inside the block: c = 0 is the base
     model, 1 the adapter as trained, −1 the opposite edit, 0.5 half of it. Restores on exit.
 
@@ -77,17 +78,28 @@ def scaled(model: nn.Module, c: float | torch.Tensor) -> Iterator[nn.Module]:
         c = (attention_mask * is_prompt).float()             # per token: steer the prompt only
         with ll.scaled(model, c):
             out = model(input_ids, attention_mask=attention_mask)
+
+    With several adapters c is a dict {name: strength} (each value as above; adapters it does
+    not name keep theirs): `scaled(model, {"task": 1.0, "steer": -0.5})`. Every name and value
+    is checked before any strength changes.
     """
-    state = state_of(unwrap(model))
-    c = coefficient(c, "scaled(model, c)", state.device)
-    before = state.scale
-    strength = _product(before, c)
-    state.check_coefficient(strength, "scaled(model, c)")
-    state.set_coefficients(strength, state.cfg)
+    model = unwrap(model)
+    per = c if isinstance(c, dict) else {None: c}
+    states = {n: state_of(model, n) for n in per}  # an unknown name raises here
+    new = {}
+    for n, state in states.items():
+        what = "scaled(model, c)" if n is None else f"scaled(model, {{{n!r}: ...}})"
+        strength = _product(state.scale, coefficient(per[n], what, state.device))
+        state.check_coefficient(strength, what)
+        new[n] = strength
+    before = {n: state.scale for n, state in states.items()}
+    for n, state in states.items():
+        state.set_coefficients(new[n], state.cfg)
     try:
         yield model
     finally:
-        state.set_coefficients(before, state.cfg)
+        for n, state in states.items():
+            state.set_coefficients(before[n], state.cfg)
 
 
 def _product(b: float | torch.Tensor, c: float | torch.Tensor) -> float | torch.Tensor:
