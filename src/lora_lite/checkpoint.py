@@ -7,7 +7,9 @@ fingerprint.py}), sha256 (JSON {tensor: sha256 of its raw bytes}) and metadata_s
 of the canonical JSON of every other metadata entry). With `trainable_modules`, their
 parameters are stored as "base.<parameter name>" and listed in the metadata "trainable" (JSON
 list; absent = none). A tensor shared by all targets (ParamSpec shared=True) is stored once, as
-"shared.<lora_name>", and listed in the metadata "shared" (JSON list; absent = none).
+"shared.<lora_name>", and listed in the metadata "shared" (JSON list; absent = none). The
+metadata "name" is the adapter of its model the file holds (an identifier; absent = the default
+adapter); tensors are stored under their `lora_*` names whatever the adapter's name.
 
 An adapter is data: `read(path)` returns an `Adapter` (config, targets, tensors per target,
 trained base parameters, fingerprints, format version) after reading the file once, into

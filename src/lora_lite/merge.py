@@ -16,6 +16,10 @@ writes W + c·(W_eff − W) (and the same for the bias), inside `disabled(model)
 unchanged and drops the adapter. Every change of a variant is affine in the layer input, so this
 is the same function as the scaled hook. A coefficient tensor has no single weight: merge
 refuses it.
+
+With several adapters (runtime.py), `disabled(model, name)` and `scaled(model, {name: c})` act
+on the adapters they name; merge, like every function given no name, raises when the model
+carries several.
 """
 
 from __future__ import annotations

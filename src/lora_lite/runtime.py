@@ -20,6 +20,19 @@ row the float gives, bit for bit (for values exact in the activation's dtype). W
 cfg.compute == "input" (default, AMP-style) the variant computes Δ in the activation's dtype,
 casting its small tensors; with "adapter" the activation is cast to the adapter tensors' dtype
 first and Δ back.
+
+Several adapters (amendment 8; docs/several-adapters.md). `attach(..., name=)` adds a named
+adapter (a Python identifier not attached yet; DEFAULT is the one-adapter API, its state at
+`model._lora_lite`, the others' at `model._lora_lite_named[name]`). A named adapter's tensors
+are registered as `lora_X_<name>`; its variant code, and save/merge/describe, read them as
+`lora_X` through a `view` of the layer (a subclass of the layer's class whose `lora_*`
+attributes resolve to that adapter's). A layer with one adapter holds that adapter's hook; a
+layer several output hooks share holds one `SharedHook`: y_base + Σ_k c_k·Δ_k, each Δ_k from the
+layer's input and y_base (a gate's as y_base ⊙ (g_k − 1)). An input pre-hook variant or a fused
+parameter shares no layer (validate refuses). attach freezes every other parameter, earlier
+adapters included; detach gives the remaining adapters their flags back and, with the last
+adapter, the base its flags from before the first attach. A function given no name acts on the
+only adapter (`state_of`) and raises, naming them, when there are several.
 """
 
 from __future__ import annotations
