@@ -241,3 +241,13 @@ def test_two_loras_match_peft_multi_adapter_forward():
                 t.copy_(theirs[f"base_model.model.{layer}.{pname}.{name}.weight"])
     x = torch.randn(6, 32)
     torch.testing.assert_close(ours(x), pm(x), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_of_the_only_named_adapter():
+    base = _base()
+    alone = _alone(base, ll.IA3Config(target_names=(r"^[02]$",)), 4)
+    model = _several(base, {"g": alone})
+    x = torch.randn(3, 32)
+    ll.merge(model)
+    torch.testing.assert_close(model(x), alone(x), rtol=1e-5, atol=1e-5)
+    assert not adapters(model) and list(model.state_dict()) == list(base.state_dict())

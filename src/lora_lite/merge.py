@@ -33,7 +33,7 @@ from torch import nn
 from .config import coefficient
 from .kinds import bias, is_dense, to_storage
 from .quant import dense_weight
-from .runtime import detach, state_of, unwrap
+from .runtime import detach, layer_of, state_of, unwrap
 
 
 @contextmanager
@@ -163,7 +163,7 @@ def merge(model: nn.Module) -> None:
                 layer.weight.copy_(to_storage(layer, W))
                 if b is not None and layer.bias is None:
                     flag = state.requires_grad.get(f"{name}.weight", False)
-                    layer.bias = nn.Parameter(b, requires_grad=flag)
+                    layer_of(layer).bias = nn.Parameter(b, requires_grad=flag)  # the layer, not a view
                 elif b is not None:
                     layer.bias.copy_(b)
             except Exception as e:  # after the checks above only resource errors get here

@@ -178,7 +178,7 @@ def detach(model: nn.Module, name: str | None = None) -> None:
     _remove_hooks(state)
     for name, layer in state.targets.items():
         for pname in state.specs[name]:
-            _delete(_layer(layer), registered(state.name, pname))
+            _delete(layer_of(layer), registered(state.name, pname))
         if isinstance(layer, FusedParameter):
             layer.owner._modules.pop(layer.slot, None)
     _restore_values(model, state.originals)
@@ -403,7 +403,7 @@ def _is_adapter_tensor(qualified: str) -> bool:
     return qualified.rsplit(".", 1)[-1].startswith(TENSOR_PREFIX)
 
 
-def _layer(target: nn.Module) -> nn.Module:
+def layer_of(target: nn.Module) -> nn.Module:
     """The model's layer behind a target (a `view` of a named adapter, or the layer itself)."""
     return target.__dict__.get("_lora_layer", target)
 
@@ -448,8 +448,8 @@ def validate(
     owned: set[tuple[int, str]] = set()
     for other in adapters(model).values():
         for n, t in other.targets.items():
-            held.setdefault(id(_layer(t)), []).append((other.name, other.variant.at_target(n, other.cfg)))
-            owned.update((id(_layer(t)), registered(other.name, p)) for p in other.specs[n])
+            held.setdefault(id(layer_of(t)), []).append((other.name, other.variant.at_target(n, other.cfg)))
+            owned.update((id(layer_of(t)), registered(other.name, p)) for p in other.specs[n])
     for name, layer in targets:
         placed = variant.at_target(name, cfg)
         leftover = [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(TENSOR_PREFIX)]
@@ -745,7 +745,7 @@ class AdapterHook:
         left over to broadcast along (shapes only: the values were checked when they were set)."""
         for c in self.state.per_row:
             if t.ndim <= c.ndim or t.shape[:c.ndim] != c.shape:
-                name = next((n for n, m in self.state.targets.items() if m is module), type(module).__name__)
+                name = next((n for n, m in self.state.targets.items() if layer_of(m) is module), type(module).__name__)
                 raise ValueError(
                     f"{name}: a coefficient tensor of shape {tuple(c.shape)} does not fit this layer's "
                     f"activation of shape {tuple(t.shape)}: a (batch,) coefficient needs the batch size "
@@ -904,7 +904,7 @@ def _remove_hooks(state: AttachState) -> None:
     a deepcopied or unpickled model as on the original); a layer's SharedHook loses that
     adapter's hook, and becomes the remaining adapter's own hook when one is left."""
     for target in state.targets.values():
-        layer = target.owner if isinstance(target, FusedParameter) else _layer(target)
+        layer = target.owner if isinstance(target, FusedParameter) else layer_of(target)
         for key, h in list(layer._forward_hooks.items()):
             if isinstance(h, SharedHook):
                 rest = [x for x in h.hooks if x.state is not state]
