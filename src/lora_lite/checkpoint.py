@@ -7,7 +7,9 @@ fingerprint.py}), sha256 (JSON {tensor: sha256 of its raw bytes}) and metadata_s
 of the canonical JSON of every other metadata entry). With `trainable_modules`, their
 parameters are stored as "base.<parameter name>" and listed in the metadata "trainable" (JSON
 list; absent = none). A tensor shared by all targets (ParamSpec shared=True) is stored once, as
-"shared.<lora_name>", and listed in the metadata "shared" (JSON list; absent = none).
+"shared.<lora_name>", and listed in the metadata "shared" (JSON list; absent = none). The
+metadata "name" is the adapter of its model the file holds (an identifier; absent = the default
+adapter); tensors are stored under their `lora_*` names whatever the adapter's name.
 
 An adapter is data: `read(path)` returns an `Adapter` (config, targets, tensors per target,
 trained base parameters, fingerprints, format version) after reading the file once, into
@@ -48,7 +50,7 @@ from .config import AdapterConfig
 from .fingerprint import fingerprint, same_base
 from .kinds import KINDS, kind_of
 from .runtime import (
-    ensure_free, install, layer_specs, shared_specs, state_of, trainable_params, unwrap, validate, variant_of,
+    DEFAULT, ensure_free, install, layer_specs, shared_specs, state_of, trainable_params, unwrap, validate, variant_of,
 )
 from .targets import targets_by_name
 
@@ -81,6 +83,8 @@ class Adapter:
     unknown (an imported PEFT adapter), which skips the different-base warning.
     kinds: {target: layer kind} (kinds.py) of the targets that are not nn.Linear ("conv1d",
     "embedding", "fused"): exporters name their tensors by kind.
+    name: the adapter of its model it was saved from (runtime.DEFAULT: the one-adapter API's);
+    `load` attaches it under this name unless told another.
     """
 
     config: AdapterConfig
@@ -92,6 +96,7 @@ class Adapter:
     format_version: str = FORMAT_VERSION
     library_version: str = __version__
     source: str = "<memory>"                    # the file it was read from, for messages
+    name: str = DEFAULT
 
     @property
     def variant(self) -> str:
@@ -102,9 +107,10 @@ class Adapter:
         return list(self.tensors)
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the attached adapter to `path` atomically (`write_atomic`): on any failure the
-    previous file at `path`, if any, is left as it was.
+def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
+    """Write the attached adapter (`name`, or the only one) to `path` atomically
+    (`write_atomic`): on any failure the previous file at `path`, if any, is left as it was.
+    The file records the adapter's name.
 
     Distributed: when torch.distributed is initialised, only global rank 0 writes; the other
     ranks return without writing. Adapter tensors sharded by FSDP2 (DTensors) are gathered
@@ -112,16 +118,16 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     hang). With replicated tensors (DDP) no collective runs, so rank 0 alone may call it. `save`
     holds no barrier: ranks that read the file afterwards call `dist.barrier()` first.
     """
-    adapter = adapter_of(model)
+    adapter = adapter_of(model, name)
     if _is_writer():
         write(adapter, path)
 
 
-def adapter_of(model: nn.Module) -> Adapter:
-    """The adapter attached to `model` as data (tensors gathered to the CPU; a collective under
-    FSDP2, see `save`)."""
+def adapter_of(model: nn.Module, name: str | None = None) -> Adapter:
+    """The adapter attached to `model` (`name`, or the only one) as data (tensors gathered to
+    the CPU; a collective under FSDP2, see `save`)."""
     model = unwrap(model)
-    state = state_of(model)
+    state = state_of(model, name)
     state.cfg.to_dict()  # a coefficient tensor in the config raises here, before any collective
     tensors = _full_adapter_tensors(state)
     shared = {p: _on_cpu(t) for p, t in state.shared.items()}
@@ -132,6 +138,7 @@ def adapter_of(model: nn.Module) -> Adapter:
         trainable={n: model.get_parameter(n).detach().to("cpu").contiguous() for n in state.originals},
         fingerprints=state.fingerprints,
         kinds={n: k for n, m in state.targets.items() if (k := kind_of(m)) != "linear"},
+        name=state.name,
     )
 
 
@@ -162,6 +169,8 @@ def write(adapter: Adapter, path: str | os.PathLike) -> None:
         metadata["shared"] = json.dumps(list(adapter.shared))
     if adapter.kinds:  # an exporter without the model needs them (PEFT's names differ per kind)
         metadata["kinds"] = json.dumps(adapter.kinds)
+    if adapter.name != DEFAULT:  # absent: the default adapter
+        metadata["name"] = adapter.name
     metadata["metadata_sha256"] = _metadata_digest(metadata)
     write_atomic(path, serialize(tensors, metadata=metadata))
 
@@ -276,14 +285,18 @@ def read(path: str | os.PathLike) -> Adapter:
     kinds = _parse_json(path, meta, "kinds", dict) if "kinds" in meta else {}
     if not set(kinds) <= set(names) or not set(kinds.values()) <= set(KINDS):
         raise CheckpointError(f"{path}: metadata 'kinds' must map listed targets to one of {KINDS}")
+    name = meta.get("name", DEFAULT)
+    if not name.isidentifier() or name == DEFAULT and "name" in meta:
+        raise CheckpointError(f"{path}: metadata 'name' must be an identifier other than {DEFAULT!r}, got {name!r}")
     return Adapter(config=cfg, tensors=tensors, trainable=trainable, fingerprints=fps, kinds=kinds, shared=shared,
                    format_version=meta["format_version"],
-                   library_version=str(meta.get("library_version", "?")), source=path)
+                   library_version=str(meta.get("library_version", "?")), source=path, name=name)
 
 
-def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
+def load(model: nn.Module, source: str | os.PathLike | Adapter, name: str | None = None) -> None:
     """Attach the adapter saved at `source` (a file, or an `Adapter` from `read` or an
-    importer) to a pristine `model`, exactly as it was saved (returns None; no wrapper).
+    importer) to a pristine `model`, exactly as it was saved (returns None; no wrapper), under
+    `name` (default: the name the file records; a name already attached is refused).
 
     The file is read and verified (`ll.read`: hashes, config, tensor names, shapes, dtypes), then
     everything `ll.attach` does happens, with the saved tensors in place of an init: the
@@ -295,7 +308,7 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
     `model.requires_grad_(False)`.
 
     Raises, before the model is changed:
-      RuntimeError     the model already has an adapter (`ll.detach` it first);
+      RuntimeError     the model already has an adapter of that name (`ll.detach` it first);
       CheckpointError  (a ValueError) a file that is not a readable lora-lite checkpoint, or one
                        that does not fit this model: a target it lacks (another architecture or
                        model class), a layer of another kind, shapes or dtypes that differ, the
@@ -309,8 +322,11 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
         >>> ll.load(base, "adapter.safetensors")                # base now computes what model did
     """
     model = unwrap(model)
-    ensure_free(model)
+    if name is not None:
+        ensure_free(model, name)
     adapter = source if isinstance(source, Adapter) else read(source)
+    as_name = adapter.name if name is None else name
+    ensure_free(model, as_name)
     where, cfg = adapter.source, adapter.config
     variant = variant_of(cfg)
     names = adapter.targets
@@ -328,7 +344,7 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
             article = "an" if saved_kind[0] in "aeiou" else "a"
             raise CheckpointError(f"{where}: {name} is a {kind} layer here, the adapter was made for {article} {saved_kind} one")
     try:
-        validate(model, variant, cfg, targets)
+        validate(model, variant, cfg, targets, adapter=as_name)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: the saved {cfg.variant!r} adapter does not fit this model: {e}") from None
 
@@ -381,7 +397,7 @@ def load(model: nn.Module, source: str | os.PathLike | Adapter) -> None:
             t.copy_(adapter.shared[pname])
 
     install(model, cfg, variant, targets, fill, fingerprints=now, trainable_values=adapter.trainable,
-            fill_shared=fill_shared)
+            fill_shared=fill_shared, name=as_name)
 
 
 def _check_trainable(where, model, adapter: Adapter, cfg, targets) -> None:

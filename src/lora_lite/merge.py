@@ -16,6 +16,10 @@ writes W + c·(W_eff − W) (and the same for the bias), inside `disabled(model)
 unchanged and drops the adapter. Every change of a variant is affine in the layer input, so this
 is the same function as the scaled hook. A coefficient tensor has no single weight: merge
 refuses it.
+
+With several adapters (runtime.py), `disabled(model, name)` and `scaled(model, {name: c})` act
+on the adapters they name; merge, like every function given no name, raises when the model
+carries several.
 """
 
 from __future__ import annotations
@@ -29,14 +33,15 @@ from torch import nn
 from .config import coefficient
 from .kinds import bias, is_dense, to_storage
 from .quant import dense_weight
-from .runtime import detach, state_of, unwrap
+from .runtime import detach, layer_of, state_of, unwrap
 
 
 @contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
+def disabled(model: nn.Module, name: str | None = None) -> Iterator[nn.Module]:
     """Base-model outputs while the adapter stays attached (e.g. the reference model of a
-    preference loss). Restores the previous state on exit, also on an exception."""
-    state = state_of(unwrap(model))
+    preference loss); with several adapters, `name` switches off that one. Restores the
+    previous state on exit, also on an exception."""
+    state = state_of(unwrap(model), name)
     before = state.enabled
     state.enabled = False
     try:
@@ -46,7 +51,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def scaled(model: nn.Module, c: float | torch.Tensor) -> Iterator[nn.Module]:
+def scaled(model: nn.Module, c: float | torch.Tensor | dict[str, float | torch.Tensor]) -> Iterator[nn.Module]:
     """Every target gives y_base + c·(y_adapted − y_base) inside the block: c = 0 is the base
     model, 1 the adapter as trained, −1 the opposite edit, 0.5 half of it. Restores on exit.
 
@@ -77,17 +82,28 @@ def scaled(model: nn.Module, c: float | torch.Tensor) -> Iterator[nn.Module]:
         c = (attention_mask * is_prompt).float()             # per token: steer the prompt only
         with ll.scaled(model, c):
             out = model(input_ids, attention_mask=attention_mask)
+
+    With several adapters c is a dict {name: strength} (each value as above; adapters it does
+    not name keep theirs): `scaled(model, {"task": 1.0, "steer": -0.5})`. Every name and value
+    is checked before any strength changes.
     """
-    state = state_of(unwrap(model))
-    c = coefficient(c, "scaled(model, c)", state.device)
-    before = state.scale
-    strength = _product(before, c)
-    state.check_coefficient(strength, "scaled(model, c)")
-    state.set_coefficients(strength, state.cfg)
+    model = unwrap(model)
+    per = c if isinstance(c, dict) else {None: c}
+    states = {n: state_of(model, n) for n in per}  # an unknown name raises here
+    new = {}
+    for n, state in states.items():
+        what = "scaled(model, c)" if n is None else f"scaled(model, {{{n!r}: ...}})"
+        strength = _product(state.scale, coefficient(per[n], what, state.device))
+        state.check_coefficient(strength, what)
+        new[n] = strength
+    before = {n: state.scale for n, state in states.items()}
+    for n, state in states.items():
+        state.set_coefficients(new[n], state.cfg)
     try:
         yield model
     finally:
-        state.set_coefficients(before, state.cfg)
+        for n, state in states.items():
+            state.set_coefficients(before[n], state.cfg)
 
 
 def _product(b: float | torch.Tensor, c: float | torch.Tensor) -> float | torch.Tensor:
@@ -147,7 +163,7 @@ def merge(model: nn.Module) -> None:
                 layer.weight.copy_(to_storage(layer, W))
                 if b is not None and layer.bias is None:
                     flag = state.requires_grad.get(f"{name}.weight", False)
-                    layer.bias = nn.Parameter(b, requires_grad=flag)
+                    layer_of(layer).bias = nn.Parameter(b, requires_grad=flag)  # the layer, not a view
                 elif b is not None:
                     layer.bias.copy_(b)
             except Exception as e:  # after the checks above only resource errors get here

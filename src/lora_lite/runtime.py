@@ -20,6 +20,19 @@ row the float gives, bit for bit (for values exact in the activation's dtype). W
 cfg.compute == "input" (default, AMP-style) the variant computes Δ in the activation's dtype,
 casting its small tensors; with "adapter" the activation is cast to the adapter tensors' dtype
 first and Δ back.
+
+Several adapters (amendment 8; docs/several-adapters.md). `attach(..., name=)` adds a named
+adapter (a Python identifier not attached yet; DEFAULT is the one-adapter API, its state at
+`model._lora_lite`, the others' at `model._lora_lite_named[name]`). A named adapter's tensors
+are registered as `lora_X_<name>`; its variant code, and save/merge/describe, read them as
+`lora_X` through a `view` of the layer (a subclass of the layer's class whose `lora_*`
+attributes resolve to that adapter's). A layer with one adapter holds that adapter's hook; a
+layer several output hooks share holds one `SharedHook`: y_base + Σ_k c_k·Δ_k, each Δ_k from the
+layer's input and y_base (a gate's as y_base ⊙ (g_k − 1)). An input pre-hook variant or a fused
+parameter shares no layer (validate refuses). attach freezes every other parameter, earlier
+adapters included; detach gives the remaining adapters their flags back and, with the last
+adapter, the base its flags from before the first attach. A function given no name acts on the
+only adapter (`state_of`) and raises, naming them, when there are several.
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ from .variant import REGISTRY, ParamSpec, Variant, init_tensor, like, per_row
 
 STATE_ATTR = "_lora_lite"
 TENSOR_PREFIX = "lora_"  # every adapter tensor name starts with it
+DEFAULT = "default"        # the adapter of the one-adapter API: state at STATE_ATTR, tensors lora_X
+NAMED_ATTR = "_lora_lite_named"  # {name: AttachState} of the adapters attached under another name
 
 
 @dataclass
@@ -58,6 +73,7 @@ class AttachState:
     scale: float | torch.Tensor = 1.0           # ll.scaled: y + scale·Δy at every target
     enabled: bool = True                        # ll.disabled: False skips every hook
     per_row: tuple[torch.Tensor, ...] = ()      # the coefficient tensors in effect (scale, coeff)
+    name: str = DEFAULT                         # tensors registered as lora_X_<name> unless DEFAULT
 
     def set_coefficients(self, scale: float | torch.Tensor, cfg: AdapterConfig) -> None:
         """Set the strength and the config together, with the tensors the hooks match against
@@ -107,8 +123,11 @@ def attach(
     calibration_data: Iterable | None = None,
     *,
     progress: bool = True,
+    name: str = DEFAULT,
 ) -> None:
-    """Attach the adapter `cfg` describes to `model` in place (returns None; no wrapper).
+    """Attach the adapter `cfg` describes to `model` in place (returns None; no wrapper), as
+    adapter `name` (an identifier not yet attached; several adapters compose as
+    y_base + Σ_k c_k·Δ_k, see docs/several-adapters.md).
 
     What it does to the model:
       * finds the targets (`cfg.target_names`, `target_roles`, `target_parameters`,
@@ -143,9 +162,9 @@ def attach(
     """
     model = unwrap(model)
     variant = variant_of(cfg)
-    ensure_free(model)
+    ensure_free(model, name)
     targets = find_targets(model, cfg)
-    validate(model, variant, cfg, targets)
+    validate(model, variant, cfg, targets, adapter=name)
     kind, required = variant.calibration_needs(cfg)
     if calibration_data is not None and kind is None:
         which = "" if variant.calibration is None else f" with this {type(cfg).__name__}"
@@ -174,24 +193,31 @@ def attach(
             init_tensor(t, specs[pname].init)
         variant.init_shared(shared, cfg)
 
-    install(model, cfg, variant, targets, fill, fill_shared=fill_shared)
+    install(model, cfg, variant, targets, fill, fill_shared=fill_shared, name=name)
 
 
-def detach(model: nn.Module) -> None:
-    """Remove the adapter: hooks, `lora_*` tensors and the attach state; grad flags back.
-    The base weights were never written, and the parameters of `trainable_modules` get their
-    values from attach time back, so the model is the pristine base bit for bit."""
+def detach(model: nn.Module, name: str | None = None) -> None:
+    """Remove the adapter (`name`, or the only one): hooks, `lora_*` tensors and the attach
+    state; grad flags back. The base weights were never written, and the parameters of
+    `trainable_modules` get their values from attach time back, so without other adapters the
+    model is the pristine base bit for bit; the other adapters stay attached as they were."""
     model = unwrap(model)
-    state = state_of(model)
+    state = state_of(model, name)
     _remove_hooks(state)
     for name, layer in state.targets.items():
         for pname in state.specs[name]:
-            _delete(layer, pname)
+            _delete(layer_of(layer), registered(state.name, pname))
         if isinstance(layer, FusedParameter):
             layer.owner._modules.pop(layer.slot, None)
     _restore_values(model, state.originals)
-    _restore_flags(model, state.requires_grad)
-    delattr(model, STATE_ATTR)
+    others = [s for s in adapters(model).values() if s is not state]
+    # Every attach snapshot holds the base flags from before the first adapter (install copies
+    # them); while other adapters stay, the base stays frozen and only their tensors' flags return.
+    _restore_flags(model, {n: f for n, f in state.requires_grad.items() if not others or _is_adapter_tensor(n)})
+    if state.name == DEFAULT:
+        delattr(model, STATE_ATTR)
+    else:
+        del model.__dict__[NAMED_ATTR][state.name]
 
 
 def reconfigure(model: nn.Module, **changes) -> AdapterConfig:
@@ -240,6 +266,7 @@ class Description:
     hook: str                                   # "output" or "input (pre-hook)"
     scale: float | torch.Tensor
     enabled: bool
+    name: str = DEFAULT
 
     def __str__(self) -> str:
         cfg = self.config
@@ -253,7 +280,7 @@ class Description:
         compute = ("in the activation's dtype (AMP-style)" if cfg.compute == "input"
                    else "in the adapter dtype (activations cast)")
         lines = [
-            f"lora-lite adapter: {self.variant} ({type(cfg).__name__})",
+            f"lora-lite adapter{'' if self.name == DEFAULT else f' {self.name!r}'}: {self.variant} ({type(cfg).__name__})",
             f"  config: {', '.join(fields)}",
             f"  targets: {len(self.targets)} layers ({', '.join(some)}); selected by "
             f"target_names={cfg.target_names}, target_roles={cfg.target_roles}, layers={cfg.layers}"
@@ -282,13 +309,29 @@ def _strength(scale) -> str:
     return f"{scale:g}" if isinstance(scale, float) else _shown(scale)
 
 
-def describe(model: nn.Module) -> Description | str:
+class Descriptions(dict):
+    """{name: Description} of a model with several adapters; prints each in attach order."""
+
+    def __str__(self) -> str:
+        return "\n".join(map(str, self.values()))
+
+    __repr__ = __str__
+
+
+def describe(model: nn.Module, name: str | None = None) -> Description | Descriptions | str:
     """What is attached to `model`: variant, key config fields, targets, trainable parameter
-    counts, adapter dtype, compute policy, hook state. `print(ll.describe(model))`."""
+    counts, adapter dtype, compute policy, hook state. `print(ll.describe(model))`. With several
+    adapters: a `Descriptions` of each (or the one `name` picks)."""
     model = unwrap(model)
-    state = model.__dict__.get(STATE_ATTR)
-    if state is None:
+    found = adapters(model)
+    if not found:
         return "no lora-lite adapter is attached to this model"
+    if name is None and len(found) > 1:
+        return Descriptions({n: _describe(model, s) for n, s in found.items()})
+    return _describe(model, state_of(model, name))
+
+
+def _describe(model: nn.Module, state: AttachState) -> Description:
     tensors = [getattr(layer, p) for n, layer in state.targets.items() for p in state.specs[n]]
     trainable = list({id(t): t for n, layer in state.targets.items() for p, spec in state.specs[n].items()
                       if spec.trainable for t in (getattr(layer, p),)}.values())  # a shared one once
@@ -302,6 +345,7 @@ def describe(model: nn.Module) -> Description | str:
         hook=_hook_kinds(state),
         scale=state.scale,
         enabled=state.enabled,
+        name=state.name,
     )
 
 
@@ -344,32 +388,114 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def state_of(model: nn.Module) -> AttachState:
-    state = model.__dict__.get(STATE_ATTR)
-    if state is None:
-        raise RuntimeError("no lora-lite adapter is attached to this model; call attach() or load()")
-    return state
+def adapters(model: nn.Module) -> dict[str, AttachState]:
+    """{name: attach state} of every adapter on `model`, the default one first."""
+    found = {DEFAULT: model.__dict__[STATE_ATTR]} if STATE_ATTR in model.__dict__ else {}
+    return {**found, **model.__dict__.get(NAMED_ATTR, {})}
 
 
-def ensure_free(model: nn.Module) -> None:
-    if STATE_ATTR in model.__dict__:
+def state_of(model: nn.Module, name: str | None = None) -> AttachState:
+    """The attach state of adapter `name`, or of the only adapter when `name` is None."""
+    found = adapters(model)
+    if name is None:
+        if len(found) == 1:
+            return next(iter(found.values()))
+        if not found:
+            raise RuntimeError("no lora-lite adapter is attached to this model; call attach() or load()")
+        raise RuntimeError(f"this model carries several adapters ({', '.join(map(repr, found))}); name the one meant")
+    if name not in found:
+        raise KeyError(f"no adapter named {name!r} is attached; attached: {', '.join(map(repr, found)) or 'none'}")
+    return found[name]
+
+
+def ensure_free(model: nn.Module, name: str = DEFAULT) -> None:
+    """Refuse an adapter name that is not an identifier or is already attached."""
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"adapter name {name!r} is not a valid Python identifier (e.g. 'task', 'steer_1')")
+    found = adapters(model)
+    if name in found:
         raise RuntimeError(
-            f"this model already has a lora-lite adapter ({model.__dict__[STATE_ATTR].cfg.variant!r}); "
-            f"call lora_lite.detach(model) first"
+            f"this model already has a lora-lite adapter named {name!r} ({found[name].cfg.variant!r}); "
+            f"call lora_lite.detach(model{'' if name == DEFAULT else f', {name!r}'}) first, or attach "
+            f"this one under another name (name=...)"
         )
 
 
+def registered(name: str, pname: str) -> str:
+    """The attribute name on the layer of adapter `name`'s tensor `pname` (lora_X as the variant
+    reads it): lora_X for the default adapter, lora_X_<name> for the others."""
+    return pname if name == DEFAULT else f"{pname}_{name}"
+
+
+def _is_adapter_tensor(qualified: str) -> bool:
+    return qualified.rsplit(".", 1)[-1].startswith(TENSOR_PREFIX)
+
+
+def layer_of(target: nn.Module) -> nn.Module:
+    """The model's layer behind a target (a `view` of a named adapter, or the layer itself)."""
+    return target.__dict__.get("_lora_layer", target)
+
+
+class _View:
+    """Mixed into a subclass of the layer's class (isinstance checks hold): an instance is the
+    layer as a named adapter's variant math sees it. `lora_X` reads that adapter's `lora_X_<name>`
+    on the layer, every other attribute the layer's own (live: `.to()`, new buffers). It holds
+    no state but (layer, name), so copies and pickles rebuild it over the copied layer."""
+
+    def __getattr__(self, attr):
+        d = self.__dict__
+        if attr.startswith(TENSOR_PREFIX):
+            return getattr(d["_lora_layer"], f"{attr}_{d['_lora_name']}")
+        return getattr(d["_lora_layer"], attr)
+
+    def __reduce__(self):
+        return view, (self.__dict__["_lora_layer"], self.__dict__["_lora_name"])
+
+
+_VIEW_CLASSES: dict[type, type] = {}
+
+
+def view(layer: nn.Module, name: str) -> nn.Module:
+    """Adapter `name`'s view of `layer` (`_View`)."""
+    cls = type(layer)
+    sub = _VIEW_CLASSES.get(cls)
+    if sub is None:
+        sub = _VIEW_CLASSES[cls] = type(cls.__name__, (_View, cls), {"__module__": cls.__module__})
+    v = object.__new__(sub)
+    v.__dict__.update(_lora_layer=layer, _lora_name=name)
+    return v
+
+
 def validate(
-    model: nn.Module, variant: type[Variant], cfg: AdapterConfig, targets: list[tuple[str, nn.Module]]
+    model: nn.Module, variant: type[Variant], cfg: AdapterConfig, targets: list[tuple[str, nn.Module]],
+    *, adapter: str = DEFAULT,
 ) -> None:
     """Every check that can reject an attach/load; runs before anything is mutated."""
-    ensure_free(model)
+    ensure_free(model, adapter)
+    held: dict[int, list[tuple[str, type[Variant]]]] = {}  # layer -> the adapters already on it
+    owned: set[tuple[int, str]] = set()
+    for other in adapters(model).values():
+        for n, t in other.targets.items():
+            held.setdefault(id(layer_of(t)), []).append((other.name, other.variant.at_target(n, other.cfg)))
+            owned.update((id(layer_of(t)), registered(other.name, p)) for p in other.specs[n])
     for name, layer in targets:
         placed = variant.at_target(name, cfg)
         leftover = [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(TENSOR_PREFIX)]
         leftover += [n for n, _ in layer.named_buffers(recurse=False) if n.startswith(TENSOR_PREFIX)]
+        leftover = [n for n in leftover if (id(layer), n) not in owned]
         if leftover:
             raise RuntimeError(f"{name} already holds adapter tensors {leftover}; use a pristine model")
+        if adapter != DEFAULT and isinstance(layer, FusedParameter):
+            raise TypeError(f"{name}: a fused parameter carries the default adapter only; attach without name=")
+        here = held.get(id(layer), [])
+        pre = [n for n, v in [(adapter, placed), *here] if v.delta_input is not None]
+        if here and (pre or isinstance(layer, FusedParameter)):
+            raise ValueError(
+                f"{name}: adapter {adapter!r} would share this layer with {', '.join(repr(n) for n, _ in here)}, "
+                f"but an input pre-hook variant (or a fused parameter) cannot share a layer with another "
+                f"adapter: each adapter's change must come from the layer's own input; exclude the layer "
+                f"from one of them (exclude_names)"
+            )
         check_kind(name, layer, placed)
         if placed.needs_dense_weight and weight_storage(layer) is None:
             w = getattr(layer, "weight", None)
@@ -486,17 +612,25 @@ def install(
     trainable_values: dict[str, torch.Tensor] | None = None,
     *,
     fill_shared: Callable[[dict[str, torch.Tensor], dict[str, ParamSpec]], None],
+    name: str = DEFAULT,
 ) -> None:
     """Create tensors, fill them (`fill_shared` the shared ones, once, then `fill` each target's
     own), freeze the base, unfreeze `trainable_modules` (keeping their values for detach;
-    `trainable_values` sets them, as load does), add hooks; roll back on any error."""
+    `trainable_values` sets them, as load does), add hooks; roll back on any error. An adapter
+    `name` other than DEFAULT registers lora_X as lora_X_<name>, and its state's targets are the
+    layers' `view`s, through which the variant (and save, merge, describe) reads lora_X."""
+    before = adapters(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}  # rolled back to on failure
     state = AttachState(
         cfg=cfg,
         variant=variant,
-        targets=dict(targets),
+        name=name,
+        targets={n: m if name == DEFAULT else view(m, name) for n, m in targets},
         specs={n: layer_specs(variant.at_target(n, cfg), m, cfg) for n, m in targets},
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
+    for other in list(before.values())[:1]:  # the base flags from before the first adapter (detach)
+        state.requires_grad.update({n: f for n, f in other.requires_grad.items() if not _is_adapter_tensor(n)})
     # The base as it is now (pristine by contract); save() writes it, load() compares with it.
     state.fingerprints = fingerprints or {n: fingerprint(m) for n, m in targets}
     created: list[tuple[nn.Module, str]] = []
@@ -509,32 +643,36 @@ def install(
         if group:
             with torch.no_grad():
                 fill_shared(state.shared, group)
-        for name, layer in targets:
+        for tname, layer in targets:
             if isinstance(layer, FusedParameter):  # registered beside its parameter: .to(), copies, state_dict
                 layer.owner.add_module(layer.slot, layer)
                 placed.append(layer)
-            for pname, spec in state.specs[name].items():
-                _create(layer, pname, spec, cfg.dtype, state.shared.get(pname))
-                created.append((layer, pname))
+            for pname, spec in state.specs[tname].items():
+                _create(layer, registered(name, pname), spec, cfg.dtype, state.shared.get(pname))
+                created.append((layer, registered(name, pname)))
             with torch.no_grad():
-                fill(name, layer, {p: s for p, s in state.specs[name].items() if not s.shared})
+                fill(tname, state.targets[tname], {p: s for p, s in state.specs[tname].items() if not s.shared})
         for p in model.parameters():
             p.requires_grad_(False)
-        for name, layer in targets:
-            for pname, spec in state.specs[name].items():
+        for tname, target in state.targets.items():
+            for pname, spec in state.specs[tname].items():
                 if spec.trainable:
-                    getattr(layer, pname).requires_grad_(True)
+                    getattr(target, pname).requires_grad_(True)
         for pname, p in trainable_params(model, cfg, targets).items():
             state.originals[pname] = p.detach().clone()
             if trainable_values is not None:
                 with torch.no_grad():
                     p.copy_(trainable_values[pname])
             p.requires_grad_(True)
-        for name, layer in targets:
-            _add_hook(layer, variant.at_target(name, cfg), state, next(iter(state.specs[name])))
+        for tname, layer in targets:
+            _add_hook(layer, variant.at_target(tname, cfg), state, next(iter(state.specs[tname])),
+                      None if name == DEFAULT else state.targets[tname])
         state.specs = {n: {p: dataclasses.replace(s, init=None) for p, s in specs.items()}
                        for n, specs in state.specs.items()}  # inits ran; closures would not pickle
-        setattr(model, STATE_ATTR, state)
+        if name == DEFAULT:
+            setattr(model, STATE_ATTR, state)
+        else:
+            model.__dict__.setdefault(NAMED_ATTR, {})[name] = state
     except BaseException:
         _remove_hooks(state)
         for layer, pname in created:
@@ -542,7 +680,7 @@ def install(
         for layer in placed:
             layer.owner._modules.pop(layer.slot, None)
         _restore_values(model, state.originals)
-        _restore_flags(model, state.requires_grad)
+        _restore_flags(model, flags)
         raise
 
 
@@ -593,8 +731,9 @@ class AdapterHook:
     the adapter dtype (it follows `.to()`)."""
 
     def __init__(self, state: AttachState, delta: Callable, first: str, scale_outside: bool = False,
-                 gate: Callable | None = None):
+                 gate: Callable | None = None, view: nn.Module | None = None):
         self.state, self.delta, self.first, self.scale_outside, self.gate = state, delta, first, scale_outside, gate
+        self.view = view  # a named adapter's view of the layer (runtime.view); the layer itself if None
 
     def __call__(self, module: nn.Module, args: tuple, y: torch.Tensor):
         # Runs once per target per forward: every skipped no-op cast and every kernel folded
@@ -604,12 +743,34 @@ class AdapterHook:
             return None
         if state.per_row:
             self.check_rows(module, y)
+        if self.view is not None:
+            module = self.view
         x, cfg = args[0], state.cfg
         if self.gate is not None:
             return gated(y, self.gate(module, cfg), state.scale, self.adapter_dtype(module, cfg))
         dt = self.adapter_dtype(module, cfg) or x.dtype
         d = _as(times(self.delta(module, cfg, _as(x, dt), _as(y, dt)), state.scale), y.dtype)
         return y.add(d, alpha=cfg.scale) if self.scale_outside else y.add(d)
+
+    def change(self, module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+        """The change this hook adds to y, c·Δy in y's dtype (a gate's as the sum y ⊙ (g − 1)),
+        or None while disabled: what `SharedHook` sums over the adapters of one layer."""
+        state = self.state
+        if not state.enabled:
+            return None
+        if state.per_row:
+            self.check_rows(module, y)
+        if self.view is not None:
+            module = self.view
+        x, cfg = args[0], state.cfg
+        dt = self.adapter_dtype(module, cfg)
+        if self.gate is not None:
+            g = self.gate(module, cfg)
+            t = y if dt is None else _as(y, dt)
+            return _as(times(t * (_as(g, t.dtype) if dt else g).sub(1.0), state.scale), y.dtype)
+        dt = dt or x.dtype
+        d = times(self.delta(module, cfg, _as(x, dt), _as(y, dt)), state.scale)
+        return _as(d * cfg.scale if self.scale_outside else d, y.dtype)
 
     def adapter_dtype(self, module: nn.Module, cfg: AdapterConfig) -> torch.dtype | None:
         """The adapter tensors' dtype with compute="adapter" (the math runs in it), else None."""
@@ -620,7 +781,7 @@ class AdapterHook:
         left over to broadcast along (shapes only: the values were checked when they were set)."""
         for c in self.state.per_row:
             if t.ndim <= c.ndim or t.shape[:c.ndim] != c.shape:
-                name = next((n for n, m in self.state.targets.items() if m is module), type(module).__name__)
+                name = next((n for n, m in self.state.targets.items() if layer_of(m) is module), type(module).__name__)
                 raise ValueError(
                     f"{name}: a coefficient tensor of shape {tuple(c.shape)} does not fit this layer's "
                     f"activation of shape {tuple(t.shape)}: a (batch,) coefficient needs the batch size "
@@ -639,6 +800,8 @@ class AdapterPreHook(AdapterHook):
         x = args[0]
         if state.per_row:
             self.check_rows(module, x)
+        if self.view is not None:
+            module = self.view
         if self.gate is not None:
             g = self.gate(module, state.cfg)
             return (gated(x, g, state.scale, self.adapter_dtype(module, state.cfg)),) + args[1:]
@@ -684,14 +847,20 @@ class EmbeddingHook(AdapterHook):
     cfg, ids, y); the input is token ids, so the change is computed in y's dtype."""
 
     def __call__(self, module: nn.Module, args: tuple, y: torch.Tensor):
+        d = self.change(module, args, y)
+        return None if d is None else y + d
+
+    def change(self, module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
         state = self.state
         if not state.enabled:
             return None
         if state.per_row:
             self.check_rows(module, y)
+        if self.view is not None:
+            module = self.view
         dt = self.adapter_dtype(module, state.cfg) or y.dtype
         d = self.delta(module, state.cfg, args[0], y.to(dt))
-        return y + _as(times(d, state.scale), y.dtype)
+        return _as(times(d, state.scale), y.dtype)
 
 
 class FusedPreHook(AdapterHook):
@@ -740,27 +909,58 @@ class ChannelGate:
         return per_channel(module, self.gate(module, cfg))
 
 
-def _add_hook(layer: nn.Module, variant: type[Variant], state: AttachState, first: str) -> None:
+class SharedHook:
+    """Forward hook of a layer that several adapters' output hooks share (amendment 8):
+    y_base + Σ_k c_k·Δ_k, every adapter's `change` computed from the layer's own input and
+    output y_base, none from another adapter's result. A layer with one adapter holds that
+    adapter's hook instead, so one adapter pays nothing for this."""
+
+    def __init__(self, hooks: list[AdapterHook]):
+        self.hooks = hooks
+
+    def __call__(self, module: nn.Module, args: tuple, y: torch.Tensor):
+        out = y
+        for hook in self.hooks:
+            d = hook.change(module, args, y)
+            if d is not None:
+                out = out + d
+        return None if out is y else out
+
+
+def _add_hook(layer: nn.Module, variant: type[Variant], state: AttachState, first: str,
+              view: nn.Module | None = None) -> None:
     kind = kind_of(layer)
     if kind == "fused":
         layer.owner.register_forward_pre_hook(FusedPreHook(state, variant.low_rank_delta, layer))
         layer.owner.register_forward_hook(FusedPostHook(state, variant.low_rank_delta, layer), always_call=True)
-    elif kind == "embedding":
-        layer.register_forward_hook(EmbeddingHook(state, variant.delta_embedding, first))
-    elif kind == "conv":
-        gate = None if variant.gate is None else ChannelGate(variant.gate)
-        layer.register_forward_hook(AdapterHook(state, variant.delta_conv, first, gate=gate))
-    elif variant.delta_input is not None:
-        layer.register_forward_pre_hook(AdapterPreHook(state, variant.delta_input, first, gate=variant.gate))
+    elif variant.delta_input is not None and kind != "conv":
+        layer.register_forward_pre_hook(AdapterPreHook(state, variant.delta_input, first, gate=variant.gate, view=view))
     else:
-        layer.register_forward_hook(AdapterHook(state, variant.delta, first, variant.scale_outside, variant.gate))
+        if kind == "embedding":
+            hook = EmbeddingHook(state, variant.delta_embedding, first, view=view)
+        elif kind == "conv":  # every variant's change on a conv is an output hook (delta_conv)
+            gate = None if variant.gate is None else ChannelGate(variant.gate)
+            hook = AdapterHook(state, variant.delta_conv, first, gate=gate, view=view)
+        else:
+            hook = AdapterHook(state, variant.delta, first, variant.scale_outside, variant.gate, view)
+        mine = [k for k, h in layer._forward_hooks.items() if isinstance(h, (AdapterHook, SharedHook))]
+        if not mine:
+            layer.register_forward_hook(hook)
+            return
+        had = layer._forward_hooks[mine[0]]  # validate let at most output hooks share a layer: one entry
+        layer._forward_hooks[mine[0]] = SharedHook([*getattr(had, "hooks", [had]), hook])
 
 
 def _remove_hooks(state: AttachState) -> None:
     """Remove the hooks that read `state` from its targets (found by identity, so this works on
-    a deepcopied or unpickled model as on the original)."""
+    a deepcopied or unpickled model as on the original); a layer's SharedHook loses that
+    adapter's hook, and becomes the remaining adapter's own hook when one is left."""
     for target in state.targets.values():
-        layer = target.owner if isinstance(target, FusedParameter) else target
+        layer = target.owner if isinstance(target, FusedParameter) else layer_of(target)
+        for key, h in list(layer._forward_hooks.items()):
+            if isinstance(h, SharedHook):
+                rest = [x for x in h.hooks if x.state is not state]
+                layer._forward_hooks[key] = rest[0] if len(rest) == 1 else SharedHook(rest)
         for hooks, extra in ((layer._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
                              (layer._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",))):
             for key in [k for k, h in hooks.items() if isinstance(h, AdapterHook) and h.state is state]:
