@@ -226,14 +226,15 @@ class TinyConvNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("variant", [n for n, v in ll.REGISTRY.items() if "conv" in v.kinds])
 def test_a_resnet_convnext_style_model_trains_saves_and_merges(variant, tmp_path):
     torch.manual_seed(0)
     model, x = TinyConvNet(), torch.randn(4, 3, 16, 16)
     base = model(x)
     cfg = _config(variant, target_names=(r"^(stem|reduce|grouped|expand|shortcut|dwconv|pwconv1|pwconv2)$",))
     ll.attach(model, cfg)
-    assert torch.equal(model(x), base)
+    tol = ll.REGISTRY[variant].identity_tol.get(torch.float32, 0.0)  # declared: 0 = bit for bit
+    assert (model(x) - base).abs().max() <= tol * base.abs().max()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
         opt.zero_grad()
