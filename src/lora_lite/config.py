@@ -179,7 +179,8 @@ class AdapterConfig:
         settable = sorted(f.name for f in dataclasses.fields(cls) if f.init)
         for key in kwargs:
             if key not in settable:
-                hint = f"; {peft_advice(key)}" if key in PEFT_NAMES else ""
+                # a PEFT name that is ours too (r, target_parameters) has nothing to translate
+                hint = f"; {peft_advice(key)}" if PEFT_NAMES.get(key, (key,))[0] != key else ""
                 raise ValueError(f"{cls.__name__}: unknown field {key!r}{hint}; valid fields: {settable}")
         return super().__new__(cls)
 
