@@ -83,10 +83,14 @@ def test_what_cannot_be_reproduced_is_refused(pcfg, match):
         ll.from_peft_config(pcfg())
 
 
-def test_dropout_warns_that_it_is_not_applied():
-    with pytest.warns(UserWarning, match=r"lora_dropout=0.1 is not applied"):
+def test_dropout_is_carried_over():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         cfg = ll.from_peft_config(peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
-    assert cfg.r == 4
+    assert cfg.r == 4 and cfg.dropout == 0.1
+    assert ll.from_peft_config(peft.LoraConfig(r=4, use_dora=True, lora_dropout=0.2, target_modules=["q_proj"])).dropout == 0.2
 
 
 # a name that is the same here (r, feedforward_modules) has nothing to translate: the plain field list

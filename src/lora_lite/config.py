@@ -56,8 +56,8 @@ PEFT_NAMES: dict[str, tuple[str | None, str]] = {
     "feedforward_modules": ("feedforward_modules", "IA3Config's regexes for the gates that scale an input"),
     "use_dora": (None, "DoRA is its own config: ll.DoRAConfig(r=..., alpha=...)"),
     "use_rslora": (None, "rsLoRA's scale is lora_alpha / sqrt(r): set alpha = lora_alpha * sqrt(r)"),
-    "lora_dropout": (None, "lora-lite adds no dropout on the adapter's input (the hook reads the layer's "
-                     "own input); regularise with weight decay, or dropout in the model"),
+    "lora_dropout": ("dropout", "the low-rank branch reads dropout(x) in training mode, as PEFT's does "
+                     "(LoRA, DoRA, DeLoRA, EVA)"),
     "init_lora_weights": (None, "each config has one init: LoRAConfig's is PEFT's default (True); a "
                           "data-driven or SVD init (PiSSA, EVA, CorDA) is a variant of its own "
                           "(docs/variants.md)"),

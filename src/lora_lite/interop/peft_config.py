@@ -31,7 +31,8 @@ def from_peft_config(config: Any) -> AdapterConfig:
     """The lora-lite config that trains what a PEFT config `config` would: a PEFT config object
     (`peft.LoraConfig(...)`, `IA3Config`, ...) or its dict (`config.to_dict()`, a saved
     adapter_config.json). Raises ValueError naming the PEFT option for whatever lora-lite cannot
-    reproduce (the messages `import_peft` gives); warns that `lora_dropout` is not applied.
+    reproduce (the messages `import_peft` gives); warns when `lora_dropout` is set for a variant
+    without a dropout field.
 
     >>> import lora_lite as ll
     >>> ll.from_peft_config({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
@@ -44,10 +45,6 @@ def from_peft_config(config: Any) -> AdapterConfig:
         if key == "init_lora_weights" and value in (None, True) or key != "init_lora_weights" and not value:
             continue
         raise ValueError(f"{_WHERE}: PEFT option {key}={value!r} is not supported: {PEFT_NAMES[key][1]}")
-    dropout = conf.get("lora_dropout") or 0.0
-    if dropout:
-        warnings.warn(f"{_WHERE}: lora_dropout={dropout} is not applied; {peft_advice('lora_dropout')}",
-                      stacklevel=2)
     r = conf.get("r", 8)
     for variant in candidates:  # a config has no saved tensors: every dim a variant reads is the rank
         m = REGISTRY[variant].peft
@@ -57,6 +54,10 @@ def from_peft_config(config: Any) -> AdapterConfig:
     else:
         raise ValueError(f"{_WHERE}: no lora-lite variant reads this {conf.get('peft_type')} config")
     cls = REGISTRY[variant].config
+    dropout = conf.get("lora_dropout") or 0.0
+    if dropout and "dropout" not in cls.__dataclass_fields__:
+        warnings.warn(f"{_WHERE}: lora_dropout={dropout} is not applied: {cls.__name__} has no dropout field",
+                      stacklevel=2)
     fields = {**fields, **_targeting(conf)}
     return AdapterConfig.from_dict({"variant": variant, **{k: v for k, v in fields.items()
                                                           if k in cls.__dataclass_fields__}})
