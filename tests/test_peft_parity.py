@@ -1,4 +1,4 @@
-"""Parity with HF PEFT 0.21.x: the same adapter tensors in PEFT's slots give the same outputs.
+"""Parity with HF PEFT (0.21, 0.22): the same adapter tensors in PEFT's slots give the same outputs.
 
 For each method shared with PEFT we attach ours, move every trainable off its init, copy the
 tensors into the PEFT model's slots with `lora_lite.interop.peft` (which knows PEFT's layout) and
@@ -51,7 +51,7 @@ def bench(request):
 def test_same_tensors_give_same_outputs(bench, case):
     m = REGISTRY[CASES[case](()).variant].peft
     if bench.kind == "gpt2" and "conv1d" not in peft_kinds(m):
-        pytest.skip(f"PEFT 0.21 has {m.method} for nn.Linear only, not Conv1D")
+        pytest.skip(f"PEFT has {m.method} for nn.Linear only, not Conv1D")
     ours = bench.fresh()
     cfg = attach_case(bench, case, ours)
     targets = state_of(ours).targets

@@ -322,7 +322,7 @@ class Example:
 
 @dataclass(frozen=True)
 class PeftMap:
-    """How a variant is the same function as an HF PEFT (0.21) method.
+    """How a variant is the same function as an HF PEFT (0.21, 0.22) method.
 
     method    PEFT's peft_type ("LORA", "DELORA", "HRA", "IA3", "ROAD")
     tensors   ((our tensor, its path in PEFT's layer for adapter "default", layout), ...); layout

@@ -1,4 +1,4 @@
-"""The map between lora-lite adapters and HF PEFT (0.21.x): parity, export and import.
+"""The map between lora-lite adapters and HF PEFT (0.21 and 0.22): parity, export and import.
 
 What is PEFT-specific about a variant is declared in its own file, as `Variant.peft` (a
 `PeftMap`: PEFT's method, where each of our tensors lives in PEFT's layer and how it is laid
