@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow  # every README/docs block in a fresh interpreter 
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-OPTIONAL = ("torchao", "bitsandbytes", "peft")
+OPTIONAL = ("torchao", "bitsandbytes", "peft", "diffusers")
 
 
 def runnable_sections(text: str) -> dict[str, list[tuple[str, str]]]:
