@@ -257,8 +257,10 @@ class _PackedLinear(nn.Module):
 def test_dense_weight_refuses_unknown_storage():
     with pytest.raises(TypeError, match=r"cannot read the weight of _PackedLinear \(weight type Parameter, dtype torch\.uint8\)"):
         dense_weight(_PackedLinear(8, 4))
-    with pytest.raises(TypeError, match="cannot read the weight of Conv1d"):
-        dense_weight(nn.Conv1d(4, 8, 3))  # torch's convolution: no layer kind of ours (kinds.py)
+    with pytest.raises(TypeError, match="cannot read the weight of ConvTranspose1d"):
+        dense_weight(nn.ConvTranspose1d(4, 8, 3))  # a transposed convolution: no layer kind of ours (kinds.py)
+    conv = nn.Conv1d(4, 8, 3)
+    assert torch.equal(dense_weight(conv), conv.weight.reshape(8, 12))  # the dense view (C_out, C_in·k)
     emb = nn.Embedding(4, 8)
     assert torch.equal(dense_weight(emb), emb.weight.T)  # W = weightᵀ (dim, V)
     lin = nn.Linear(8, 4)
