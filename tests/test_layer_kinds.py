@@ -426,6 +426,7 @@ def test_the_doc_has_its_examples():
     assert {"GPT-2 and other Conv1D models", "Embeddings", "Fused expert parameters (MoE)"} <= set(DOC_SECTIONS)
 
 
+@pytest.mark.slow  # a fresh interpreter per section (~7 s each); the full tier runs them
 @pytest.mark.parametrize("title", list(DOC_SECTIONS))
 def test_doc_section_runs(title, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DOC.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
