@@ -738,13 +738,9 @@ class AdapterHook:
     def __call__(self, module: nn.Module, args: tuple, y: torch.Tensor):
         # Runs once per target per forward: every skipped no-op cast and every kernel folded
         # into the final add shows on models with many small layers (bench cost --models tiny64).
-        state = self.state
-        if not state.enabled:
+        state, module = self.state, self.reads(module, y)
+        if module is None:
             return None
-        if state.per_row:
-            self.check_rows(module, y)
-        if self.view is not None:
-            module = self.view
         x, cfg = args[0], state.cfg
         if self.gate is not None:
             return gated(y, self.gate(module, cfg), state.scale, self.adapter_dtype(module, cfg))
@@ -755,13 +751,9 @@ class AdapterHook:
     def change(self, module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
         """The change this hook adds to y, c·Δy in y's dtype (a gate's as the sum y ⊙ (g − 1)),
         or None while disabled: what `SharedHook` sums over the adapters of one layer."""
-        state = self.state
-        if not state.enabled:
+        state, module = self.state, self.reads(module, y)
+        if module is None:
             return None
-        if state.per_row:
-            self.check_rows(module, y)
-        if self.view is not None:
-            module = self.view
         x, cfg = args[0], state.cfg
         dt = self.adapter_dtype(module, cfg)
         if self.gate is not None:
@@ -771,6 +763,15 @@ class AdapterHook:
         dt = dt or x.dtype
         d = times(self.delta(module, cfg, _as(x, dt), _as(y, dt)), state.scale)
         return _as(d * cfg.scale if self.scale_outside else d, y.dtype)
+
+    def reads(self, module: nn.Module, t: torch.Tensor) -> nn.Module | None:
+        """The module the variant math reads (this adapter's view of it), or None while the
+        adapter is disabled; first checks the coefficient tensors' shapes against activation t."""
+        if not self.state.enabled:
+            return None
+        if self.state.per_row:
+            self.check_rows(module, t)
+        return module if self.view is None else self.view
 
     def adapter_dtype(self, module: nn.Module, cfg: AdapterConfig) -> torch.dtype | None:
         """The adapter tensors' dtype with compute="adapter" (the math runs in it), else None."""
@@ -794,14 +795,10 @@ class AdapterPreHook(AdapterHook):
     """Forward pre-hook of one target: the layer runs on x + scale·Δx, Δx = variant.delta_input(layer, cfg, x)."""
 
     def __call__(self, module: nn.Module, args: tuple):
-        state = self.state
-        if not state.enabled:
+        state, x = self.state, args[0]
+        module = self.reads(module, x)
+        if module is None:
             return None
-        x = args[0]
-        if state.per_row:
-            self.check_rows(module, x)
-        if self.view is not None:
-            module = self.view
         if self.gate is not None:
             g = self.gate(module, state.cfg)
             return (gated(x, g, state.scale, self.adapter_dtype(module, state.cfg)),) + args[1:]
@@ -851,13 +848,9 @@ class EmbeddingHook(AdapterHook):
         return None if d is None else y + d
 
     def change(self, module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
-        state = self.state
-        if not state.enabled:
+        state, module = self.state, self.reads(module, y)
+        if module is None:
             return None
-        if state.per_row:
-            self.check_rows(module, y)
-        if self.view is not None:
-            module = self.view
         dt = self.adapter_dtype(module, state.cfg) or y.dtype
         d = self.delta(module, state.cfg, args[0], y.to(dt))
         return _as(times(d, state.scale), y.dtype)
